@@ -1,0 +1,3 @@
+from icons_fast.cli import main
+
+raise SystemExit(main())

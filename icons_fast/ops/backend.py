@@ -1,0 +1,133 @@
+"""The one backend factory: which implementation runs each op.
+
+Every op has a plain-torch reference ("torch") and optional fast paths. The
+choice is made here and nowhere else:
+
+- ``resolve_backend(op, "auto", device)`` picks the fastest available backend
+  for that device, in the order of ``_PREFERENCE``, and says which one it
+  took (``logging`` at INFO level).
+- An explicit name (argument, ``--backend`` or ``ICONS_FAST_BACKEND``) that
+  cannot run raises ``BackendUnavailable`` with the reason and the fix.
+
+Capability queries that always exist: ``has_cpu_ext()``, ``has_cuda_ext()``,
+``has_triton()``, ``backends()``.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("icons_fast")
+
+OPS = ("project", "lora_grad", "influence")
+
+# Fastest first; "torch" is the reference and always available.
+_PREFERENCE = {
+    ("project", "cuda"): ("triton", "torch"),
+    ("project", "cpu"): ("cpp", "torch"),
+    ("lora_grad", "cuda"): ("triton", "torch"),
+    ("lora_grad", "cpu"): ("torch",),
+    ("influence", "cuda"): ("cuda", "torch"),
+    ("influence", "cpu"): ("cpp", "torch"),
+}
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run here."""
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_ext():
+    try:
+        from icons_fast import _C  # noqa: F401
+
+        return _C, None
+    except ImportError as e:  # not built
+        return None, f"icons_fast._C is not built ({e}); run `make build` or `pip install -e .`"
+
+
+def has_cpu_ext() -> bool:
+    """True when the C++ extension ``icons_fast._C`` (CPU path) is importable."""
+    return _cpu_ext()[0] is not None
+
+
+def cpu_ext():
+    """The ``icons_fast._C`` module, or ``BackendUnavailable`` saying how to build it."""
+    mod, why = _cpu_ext()
+    if mod is None:
+        raise BackendUnavailable(why)
+    return mod
+
+
+def has_cuda_ext() -> bool:
+    """True when the extension was built with its CUDA path and a GPU is visible."""
+    mod = _cpu_ext()[0]
+    return bool(mod is not None and getattr(mod, "has_cuda", lambda: False)() and torch.cuda.is_available())
+
+
+@functools.lru_cache(maxsize=None)
+def has_triton() -> bool:
+    """True when Triton kernels can run: a CUDA GPU, or ``TRITON_INTERPRET=1`` on the CPU."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _available(name: str, device_type: str) -> tuple[bool, str]:
+    if name == "torch":
+        return True, ""
+    if name == "cpp":
+        if device_type != "cpu":
+            return False, "the C++ backend runs on CPU tensors only"
+        return has_cpu_ext(), _cpu_ext()[1] or ""
+    if name == "cuda":
+        if device_type != "cuda":
+            return False, "the CUDA backend needs CUDA tensors"
+        return has_cuda_ext(), "the extension was built without CUDA (set ICONS_FAST_FORCE_CUDA_BUILD=1 and rebuild)"
+    if name == "triton":
+        if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            return False, "Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1 for slow CPU testing)"
+        return has_triton(), "triton is not installed (pip install triton)"
+    return False, f"unknown backend {name!r}"
+
+
+def backends(device: str | torch.device = "cpu") -> dict[str, list[str]]:
+    """Available backends per op for ``device``, fastest first."""
+    dt = torch.device(device).type
+    dt = "cuda" if dt == "cuda" else "cpu"
+    return {op: [b for b in _PREFERENCE[(op, dt)] if _available(b, dt)[0]] for op in OPS}
+
+
+def resolve_backend(op: str, requested: str | None = "auto", device: str | torch.device = "cpu") -> str:
+    """Return the backend name that will run ``op`` on ``device``.
+
+    ``requested`` None or "auto" falls back to ``ICONS_FAST_BACKEND`` and then
+    to the fastest available backend. An explicit backend that cannot run
+    raises ``BackendUnavailable``.
+    """
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; ops: {OPS}")
+    dt = "cuda" if torch.device(device).type == "cuda" else "cpu"
+    if requested in (None, "auto"):
+        requested = os.environ.get("ICONS_FAST_BACKEND", "auto") or "auto"
+        if requested != "auto" and requested not in _PREFERENCE[(op, dt)]:
+            # The env var names a backend this op/device does not have: use auto for it.
+            requested = "auto"
+    if requested == "auto":
+        for name in _PREFERENCE[(op, dt)]:
+            if _available(name, dt)[0]:
+                log.info("icons_fast: %s on %s uses backend %r", op, dt, name)
+                return name
+        return "torch"
+    ok, why = _available(requested, dt)
+    if not ok:
+        raise BackendUnavailable(
+            f"backend {requested!r} cannot run {op!r} on {dt}: {why}. "
+            f"Available here: {[b for b in _PREFERENCE[(op, dt)] if _available(b, dt)[0]]}"
+        )
+    return requested
