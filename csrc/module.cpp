@@ -1,8 +1,12 @@
-// pybind11 entry point of icons_fast._C. Ops are registered from their own
-// translation units; this file only holds the module and capability queries.
+// pybind11 entry point of icons_fast._C. Each op lives in its own translation
+// unit and registers its functions here; this file only holds the module and
+// the capability queries.
 #include <pybind11/pybind11.h>
 
 namespace py = pybind11;
+
+void register_project(py::module_& m);    // project.cpp: Rademacher sign tiles
+void register_influence(py::module_& m);  // influence.cpp: blocked influence reductions
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "icons-fast native ops (C++17 CPU path; CUDA path when built with nvcc)";
@@ -13,4 +17,6 @@ PYBIND11_MODULE(_C, m) {
     return false;
 #endif
   }, "True when the CUDA path was compiled in.");
+  register_project(m);
+  register_influence(m);
 }
