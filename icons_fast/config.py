@@ -80,7 +80,16 @@ class Config:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     seed: int = 0
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     out: str = "runs/icons"
+
+    def resolved_device(self) -> str:
+        """The torch device string this run uses."""
+        if self.device == "auto":
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
 
     # ------------------------------------------------------------------ I/O
     def to_dict(self) -> dict[str, Any]:
@@ -171,6 +180,11 @@ def _coerce(value: Any, current: Any) -> Any:
     if isinstance(value, str) and not isinstance(current, str):
         import yaml
 
+        if isinstance(current, float) or current is None:
+            try:  # YAML 1.1 reads "1e-3" as a string
+                return float(value) if isinstance(current, float) else yaml.safe_load(value)
+            except ValueError:
+                raise ValueError(f"expected a number, got {value!r}") from None
         value = yaml.safe_load(value)
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)

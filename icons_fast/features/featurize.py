@@ -1,0 +1,179 @@
+"""Stage 2: featurize a split (the pool or a target set) under one warmup checkpoint.
+
+For every sample: the projected (Adam-preconditioned for the pool by default)
+per-sample LoRA gradient, L2-normalised and stored in fp16 with its raw norm,
+in shards of ``features.shard_size`` consecutive sample indices. Finished
+shards are skipped on rerun; a partial one is redone. Bad samples (data
+problems, non-finite or zero gradients) are recorded in ``errors/<split>.jsonl``
+and simply absent from the shards: rows are keyed by sample index, so nothing
+shifts.
+
+Several processes share the work by contiguous shard ranges: ``--shard i/n``
+(job arrays) or ``torchrun`` (``RANK`` / ``WORLD_SIZE``); the features do not
+depend on how many processes made them.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from icons_fast.config import Config
+from icons_fast.rundir import RunLayout
+
+
+@dataclass
+class StageTimer:
+    """Wall-clock seconds per named stage (printed at the end of featurize)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, dt: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + dt
+
+    def table(self) -> str:
+        total = sum(self.seconds.values()) or 1.0
+        rows = [f"  {k:<22s} {v:9.2f} s  {100 * v / total:5.1f}%" for k, v in self.seconds.items()]
+        return "\n".join(["[featurize] time by stage:"] + rows)
+
+
+def file_sha256(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
+    """Consecutive ``[start, end)`` sample ranges covering ``0 .. n``."""
+    return [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
+
+
+def process_share(ranges: list, rank: int, world: int) -> list:
+    """The contiguous block of ``ranges`` owned by process ``rank`` of ``world``."""
+    if not 0 <= rank < world:
+        raise ValueError(f"shard {rank}/{world} is out of range: rank must be in [0, {world})")
+    per, extra = divmod(len(ranges), world)
+    start = rank * per + min(rank, extra)
+    return ranges[start : start + per + (1 if rank < extra else 0)]
+
+
+def parse_shard(spec: str | None) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n); None -> torchrun's RANK/WORLD_SIZE, or (0, 1)."""
+    if spec:
+        try:
+            i, n = (int(x) for x in spec.split("/"))
+        except ValueError:
+            raise ValueError(f"--shard takes i/n (e.g. 3/200), got {spec!r}") from None
+        return i, n
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def featurize_split(
+    cfg: Config,
+    run_dir: str,
+    split: str,
+    records_path: str,
+    ckpt_dir: str,
+    mode: str,
+    shard: str | None = None,
+) -> str:
+    """Featurize ``records_path`` under checkpoint ``ckpt_dir``; return the feature directory."""
+    from icons_fast.data import ErrorLog, SampleError, load_records, make_dataset
+    from icons_fast.features.extractor import GradientExtractor
+    from icons_fast.features.store import FeatureStore
+    from icons_fast.model.loading import load_model
+    from icons_fast.model.lora import lora_fingerprint
+    from icons_fast.train.checkpoint import load_checkpoint_state, load_lora_checkpoint, load_moments
+
+    layout = RunLayout(run_dir)
+    ckpt_name = os.path.basename(os.path.normpath(ckpt_dir))
+    out_dir = layout.features(ckpt_name, split)
+    timer = StageTimer()
+    t = time.perf_counter()
+    records = load_records(records_path)
+    state = load_checkpoint_state(ckpt_dir)
+    device = cfg.resolved_device()
+    lm = load_model(state.get("base_model", cfg.model.model), cfg.model.dtype, device, seed=cfg.seed)
+    model = load_lora_checkpoint(lm.model, ckpt_dir)
+    moments = load_moments(ckpt_dir) if mode == "adam" else None
+    extractor = GradientExtractor(
+        model, proj_dim=cfg.features.proj_dim, seed=cfg.features.seed, mode=mode,
+        optimizer_state=moments, backend=cfg.features.backend,
+    )
+    fingerprint = {
+        "model": os.path.abspath(lm.path),
+        "lora": lora_fingerprint(model),
+        "checkpoint": ckpt_name,
+        "checkpoint_step": state["step"],
+        "seed": cfg.features.seed,
+        "proj_dim": cfg.features.proj_dim,
+        "mode": mode,
+        "data_sha256": file_sha256(records_path),
+        "max_length": cfg.data.max_length,
+        "n_samples": len(records),
+    }
+    store = FeatureStore(out_dir, fingerprint, cfg.features.proj_dim, dtype=cfg.features.store_dtype)
+    errors = ErrorLog(layout.errors(split))
+    dataset, collate = make_dataset(lm, records, cfg.data.image_folder, cfg.data.max_length, errors, stage="featurize")
+    timer.add("load model + data", time.perf_counter() - t)
+
+    rank, world = parse_shard(shard)
+    mine = process_share(shard_ranges(len(records), cfg.features.shard_size), rank, world)
+    todo = [r for r in mine if not store.is_done(*r)]
+    n_todo = sum(e - s for s, e in todo)
+    print(
+        f"[featurize] {split} @ {ckpt_name} ({mode}, k={cfg.features.proj_dim}, backend={extractor.backend}): "
+        f"{len(todo)} of {len(mine)} shard(s) to do, process {rank}/{world}"
+    )
+    bar = tqdm(total=n_todo, desc=f"featurize {split}", unit="sample", dynamic_ncols=True)
+    bs = cfg.features.batch_size
+    for start, end in todo:
+        idx_out, ids_out, feats, norms = [], [], [], []
+        for b0 in range(start, end, bs):
+            t = time.perf_counter()
+            batch = collate([dataset[i] for i in range(b0, min(b0 + bs, end))])
+            for err in batch.get("errors", []):
+                errors.record(err)
+            timer.add("data", time.perf_counter() - t)
+            if batch.get("input_ids") is None or len(batch["input_ids"]) == 0:
+                bar.update(min(b0 + bs, end) - b0)
+                continue
+            t = time.perf_counter()
+            g = extractor.featurize(batch)  # [b, k] float32
+            if g.is_cuda:
+                torch.cuda.synchronize()
+            timer.add("gradients + projection", time.perf_counter() - t)
+            norm = g.norm(dim=1)
+            ok = torch.isfinite(norm) & (norm > 0)
+            for row in (~ok).nonzero().flatten().tolist():
+                reason = "non-finite gradient" if not torch.isfinite(norm[row]) else "zero gradient"
+                errors.record(SampleError(int(batch["indices"][row]), batch["ids"][row], "featurize", reason))
+            keep = ok.cpu()
+            idx_out.append(batch["indices"][keep].numpy())
+            ids_out.extend(i for i, k in zip(batch["ids"], keep.tolist()) if k)
+            feats.append((g[ok] / norm[ok, None]).cpu())
+            norms.append(norm[ok].float().cpu().numpy())
+            bar.update(min(b0 + bs, end) - b0)
+        t = time.perf_counter()
+        k = cfg.features.proj_dim
+        store.write_shard(
+            start,
+            end,
+            np.concatenate(idx_out) if idx_out else np.zeros(0, dtype=np.int64),
+            ids_out,
+            torch.cat(feats) if feats else torch.zeros(0, k),
+            np.concatenate(norms) if norms else np.zeros(0, dtype=np.float32),
+        )
+        timer.add("write shards", time.perf_counter() - t)
+    bar.close()
+    if world == 1:
+        store.finalize()
+    print(timer.table())
+    return out_dir

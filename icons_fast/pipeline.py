@@ -1,0 +1,54 @@
+"""The whole ICONS selection: warmup -> featurize (pool + targets) -> influence -> select.
+
+Each stage reads the previous stage's files and is skipped (or resumed) when
+its outputs are complete and were made under the same settings, so a killed
+run is rerun with the same command.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from icons_fast.config import Config
+from icons_fast.rundir import RunLayout
+
+
+def featurize_all(cfg: Config, run_dir: str, shard: str | None = None, splits: list[str] | None = None) -> None:
+    """Featurize the pool and every target set under every warmup checkpoint."""
+    from icons_fast.features.featurize import featurize_split
+    from icons_fast.select.stage import target_splits
+    from icons_fast.train.checkpoint import list_checkpoints
+
+    layout = RunLayout(run_dir)
+    ckpts = list_checkpoints(layout.warmup)
+    if not ckpts:
+        raise FileNotFoundError(f"no warmup checkpoint in {layout.warmup}; run `icons-fast warmup` first")
+    jobs = [("train", cfg.data.train_data, cfg.features.train_mode)]
+    for task, subs in target_splits(cfg).items():
+        for sub, split in subs.items():
+            name = task if sub is None else f"{task}/{sub}"
+            jobs.append((split, cfg.data.targets[name], cfg.features.target_mode))
+    for ckpt in ckpts:
+        for split, path, mode in jobs:
+            if splits and split not in splits:
+                continue
+            if not path:
+                raise ValueError(f"no data file for split {split!r}: pass --train-data / --target NAME=FILE")
+            featurize_split(cfg, run_dir, split, path, ckpt, mode, shard=shard)
+
+
+def run(cfg: Config) -> dict:
+    """Run every stage into ``cfg.out``; return the selection's paths."""
+    from icons_fast.select.stage import run_influence, run_select
+    from icons_fast.train.warmup import run_warmup
+
+    run_dir = cfg.out
+    os.makedirs(run_dir, exist_ok=True)
+    cfg.save(run_dir)
+    t0 = time.perf_counter()
+    run_warmup(cfg, run_dir)
+    featurize_all(cfg, run_dir)
+    run_influence(cfg, run_dir)
+    paths = run_select(cfg, run_dir)
+    print(f"[run] done in {time.perf_counter() - t0:.1f} s: {RunLayout(run_dir).selection}")
+    return paths

@@ -1,0 +1,204 @@
+"""Write a selection to disk in the input's own format (design section 2, step 8).
+
+``export_selection`` writes into ``out_dir``:
+
+- ``selected.json``: the input records (a LLaVA-style JSON list) at the selected
+  indices, values unchanged, in original order;
+- ``indices.txt``: the selected sample indices, ascending, one per line;
+- ``votes.npy`` (int64 ``[N]``), ``scores.npy`` (``[N, T]``) and ``task_names.json``
+  when given;
+- ``summary.json``: the selection info (vote histogram, cut, tie-break) and counts.
+
+Every file is written to a temporary file in ``out_dir`` and moved into place with
+``os.replace``, so a crash never leaves a half-written file under the final name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+
+def _atomic_write(path: str, write: Callable, mode: str = "w") -> str:
+    """Call ``write(f)`` on a temp file next to ``path``, then ``os.replace`` it onto ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _jsonable(x):
+    """numpy / torch scalars and containers -> plain JSON values (dict keys as strings)."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def _as_array(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:
+            x = x.float()  # numpy has no bfloat16
+        x = x.numpy()
+    return np.asarray(x)
+
+
+def _check_indices(indices, n_records: int, records_path: str) -> np.ndarray:
+    idx = _as_array(indices).reshape(-1)
+    if idx.size and not np.issubdtype(idx.dtype, np.integer):
+        raise TypeError(f"indices must be integers, got dtype {idx.dtype}")
+    idx = np.sort(idx.astype(np.int64))
+    if idx.size and (idx[0] < 0 or idx[-1] >= n_records):
+        bad = idx[0] if idx[0] < 0 else idx[-1]
+        raise IndexError(f"selected index {bad} is outside {records_path} ({n_records} records)")
+    dup = idx[1:][idx[1:] == idx[:-1]]
+    if dup.size:
+        raise ValueError(f"selected index {dup[0]} appears more than once")
+    return idx
+
+
+def _check_ids(records: list, idx: np.ndarray, sample_ids: Sequence, records_path: str) -> None:
+    """Each selected record's ``id`` must equal ``sample_ids[index]`` (catches shifted files)."""
+    if len(sample_ids) != len(records):
+        raise ValueError(
+            f"sample_ids has {len(sample_ids)} entries but {records_path} has {len(records)} records; "
+            "the features were made from a different file (or a shifted copy of it)"
+        )
+    for i in idx.tolist():
+        rec = records[i]
+        got = rec.get("id") if isinstance(rec, dict) else None
+        want = sample_ids[i]
+        if got is None or str(got) != str(want):
+            raise ValueError(
+                f"record {i} of {records_path} has id {got!r} but the features say sample {i} is {want!r}; "
+                "the records file does not match the one the features were made from (shifted or edited?)"
+            )
+
+
+def export_selection(
+    records_path: str,
+    indices,
+    out_dir: str,
+    scores=None,
+    task_names: Sequence[str] | None = None,
+    votes=None,
+    info: dict | None = None,
+    sample_ids: Sequence | None = None,
+) -> dict[str, str]:
+    """Write the selected records and the selection's data into ``out_dir``.
+
+    Arguments:
+        records_path: the input pool, a JSON list of records (LLaVA format), N records.
+        indices: selected sample indices into that list (any order, no duplicates).
+        out_dir: created if missing.
+        scores: optional ``[N, T]`` per-task influence (saved as ``scores.npy``).
+        task_names: the T task names (``task_names.json``); required with ``scores``.
+        votes: optional ``[N]`` votes per sample (``votes.npy``).
+        info: optional dict from ``consensus_select(..., return_info=True)``.
+        sample_ids: optional expected id of every record, indexed by sample index
+            (length N, e.g. from the feature manifest); a selected record whose
+            ``id`` differs raises ``ValueError`` naming the index and both ids.
+    Return:
+        dict name -> written path (keys among selected, indices, votes, scores,
+        task_names, summary).
+    """
+    with open(records_path, encoding="utf-8") as f:
+        records = json.load(f)
+    if not isinstance(records, list):
+        raise ValueError(f"{records_path} holds a JSON {type(records).__name__}; expected a list of records (LLaVA format)")
+    n = len(records)
+    idx = _check_indices(indices, n, records_path)
+    if sample_ids is not None:
+        _check_ids(records, idx, sample_ids, records_path)
+    if scores is not None:
+        scores = _as_array(scores)
+        if scores.ndim == 1:
+            scores = scores[:, None]
+        if scores.shape[0] != n:
+            raise ValueError(f"scores have {scores.shape[0]} rows but {records_path} has {n} records")
+        if task_names is None or len(task_names) != scores.shape[1]:
+            raise ValueError(f"scores have {scores.shape[1]} task columns; give task_names with that many names")
+    if votes is not None:
+        votes = _as_array(votes).reshape(-1)
+        if votes.shape[0] != n:
+            raise ValueError(f"votes have {votes.shape[0]} entries but {records_path} has {n} records")
+
+    os.makedirs(out_dir, exist_ok=True)
+    out = lambda name: os.path.join(out_dir, name)  # noqa: E731
+    written = {}
+    selected = [records[i] for i in idx.tolist()]  # ascending index = original order
+    written["selected"] = _atomic_write(out("selected.json"), lambda f: json.dump(selected, f, ensure_ascii=False))
+    written["indices"] = _atomic_write(out("indices.txt"), lambda f: f.write("".join(f"{i}\n" for i in idx.tolist())))
+    if votes is not None:
+        written["votes"] = _atomic_write(out("votes.npy"), lambda f: np.save(f, votes), mode="wb")
+    if scores is not None:
+        written["scores"] = _atomic_write(out("scores.npy"), lambda f: np.save(f, scores), mode="wb")
+    if task_names is not None:
+        names = [str(t) for t in task_names]
+        written["task_names"] = _atomic_write(out("task_names.json"), lambda f: json.dump(names, f, ensure_ascii=False))
+    summary = {
+        "records_path": os.path.abspath(records_path),
+        "n_records": n,
+        "n_selected": int(idx.shape[0]),
+        "task_names": [str(t) for t in task_names] if task_names is not None else None,
+        **_jsonable(info or {}),
+    }
+    if info:
+        summary["text"] = format_summary(info, task_names)
+    written["summary"] = _atomic_write(out("summary.json"), lambda f: json.dump(summary, f, ensure_ascii=False, indent=2))
+    return written
+
+
+def format_summary(info: dict, task_names: Sequence[str] | None = None) -> str:
+    """A short human-readable summary of a consensus selection (``info`` from ``consensus_select``).
+
+    Works on the dict as returned and as read back from ``summary.json`` (string keys).
+    """
+    hist = {int(k): int(v) for k, v in info.get("vote_histogram", {}).items()}
+    sel = {int(k): int(v) for k, v in info.get("selected_per_vote", {}).items()}
+    n_sel = sum(sel.values())
+    n_valid = info.get("n_valid", sum(hist.values()))
+    lines = [
+        f"consensus selection: {n_sel} of {n_valid} valid samples"
+        + (f" ({100.0 * n_sel / n_valid:.2f}%)" if n_valid else "")
+        + f", {info.get('n_tasks', len(task_names or []))} tasks, top {info.get('top_percent', float('nan')):.4g}% per task",
+    ]
+    n_invalid = info.get("n_samples", n_valid) - n_valid
+    if n_invalid:
+        lines.append(f"excluded as invalid: {n_invalid}")
+    if task_names:
+        lines.append("tasks: " + ", ".join(str(t) for t in task_names))
+    lines.append("votes   pool       selected")
+    for level in sorted(set(hist) | set(sel), reverse=True):
+        lines.append(f"{level:>5}   {hist.get(level, 0):<10} {sel.get(level, 0)}")
+    if "cut_votes" in info:
+        tied, taken = info.get("tied_at_cut", 0), info.get("taken_at_cut", 0)
+        how = {
+            "mean_rank": "higher mean percentile rank across tasks, then lower index",
+            "index": "lower index first",
+            "random": f"random permutation (seed {info.get('seed')})",
+        }.get(info.get("tie_break"), str(info.get("tie_break")))
+        if taken < tied:
+            lines.append(f"cut at {info['cut_votes']} votes: {taken} of {tied} tied samples taken by {how}")
+        else:
+            lines.append(f"cut at {info['cut_votes']} votes: all {tied} samples at that level fit, no ties broken")
+    return "\n".join(lines)

@@ -1,0 +1,162 @@
+"""Stages 3 and 4: influence scores from the feature stores, then selection.
+
+``run_influence`` streams each checkpoint's train features in blocks
+(memory bounded by the block and by the ``N x T`` score matrix), scores them
+against the target features and combines checkpoints with their learning
+rates as weights (renormalised). A sample missing from any checkpoint's
+features (a bad sample) gets NaN scores and ``valid = False``.
+
+``run_select`` applies the consensus vote (or one task's top budget with
+``task=``) and exports the subset in the input's own format.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from icons_fast.config import Config
+from icons_fast.rundir import RunLayout, target_split
+
+
+def parse_target_name(name: str) -> tuple[str, str | None]:
+    """``"mme/existence"`` -> ("mme", "existence"); ``"vqa"`` -> ("vqa", None)."""
+    if "/" in name:
+        task, sub = name.split("/", 1)
+        return task, sub
+    return name, None
+
+
+def target_splits(cfg: Config) -> dict[str, dict[str | None, str]]:
+    """{task: {subtask or None: split name}} in config order."""
+    out: dict[str, dict[str | None, str]] = {}
+    for name in cfg.data.targets:
+        task, sub = parse_target_name(name)
+        out.setdefault(task, {})[sub] = target_split(task, sub)
+    return out
+
+
+def _checkpoints(layout: RunLayout) -> list[tuple[str, float]]:
+    from icons_fast.train.checkpoint import list_checkpoints, load_checkpoint_state
+
+    ckpts = list_checkpoints(layout.warmup)
+    if not ckpts:
+        raise FileNotFoundError(f"no warmup checkpoint in {layout.warmup}; run `icons-fast warmup` first")
+    return [(os.path.basename(c), float(load_checkpoint_state(c)["lr"])) for c in ckpts]
+
+
+def _open_store(path: str):
+    from icons_fast.features.store import FeatureStore
+
+    if not os.path.exists(os.path.join(path, "manifest.json")):
+        raise FileNotFoundError(f"no features in {path}; run `icons-fast featurize` for this split first")
+    return FeatureStore.open(path)
+
+
+def run_influence(cfg: Config, run_dir: str | None = None, block_size: int = 8192) -> dict:
+    """Write ``scores/scores.npy`` [N, T] float32, ``task_names.json``, ``valid.npy``; return paths."""
+    from icons_fast.select.influence import stream_task_influence
+
+    layout = RunLayout(run_dir or cfg.out)
+    ckpts = _checkpoints(layout)
+    lrs = np.array([lr for _, lr in ckpts], dtype=np.float64)
+    weights = lrs / lrs.sum() if lrs.sum() > 0 else np.full(len(ckpts), 1.0 / len(ckpts))
+    tasks = target_splits(cfg)
+    if not tasks:
+        raise ValueError("no target task: pass --target NAME=FILE.json (repeatable)")
+    total = None
+    seen = None
+    names: list[str] = []
+    for (ckpt, _), w in zip(ckpts, weights):
+        targets = {}
+        for task, subs in tasks.items():
+            feats = {sub: _open_store(layout.features(ckpt, split)).load()[2] for sub, split in subs.items()}
+            targets[task] = feats[None] if list(feats) == [None] else {s: f for s, f in feats.items()}
+        train = _open_store(layout.features(ckpt, "train"))
+        n = train.fingerprint["n_samples"]
+
+        def blocks():
+            for indices, _ids, feats, _norms in train.iter_blocks(block_size):
+                yield indices, [feats]
+
+        scores, rows, names = stream_task_influence(blocks(), targets, aggregate=cfg.select.aggregate)
+        if total is None:
+            total = np.zeros((n, len(names)), dtype=np.float64)
+            seen = np.zeros((len(ckpts), n), dtype=bool)
+        total[rows] += w * scores
+        seen[[c for c, _ in ckpts].index(ckpt), rows] = True
+    valid = seen.all(axis=0)
+    out = total.astype(np.float32)
+    out[~valid] = np.nan
+    os.makedirs(layout.scores, exist_ok=True)
+    paths = {
+        "scores": os.path.join(layout.scores, "scores.npy"),
+        "valid": os.path.join(layout.scores, "valid.npy"),
+        "task_names": os.path.join(layout.scores, "task_names.json"),
+    }
+    _save_npy(paths["scores"], out)
+    _save_npy(paths["valid"], valid)
+    _save_json(paths["task_names"], {"task_names": names, "checkpoints": [c for c, _ in ckpts],
+                                     "checkpoint_weights": weights.tolist(), "aggregate": cfg.select.aggregate})
+    print(f"[influence] {valid.sum()} of {len(valid)} samples scored against {len(names)} task(s): {names}")
+    return paths
+
+
+def load_scores(run_dir: str) -> tuple[np.ndarray, list[str], np.ndarray]:
+    layout = RunLayout(run_dir)
+    scores = np.load(os.path.join(layout.scores, "scores.npy"))
+    valid = np.load(os.path.join(layout.scores, "valid.npy"))
+    with open(os.path.join(layout.scores, "task_names.json")) as f:
+        names = json.load(f)["task_names"]
+    return scores, names, valid
+
+
+def run_select(cfg: Config, run_dir: str | None = None, task: str | None = None) -> dict:
+    """Vote (or one task's top budget) and export ``selection/``; return the written paths."""
+    from icons_fast.data import load_records
+    from icons_fast.select.export import export_selection, format_summary
+    from icons_fast.select.voting import consensus_select, specialist_select, vote_counts
+
+    layout = RunLayout(run_dir or cfg.out)
+    scores, names, valid = load_scores(layout.root)
+    budget = cfg.select.budget
+    budget = int(budget) if budget >= 1 else budget
+    n_valid = int(valid.sum())
+    out_dir = layout.selection if task is None else os.path.join(layout.selection, f"specialist-{task}")
+    if task is None:
+        indices, info = consensus_select(
+            np.nan_to_num(scores, nan=-np.inf), budget=budget, top_percent=cfg.select.top_percent,
+            tie_break=cfg.select.tie_break, seed=cfg.seed, valid=valid, return_info=True,
+        )
+        top_percent = cfg.select.top_percent or (100.0 * budget if budget < 1 else 100.0 * budget / n_valid)
+        votes = vote_counts(np.nan_to_num(scores, nan=-np.inf), top_percent=top_percent, valid=valid)
+    else:
+        if task not in names:
+            raise ValueError(f"unknown task {task!r}; tasks with scores: {names}")
+        indices = specialist_select(np.nan_to_num(scores, nan=-np.inf), names.index(task), budget, valid=valid)
+        info = {"rule": f"specialist:{task}", "selected": int(len(indices))}
+        votes = None
+    info["excluded_bad_samples"] = int((~valid).sum())
+    records = load_records(cfg.data.train_data)
+    ids = [str(r.get("id", i)) for i, r in enumerate(records)]
+    paths = export_selection(
+        cfg.data.train_data, indices, out_dir, scores=scores, task_names=names, votes=votes, info=info,
+        sample_ids=[ids[i] for i in indices],
+    )
+    print(format_summary(info, names) if task is None else f"[select] specialist {task}: {len(indices)} samples")
+    print(f"[select] wrote {out_dir}")
+    return paths
+
+
+def _save_npy(path: str, arr: np.ndarray) -> None:
+    tmp = path + ".tmp.npy"
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+
+
+def _save_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)

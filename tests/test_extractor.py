@@ -1,0 +1,173 @@
+"""Per-sample LoRA gradients: batched hooks vs batch-of-one autograd and torch.func (vmap over grad)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+from icons_fast.config import ModelConfig
+from icons_fast.features.extractor import GradientExtractor, per_sample_losses
+from icons_fast.model.loading import load_model
+from icons_fast.model.lora import attach_lora, trainable_parameters
+
+LENGTHS = [30, 22, 26, 17]  # ragged, right-padded to 30
+HAS_IMAGE = [True, False, True, False]  # images and text-only samples in one batch
+
+
+@pytest.fixture(scope="module")
+def lora_model(tiny_model_dir):
+    torch.manual_seed(0)
+    lm = load_model(tiny_model_dir)
+    model = attach_lora(lm.model, ModelConfig(lora_r=4, lora_alpha=8, lora_dropout=0.1))
+    with torch.no_grad():  # B starts at zero in PEFT; make both gradients non-trivial
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def batch(lora_model):
+    g = torch.Generator().manual_seed(1)
+    img = lora_model.config.image_token_index
+    n_img = lora_model.config.image_seq_length
+    B, T = len(LENGTHS), max(LENGTHS)
+    ids = torch.randint(5, 500, (B, T), generator=g)
+    labels = torch.full((B, T), -100)
+    att = torch.zeros(B, T, dtype=torch.long)
+    for b, (L, has_img) in enumerate(zip(LENGTHS, HAS_IMAGE)):
+        if has_img:
+            ids[b, 2 : 2 + n_img] = img
+        att[b, :L] = 1
+        labels[b, L - 4 : L] = ids[b, L - 4 : L]
+        ids[b, L:] = 3  # pad
+        labels[b, L:] = -100
+    pix = torch.randn(sum(HAS_IMAGE), 3, 32, 32, generator=g)
+    return dict(input_ids=ids, attention_mask=att, labels=labels, pixel_values=pix)
+
+
+def _flat(grads: dict) -> torch.Tensor:
+    return torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
+
+
+def _batch_of_one(model, batch) -> torch.Tensor:
+    """What LESS does: one sample per forward/backward, gradients of the LoRA parameters."""
+    params = [p for _, p in trainable_parameters(model)]
+    model.eval()
+    rows, img_row = [], 0
+    for b, L in enumerate(LENGTHS):
+        kw = dict(input_ids=batch["input_ids"][b : b + 1, :L], attention_mask=batch["attention_mask"][b : b + 1, :L])
+        if HAS_IMAGE[b]:
+            kw["pixel_values"] = batch["pixel_values"][img_row : img_row + 1]
+            img_row += 1
+        loss = per_sample_losses(model(**kw).logits, batch["labels"][b : b + 1, :L]).sum()
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+    return torch.stack(rows)
+
+
+def _vmap_grads(model, batch) -> torch.Tensor:
+    """torch.func: vmap over grad of the language model, fed the merged (image + text) embeddings.
+
+    The vision tower and projector carry no LoRA parameters, so their output is
+    a constant input here; right padding needs no attention mask under causal
+    attention.
+    """
+    captured = {}
+    lm = model.base_model.model.model.language_model
+    hook = lm.register_forward_pre_hook(
+        lambda mod, args, kwargs: captured.update(e=kwargs["inputs_embeds"].detach()), with_kwargs=True
+    )
+    with torch.no_grad():
+        model(**{k: v for k, v in batch.items() if k != "labels"})
+    hook.remove()
+    params = {n: p.detach() for n, p in trainable_parameters(model)}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+
+    def loss(p, emb, lab):
+        logits = functional_call(model, (p, frozen), args=(), kwargs=dict(inputs_embeds=emb[None])).logits[0]
+        tgt = lab[1:]
+        w = (tgt != -100).float()
+        tok = F.cross_entropy(logits[:-1].float(), tgt.clamp(min=0), reduction="none")
+        return (tok * w).sum() / w.sum()
+
+    grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, captured["e"], batch["labels"])
+    return _flat(grads)
+
+
+def _rel(a, b):
+    return ((a - b).norm(dim=1) / b.norm(dim=1)).max().item()
+
+
+def test_raw_gradients_match_batch_of_one_and_vmap(lora_model, batch):
+    ex = GradientExtractor(lora_model, proj_dim=None)
+    ours = ex.featurize(batch)
+    assert ours.shape == (len(LENGTHS), sum(p.numel() for _, p in trainable_parameters(lora_model)))
+    assert _rel(ours, _batch_of_one(lora_model, batch)) < 1e-4
+    assert _rel(ours, _vmap_grads(lora_model, batch)) < 1e-4
+
+
+def test_gradient_order_is_named_parameters_order(lora_model, batch):
+    grads = GradientExtractor(lora_model, proj_dim=None).per_sample_grads(batch)
+    assert list(grads) == [n for n, _ in trainable_parameters(lora_model)]
+    for name, p in trainable_parameters(lora_model):
+        assert grads[name].shape == (len(LENGTHS), *p.shape)
+
+
+def test_dropout_off_and_mode_restored(lora_model, batch):
+    lora_model.train()  # lora_dropout=0.1 would make gradients random if left on
+    ex = GradientExtractor(lora_model, proj_dim=None)
+    a, b = ex.featurize(batch), ex.featurize(batch)
+    assert lora_model.training
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    lora_model.eval()
+
+
+def test_adam_mode_is_the_less_formula(lora_model, batch):
+    g = torch.Generator().manual_seed(2)
+    names = [n for n, _ in trainable_parameters(lora_model)]
+    shapes = {n: p.shape for n, p in trainable_parameters(lora_model)}
+    state = {
+        "exp_avg": {n: torch.randn(shapes[n], generator=g) * 1e-3 for n in names},
+        "exp_avg_sq": {n: torch.rand(shapes[n], generator=g) * 1e-6 for n in names},
+    }
+    raw = GradientExtractor(lora_model, proj_dim=None).per_sample_grads(batch)
+    adam = GradientExtractor(lora_model, proj_dim=None, mode="adam", optimizer_state=state).per_sample_grads(batch)
+    for n in names:
+        m, v, gr = state["exp_avg"][n], state["exp_avg_sq"][n], raw[n]
+        expected = (0.9 * m + 0.1 * gr) / torch.sqrt(0.999 * v + 0.001 * gr**2 + 1e-8)
+        torch.testing.assert_close(adam[n], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_adam_mode_requires_matching_state(lora_model):
+    with pytest.raises(ValueError, match="optimizer_state"):
+        GradientExtractor(lora_model, proj_dim=None, mode="adam")
+    with pytest.raises(ValueError, match="no entry"):
+        GradientExtractor(lora_model, proj_dim=None, mode="adam", optimizer_state={"exp_avg": {}, "exp_avg_sq": {}})
+
+
+def test_featurize_equals_projector_of_raw_gradients(lora_model, batch):
+    from icons_fast.features.projection import RademacherProjector
+
+    k = 67
+    raw = GradientExtractor(lora_model, proj_dim=None).per_sample_grads(batch)
+    P = sum(g[0].numel() for g in raw.values())
+    expected = RademacherProjector(P, k, seed=5).project(raw)
+    ours = GradientExtractor(lora_model, proj_dim=k, seed=5).featurize(batch)
+    assert ours.shape == (len(LENGTHS), k)
+    torch.testing.assert_close(ours, expected.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_projected_features_independent_of_batch_composition(lora_model, batch):
+    ex = GradientExtractor(lora_model, proj_dim=64, seed=1)
+    full = ex.featurize(batch)
+    # sample 1 (text-only) alone, at its own length
+    L = LENGTHS[1]
+    alone = {k: batch[k][1:2, :L] for k in ("input_ids", "attention_mask", "labels")}
+    torch.testing.assert_close(ex.featurize(alone)[0], full[1], rtol=1e-4, atol=1e-6)
+
+
+def test_sample_without_labels_raises(lora_model, batch):
+    bad = dict(batch)
+    bad["labels"] = batch["labels"].clone()
+    bad["labels"][2] = -100
+    with pytest.raises(ValueError, match=r"rows \[2\]"):
+        GradientExtractor(lora_model, proj_dim=None).featurize(bad)
