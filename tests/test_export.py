@@ -83,6 +83,9 @@ def test_minimal_export_and_torch_inputs(pool, tmp_path):
     written = export_selection(path, idx, str(tmp_path / "out"))
     assert set(written) == {"selected", "indices", "summary"}
     assert json.load(open(written["selected"], encoding="utf-8")) == [records[0], records[17], records[40]]
+    written = export_selection(path, [3], str(tmp_path / "spec"), info={"rule": "specialist:a"})
+    summary = json.load(open(written["summary"]))
+    assert summary["rule"] == "specialist:a" and "text" not in summary  # no vote text for a non-vote rule
 
 
 def test_sample_ids_check(pool, tmp_path):
@@ -92,9 +95,19 @@ def test_sample_ids_check(pool, tmp_path):
     shifted = ids[1:] + ["extra"]  # the features were made from a file missing its first record
     with pytest.raises(ValueError, match=r"record 2 .*'000000000002'.*'000000000003'"):
         export_selection(path, [2, 30], str(tmp_path / "bad"), sample_ids=shifted)
-    assert not os.path.exists(tmp_path / "bad" / "selected.json")
     with pytest.raises(ValueError, match="40 entries"):
         export_selection(path, [2], str(tmp_path / "bad"), sample_ids=ids[:-1])
+    # one expected id per selected index, in the order the indices are given
+    export_selection(path, [30, 1], str(tmp_path / "ok"), sample_ids=[ids[30], ids[1]])
+    with pytest.raises(ValueError, match=r"record 1 .*'000000000001'.*'000000000030'"):
+        export_selection(path, [30, 1], str(tmp_path / "bad"), sample_ids=[ids[1], ids[30]])
+    # a dict {index: id}
+    export_selection(path, [4, 9], str(tmp_path / "ok"), sample_ids={4: ids[4], 9: ids[9]})
+    with pytest.raises(ValueError, match="record 9"):
+        export_selection(path, [4, 9], str(tmp_path / "bad"), sample_ids={4: ids[4], 9: "nope"})
+    with pytest.raises(ValueError, match="no expected id"):
+        export_selection(path, [4, 9], str(tmp_path / "bad"), sample_ids={4: ids[4]})
+    assert not os.path.exists(tmp_path / "bad")
 
 
 def test_bad_inputs_raise(pool, tmp_path):

@@ -76,17 +76,34 @@ def _check_indices(indices, n_records: int, records_path: str) -> np.ndarray:
     return idx
 
 
-def _check_ids(records: list, idx: np.ndarray, sample_ids: Sequence, records_path: str) -> None:
-    """Each selected record's ``id`` must equal ``sample_ids[index]`` (catches shifted files)."""
-    if len(sample_ids) != len(records):
-        raise ValueError(
-            f"sample_ids has {len(sample_ids)} entries but {records_path} has {len(records)} records; "
-            "the features were made from a different file (or a shifted copy of it)"
-        )
+def _expected_ids(sample_ids, given: np.ndarray, n_records: int) -> dict[int, object]:
+    """Expected id per selected index from ``sample_ids`` in one of three forms.
+
+    - a dict ``{index: id}``;
+    - a sequence of length N (the pool's ids by sample index, e.g. the feature manifest's);
+    - a sequence aligned with ``indices`` as passed (``sample_ids[j]`` is the id of ``indices[j]``).
+    """
+    if isinstance(sample_ids, dict):
+        return {int(i): sample_ids[int(i)] for i in given.tolist() if int(i) in sample_ids}
+    ids = list(sample_ids)
+    if len(ids) == n_records:
+        return {i: ids[i] for i in given.tolist()}
+    if len(ids) == given.shape[0]:
+        return dict(zip(given.tolist(), ids))
+    raise ValueError(
+        f"sample_ids has {len(ids)} entries but there are {n_records} records and {given.shape[0]} selected "
+        "indices; give the pool's ids by sample index (length N) or one id per selected index"
+    )
+
+
+def _check_ids(records: list, idx: np.ndarray, expected: dict, records_path: str) -> None:
+    """Each selected record's ``id`` must equal its expected id (catches shifted files)."""
     for i in idx.tolist():
+        if i not in expected:
+            raise ValueError(f"sample_ids has no expected id for selected index {i}")
         rec = records[i]
         got = rec.get("id") if isinstance(rec, dict) else None
-        want = sample_ids[i]
+        want = expected[i]
         if got is None or str(got) != str(want):
             raise ValueError(
                 f"record {i} of {records_path} has id {got!r} but the features say sample {i} is {want!r}; "
@@ -114,9 +131,10 @@ def export_selection(
         task_names: the T task names (``task_names.json``); required with ``scores``.
         votes: optional ``[N]`` votes per sample (``votes.npy``).
         info: optional dict from ``consensus_select(..., return_info=True)``.
-        sample_ids: optional expected id of every record, indexed by sample index
-            (length N, e.g. from the feature manifest); a selected record whose
-            ``id`` differs raises ``ValueError`` naming the index and both ids.
+        sample_ids: optional expected ids (e.g. from the feature manifest): the pool's
+            ids by sample index (length N), one id per entry of ``indices`` (same
+            order), or a dict {index: id}. A selected record whose ``id`` differs
+            (compared as strings) raises ``ValueError`` naming the index and both ids.
     Return:
         dict name -> written path (keys among selected, indices, votes, scores,
         task_names, summary).
@@ -126,9 +144,10 @@ def export_selection(
     if not isinstance(records, list):
         raise ValueError(f"{records_path} holds a JSON {type(records).__name__}; expected a list of records (LLaVA format)")
     n = len(records)
-    idx = _check_indices(indices, n, records_path)
+    given = _as_array(indices).reshape(-1)
+    idx = _check_indices(given, n, records_path)
     if sample_ids is not None:
-        _check_ids(records, idx, sample_ids, records_path)
+        _check_ids(records, idx, _expected_ids(sample_ids, given.astype(np.int64), n), records_path)
     if scores is not None:
         scores = _as_array(scores)
         if scores.ndim == 1:
@@ -162,7 +181,7 @@ def export_selection(
         "task_names": [str(t) for t in task_names] if task_names is not None else None,
         **_jsonable(info or {}),
     }
-    if info:
+    if info and "vote_histogram" in info:  # a consensus selection (not e.g. a specialist rule)
         summary["text"] = format_summary(info, task_names)
     written["summary"] = _atomic_write(out("summary.json"), lambda f: json.dump(summary, f, ensure_ascii=False, indent=2))
     return written
