@@ -85,7 +85,8 @@ def featurize_split(
     shard: str | None = None,
 ) -> str:
     """Featurize ``records_path`` under checkpoint ``ckpt_dir``; return the feature directory."""
-    from icons_fast.data import ErrorLog, SampleError, load_records, make_dataset
+    from icons_fast.data import ErrorLog, SampleError, load_records
+    from icons_fast.data.loader import make_dataset
     from icons_fast.features.extractor import GradientExtractor
     from icons_fast.features.store import FeatureStore
     from icons_fast.model.loading import load_model
@@ -121,7 +122,7 @@ def featurize_split(
     }
     store = FeatureStore(out_dir, fingerprint, cfg.features.proj_dim, dtype=cfg.features.store_dtype)
     errors = ErrorLog(layout.errors(split))
-    dataset, collate = make_dataset(lm, records, cfg.data.image_folder, cfg.data.max_length, errors, stage="featurize")
+    dataset, collate = make_dataset(lm, records, cfg.data.image_folder, cfg.data.max_length, errors, stage="data")
     timer.add("load model + data", time.perf_counter() - t)
 
     rank, world = parse_shard(shard)
@@ -140,7 +141,7 @@ def featurize_split(
             t = time.perf_counter()
             batch = collate([dataset[i] for i in range(b0, min(b0 + bs, end))])
             for err in batch.get("errors", []):
-                errors.record(err)
+                errors.add(err)
             timer.add("data", time.perf_counter() - t)
             if batch.get("input_ids") is None or len(batch["input_ids"]) == 0:
                 bar.update(min(b0 + bs, end) - b0)
@@ -154,7 +155,7 @@ def featurize_split(
             ok = torch.isfinite(norm) & (norm > 0)
             for row in (~ok).nonzero().flatten().tolist():
                 reason = "non-finite gradient" if not torch.isfinite(norm[row]) else "zero gradient"
-                errors.record(SampleError(int(batch["indices"][row]), batch["ids"][row], "featurize", reason))
+                errors.add(SampleError(int(batch["indices"][row]), batch["ids"][row], "featurize", reason))
             keep = ok.cpu()
             idx_out.append(batch["indices"][keep].numpy())
             ids_out.extend(i for i, k in zip(batch["ids"], keep.tolist()) if k)

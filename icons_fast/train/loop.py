@@ -95,7 +95,7 @@ def train_model(
             for err in batch.get("errors", []):
                 excluded.add(err.index)
                 if error_log is not None:
-                    error_log.record(err)
+                    error_log.add(err)
             if batch.get("input_ids") is not None and len(batch["input_ids"]):
                 loss = batch_loss(model, batch, device)
                 loss.backward()

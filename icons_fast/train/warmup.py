@@ -32,7 +32,8 @@ def warmup_fingerprint(cfg: Config) -> str:
 
 def run_warmup(cfg: Config, run_dir: str | None = None) -> list[str]:
     """Train LoRA on the warmup subset; return the checkpoint directories (by step)."""
-    from icons_fast.data import ErrorLog, load_records, make_dataset
+    from icons_fast.data import ErrorLog, load_records
+    from icons_fast.data.loader import make_dataset
     from icons_fast.model.loading import load_model
     from icons_fast.model.lora import attach_lora
     from icons_fast.train.loop import train_model
@@ -56,7 +57,7 @@ def run_warmup(cfg: Config, run_dir: str | None = None) -> list[str]:
     lm = load_model(cfg.model.model, cfg.model.dtype, cfg.resolved_device(), seed=cfg.seed)
     model = attach_lora(lm.model, cfg.model)
     errors = ErrorLog(layout.errors("train"))
-    dataset, collate = make_dataset(lm, records, cfg.data.image_folder, cfg.data.max_length, errors, stage="warmup")
+    dataset, collate = make_dataset(lm, records, cfg.data.image_folder, cfg.data.max_length, errors, stage="data")
     saved: list[str] = []
 
     def save(step, lr, epoch, samples, optimizer):
