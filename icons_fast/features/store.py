@@ -141,6 +141,7 @@ def _atomic_write_bytes(path: str, data: bytes) -> None:
     d = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; features are shared read-only data
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -241,6 +242,7 @@ class FeatureStore:
         path = self.manifest_path
         if not os.path.exists(path):
             fd, tmp = tempfile.mkstemp(dir=self.root, prefix="." + MANIFEST + ".", suffix=".tmp")
+            os.chmod(tmp, 0o644)
             with os.fdopen(fd, "wb") as f:
                 f.write(_json_bytes(self._header()))
                 f.flush()
@@ -463,7 +465,8 @@ class FeatureStore:
         """Verify ``e``'s file and return (path, indices, ids, norms); features are sliced lazily."""
         path = os.path.join(self.root, e["file"])
         if not os.path.exists(path):
-            raise CorruptShard(f"shard {path} has a manifest entry but no file; delete {self.entry_path(e['start'], e['end'])} and rerun featurize")
+            raise CorruptShard(f"shard {path} has a manifest entry but no file; delete "
+                               f"{self.entry_path(e['start'], e['end'])} and rerun featurize")
         if verify:
             digest = _file_sha256(path)
             if digest != e["sha256"]:
