@@ -129,6 +129,31 @@ def cmd_run(args):
     run(build_config(args))
 
 
+def cmd_train(args):
+    from icons_fast.train.finetune import run_train
+
+    cfg = build_config(args)
+    if args.full_finetune:
+        cfg.train.full_finetune = True
+    if args.epochs is not None:
+        cfg.train.epochs = args.epochs
+    if args.train_lr is not None:
+        cfg.train.lr = args.train_lr
+    data = args.data or cfg.data.train_data
+    if not data:
+        raise SystemExit("train needs --data SUBSET.json (e.g. RUN/selection/selected.json)")
+    run_train(cfg, data, args.out or cfg.out)
+
+
+def cmd_evaluate(args):
+    from icons_fast.train.evaluate import run_evaluate
+
+    cfg = build_config(args)
+    if not cfg.data.targets:
+        raise SystemExit("evaluate needs at least one --target NAME=FILE.json")
+    run_evaluate(cfg, args.model_dir, cfg.data.targets, json_out=args.json)
+
+
 def cmd_demo(args):
     from icons_fast.demo import run_demo
 
@@ -149,8 +174,8 @@ COMMANDS = {
     "influence": (cmd_influence, "per-task influence scores from the features"),
     "select": (cmd_select, "consensus vote (or one task's top budget) and export of the subset"),
     "run": (cmd_run, "warmup, featurize, influence and select in one go (resumable)"),
-    "train": (_not_yet(4), "fine-tune on a selected subset"),
-    "evaluate": (_not_yet(4), "per-task accuracy and answer loss of a trained model"),
+    "train": (cmd_train, "fine-tune (LoRA, or every parameter) on a subset; saves OUT/model"),
+    "evaluate": (cmd_evaluate, "per-task accuracy and answer loss of a trained model"),
     "report": (_not_yet(10), "plots and an HTML page for a run directory"),
     "bench": (_not_yet(7), "side-by-side throughput benchmarks"),
     "demo": (cmd_demo, "generate the demo data and run the pipeline on it with the tiny model"),
@@ -170,6 +195,14 @@ def make_parser() -> argparse.ArgumentParser:
             p.add_argument("--split", action="append", help="only this split (train, target-NAME); repeatable")
         if name == "select":
             p.add_argument("--task", help="specialist selection: this task's top budget instead of the vote")
+        if name == "train":
+            p.add_argument("--data", help="the subset to train on (LLaVA json), e.g. RUN/selection/selected.json")
+            p.add_argument("--full-finetune", action="store_true", help="train every parameter instead of LoRA")
+            p.add_argument("--epochs", type=int, help="training epochs (default 1)")
+            p.add_argument("--train-lr", type=float, help="fine-tuning learning rate (default 2e-4)")
+        if name == "evaluate":
+            p.add_argument("--model-dir", required=True, help="a trained model directory (e.g. OUT/model)")
+            p.add_argument("--json", help="write the per-task results here")
         if name == "demo":
             p.add_argument("--quick", action="store_true", help="a smaller demo (used by the tests)")
     return parser

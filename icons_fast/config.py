@@ -52,6 +52,18 @@ class WarmupConfig:
 
 
 @dataclass
+class TrainConfig:
+    """Fine-tuning on a (selected) subset: ``icons-fast train``."""
+
+    epochs: int = 1
+    lr: float = 2e-4
+    batch_size: int = 8
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    full_finetune: bool = False  # train every parameter (used to pre-train the tiny base)
+
+
+@dataclass
 class FeatureConfig:
     proj_dim: int = 5120
     seed: int = 0
@@ -77,6 +89,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     seed: int = 0

@@ -50,11 +50,6 @@ def file_sha256(path: str, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
-    """Consecutive ``[start, end)`` sample ranges covering ``0 .. n``."""
-    return [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
-
-
 def process_share(ranges: list, rank: int, world: int) -> list:
     """The contiguous block of ``ranges`` owned by process ``rank`` of ``world``."""
     if not 0 <= rank < world:
@@ -88,7 +83,7 @@ def featurize_split(
     from icons_fast.data import ErrorLog, SampleError, load_records
     from icons_fast.data.loader import make_dataset
     from icons_fast.features.extractor import GradientExtractor
-    from icons_fast.features.store import FeatureStore
+    from icons_fast.features.store import FeatureStore, normalize_rows, shard_ranges
     from icons_fast.model.loading import load_model
     from icons_fast.model.lora import lora_fingerprint
     from icons_fast.train.checkpoint import load_checkpoint_state, load_lora_checkpoint, load_moments
@@ -151,7 +146,7 @@ def featurize_split(
             if g.is_cuda:
                 torch.cuda.synchronize()
             timer.add("gradients + projection", time.perf_counter() - t)
-            norm = g.norm(dim=1)
+            norm = torch.linalg.vector_norm(g.float(), dim=1)
             ok = torch.isfinite(norm) & (norm > 0)
             for row in (~ok).nonzero().flatten().tolist():
                 reason = "non-finite gradient" if not torch.isfinite(norm[row]) else "zero gradient"
@@ -159,8 +154,9 @@ def featurize_split(
             keep = ok.cpu()
             idx_out.append(batch["indices"][keep].numpy())
             ids_out.extend(i for i, k in zip(batch["ids"], keep.tolist()) if k)
-            feats.append((g[ok] / norm[ok, None]).cpu())
-            norms.append(norm[ok].float().cpu().numpy())
+            f, n = normalize_rows(g[ok], cfg.features.store_dtype)
+            feats.append(f.cpu())
+            norms.append(n)
             bar.update(min(b0 + bs, end) - b0)
         t = time.perf_counter()
         k = cfg.features.proj_dim
@@ -169,7 +165,7 @@ def featurize_split(
             end,
             np.concatenate(idx_out) if idx_out else np.zeros(0, dtype=np.int64),
             ids_out,
-            torch.cat(feats) if feats else torch.zeros(0, k),
+            torch.cat(feats) if feats else torch.zeros(0, k, dtype=store.torch_dtype),
             np.concatenate(norms) if norms else np.zeros(0, dtype=np.float32),
         )
         timer.add("write shards", time.perf_counter() - t)

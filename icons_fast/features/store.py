@@ -166,7 +166,7 @@ def _file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _entry_indices(e: dict) -> np.ndarray:
+def entry_indices(e: dict) -> np.ndarray:
     """Sample indices held by a shard, recovered from its entry: ``[start, end)`` minus ``absent``."""
     idx = np.arange(e["start"], e["end"], dtype=np.int64)
     if e["absent"]:
@@ -224,6 +224,16 @@ class FeatureStore:
         self.fingerprint_id = hashlib.sha256(_json_bytes(self._identity())).hexdigest()[:16]
         os.makedirs(os.path.join(self.root, ENTRIES_DIR), exist_ok=True)
         self._open_header()
+
+    @classmethod
+    def open(cls, root: str) -> "FeatureStore":
+        """Open an existing store for reading, under the fingerprint its manifest.json records."""
+        path = os.path.join(os.fspath(root), MANIFEST)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{root} holds no features ({MANIFEST} is missing); run `icons-fast featurize` first")
+        with open(path) as f:
+            header = json.load(f)
+        return cls(root, header.get("fingerprint", {}), header["proj_dim"], header["dtype"])
 
     # ------------------------------------------------------------------ header
     def _identity(self) -> dict:
@@ -429,6 +439,10 @@ class FeatureStore:
         """The ranges of ``ranges`` that are not done (to be (re)featurised)."""
         return [(int(s), int(e)) for s, e in ranges if not self.is_done(s, e)]
 
+    def sample_ids(self) -> dict[int, str]:
+        """``{sample index: id}`` of every stored row, from the entries (no shard is read)."""
+        return {int(i): sid for e in self.entries() for i, sid in zip(entry_indices(e), e["ids"])}
+
     def coverage(self, n_total: int) -> np.ndarray:
         """``ndarray[n_total]`` bool: True where sample ``i`` has a stored feature row (from the entries)."""
         mask = np.zeros(int(n_total), dtype=bool)
@@ -437,7 +451,7 @@ class FeatureStore:
         for e in entries:
             if e["end"] > n_total:
                 raise ValueError(f"shard {e['file']} covers [{e['start']}, {e['end']}) beyond n_total={n_total}")
-            mask[_entry_indices(e)] = True
+            mask[entry_indices(e)] = True
         return mask
 
     def finalize(self) -> dict:
@@ -482,7 +496,7 @@ class FeatureStore:
         ids = json.loads(meta.get("ids", "[]"))
         n = e["rows"]
         if (idx.shape != (n,) or norms.shape != (n,) or list(shape) != [n, self.proj_dim] or len(ids) != n
-                or not np.array_equal(idx, _entry_indices(e)) or ids != e["ids"]
+                or not np.array_equal(idx, entry_indices(e)) or ids != e["ids"]
                 or meta.get("fingerprint_id") != self.fingerprint_id):
             raise CorruptShard(
                 f"shard {path} does not match its manifest entry (rows, indices, ids, shape or fingerprint); "

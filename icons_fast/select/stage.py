@@ -15,6 +15,7 @@ import json
 import os
 
 import numpy as np
+import torch
 
 from icons_fast.config import Config
 from icons_fast.rundir import RunLayout, target_split
@@ -54,41 +55,82 @@ def _open_store(path: str):
     return FeatureStore.open(path)
 
 
+def aligned_blocks(stores: list, block_size: int, keep: np.ndarray):
+    """Yield ``(indices, [features per store])`` over the sample indices where ``keep`` is True.
+
+    Every store is read in sample-index order; rows outside ``keep`` (absent
+    from some checkpoint) are dropped, so the stores' row sequences are the
+    same and blocks line up exactly.
+    """
+    iters = [s.iter_blocks(block_size) for s in stores]
+    buffers: list[list] = [[] for _ in stores]  # per store: list of (indices, features)
+    exhausted = [False] * len(stores)
+
+    def fill(i: int) -> None:
+        while not exhausted[i] and sum(len(b[0]) for b in buffers[i]) < block_size:
+            try:
+                idx, _ids, feats, _norms = next(iters[i])
+            except StopIteration:
+                exhausted[i] = True
+                return
+            mask = keep[idx]
+            buffers[i].append((idx[mask], feats[torch.from_numpy(mask)]))
+
+    def take(i: int, n: int):
+        idx = np.concatenate([b[0] for b in buffers[i]])
+        feats = torch.cat([b[1] for b in buffers[i]])
+        buffers[i] = [(idx[n:], feats[n:])] if n < len(idx) else []
+        return idx[:n], feats[:n]
+
+    while True:
+        for i in range(len(stores)):
+            fill(i)
+        n = min(sum(len(b[0]) for b in buf) for buf in buffers)
+        if n == 0:
+            if any(sum(len(b[0]) for b in buf) for buf in buffers):
+                raise RuntimeError("feature stores disagree on their sample indices; rerun featurize")
+            return
+        parts = [take(i, n) for i in range(len(stores))]
+        for idx, _ in parts[1:]:
+            if not np.array_equal(idx, parts[0][0]):
+                raise RuntimeError("feature stores are not aligned by sample index; rerun featurize")
+        yield parts[0][0], [f for _, f in parts]
+
+
 def run_influence(cfg: Config, run_dir: str | None = None, block_size: int = 8192) -> dict:
-    """Write ``scores/scores.npy`` [N, T] float32, ``task_names.json``, ``valid.npy``; return paths."""
-    from icons_fast.select.influence import stream_task_influence
+    """Write ``scores/scores.npy`` [N, T] float32 (NaN for excluded samples), ``task_names.json``, ``valid.npy``.
+
+    All checkpoints are streamed together so that, per subtask, the
+    checkpoint-weighted sum comes first and the max over subtasks after it
+    (``I_t(i) = max_s sum_c w_c agg_{v in s} <f_c(i), f_c(v)>``); weights are the
+    checkpoints' learning rates, renormalised.
+    """
+    from icons_fast.select.influence import checkpoint_weights_normalised, stream_task_influence
 
     layout = RunLayout(run_dir or cfg.out)
     ckpts = _checkpoints(layout)
-    lrs = np.array([lr for _, lr in ckpts], dtype=np.float64)
-    weights = lrs / lrs.sum() if lrs.sum() > 0 else np.full(len(ckpts), 1.0 / len(ckpts))
     tasks = target_splits(cfg)
     if not tasks:
         raise ValueError("no target task: pass --target NAME=FILE.json (repeatable)")
-    total = None
-    seen = None
-    names: list[str] = []
-    for (ckpt, _), w in zip(ckpts, weights):
+    targets_per_ckpt = []
+    for ckpt, _ in ckpts:
         targets = {}
         for task, subs in tasks.items():
             feats = {sub: _open_store(layout.features(ckpt, split)).load()[2] for sub, split in subs.items()}
-            targets[task] = feats[None] if list(feats) == [None] else {s: f for s, f in feats.items()}
-        train = _open_store(layout.features(ckpt, "train"))
-        n = train.fingerprint["n_samples"]
-
-        def blocks():
-            for indices, _ids, feats, _norms in train.iter_blocks(block_size):
-                yield indices, [feats]
-
-        scores, rows, names = stream_task_influence(blocks(), targets, aggregate=cfg.select.aggregate)
-        if total is None:
-            total = np.zeros((n, len(names)), dtype=np.float64)
-            seen = np.zeros((len(ckpts), n), dtype=bool)
-        total[rows] += w * scores
-        seen[[c for c, _ in ckpts].index(ckpt), rows] = True
-    valid = seen.all(axis=0)
-    out = total.astype(np.float32)
-    out[~valid] = np.nan
+            targets[task] = feats[None] if list(feats) == [None] else feats
+        targets_per_ckpt.append(targets)
+    stores = [_open_store(layout.features(ckpt, "train")) for ckpt, _ in ckpts]
+    n = int(stores[0].fingerprint["n_samples"])
+    valid = np.logical_and.reduce([s.coverage(n) for s in stores])
+    scores, rows, names = stream_task_influence(
+        aligned_blocks(stores, block_size, valid),
+        targets_per_ckpt if len(ckpts) > 1 else targets_per_ckpt[0],
+        aggregate=cfg.select.aggregate,
+        checkpoint_weights=[lr for _, lr in ckpts],
+        progress=True,
+    )
+    out = np.full((n, len(names)), np.nan, dtype=np.float32)
+    out[rows] = scores
     os.makedirs(layout.scores, exist_ok=True)
     paths = {
         "scores": os.path.join(layout.scores, "scores.npy"),
@@ -97,9 +139,11 @@ def run_influence(cfg: Config, run_dir: str | None = None, block_size: int = 819
     }
     _save_npy(paths["scores"], out)
     _save_npy(paths["valid"], valid)
+    weights = checkpoint_weights_normalised([lr for _, lr in ckpts], len(ckpts))
     _save_json(paths["task_names"], {"task_names": names, "checkpoints": [c for c, _ in ckpts],
-                                     "checkpoint_weights": weights.tolist(), "aggregate": cfg.select.aggregate})
-    print(f"[influence] {valid.sum()} of {len(valid)} samples scored against {len(names)} task(s): {names}")
+                                     "checkpoint_weights": weights,
+                                     "aggregate": cfg.select.aggregate})
+    print(f"[influence] {int(valid.sum())} of {n} samples scored against {len(names)} task(s): {names}")
     return paths
 
 
@@ -114,7 +158,6 @@ def load_scores(run_dir: str) -> tuple[np.ndarray, list[str], np.ndarray]:
 
 def run_select(cfg: Config, run_dir: str | None = None, task: str | None = None) -> dict:
     """Vote (or one task's top budget) and export ``selection/``; return the written paths."""
-    from icons_fast.data import load_records
     from icons_fast.select.export import export_selection, format_summary
     from icons_fast.select.voting import consensus_select, specialist_select, vote_counts
 
@@ -138,11 +181,12 @@ def run_select(cfg: Config, run_dir: str | None = None, task: str | None = None)
         info = {"rule": f"specialist:{task}", "selected": int(len(indices))}
         votes = None
     info["excluded_bad_samples"] = int((~valid).sum())
-    records = load_records(cfg.data.train_data)
-    ids = [str(r.get("id", i)) for i, r in enumerate(records)]
+    # The ids the features were made for guard the export against a changed or shifted pool file.
+    ckpt = _checkpoints(layout)[-1][0]
+    feature_ids = _open_store(layout.features(ckpt, "train")).sample_ids()
     paths = export_selection(
         cfg.data.train_data, indices, out_dir, scores=scores, task_names=names, votes=votes, info=info,
-        sample_ids=[ids[i] for i in indices],
+        sample_ids=[feature_ids[int(i)] for i in indices],
     )
     print(format_summary(info, names) if task is None else f"[select] specialist {task}: {len(indices)} samples")
     print(f"[select] wrote {out_dir}")
