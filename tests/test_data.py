@@ -190,6 +190,42 @@ def test_labels_are_exactly_the_answers(tiny):
         assert torch.equal(ids, ids_r) and torch.equal(labels, labels_r)
 
 
+def _metaspace_tokenizer():
+    """A sentencepiece-style (Metaspace, "always" prefix) BPE tokenizer, like Llama's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from icons_fast.data.conversation import SYSTEM_PROMPT
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    alphabet = sorted(set(SYSTEM_PROMPT + " ".join(WORDS) + "USERASSITN:?<>/\n\u2581"))
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
+                                  initial_alphabet=alphabet, show_progress=False)
+    tok.train_from_iterator([SYSTEM_PROMPT, " ".join(WORDS), "USER: ASSISTANT:"] * 3, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "metaspace"])
+def test_pieces_equal_the_template_tokenised_in_one_go(tiny, kind):
+    """Independent reference: the whole rendered string through the tokenizer at once.
+
+    Word-splitting pre-tokenizers never merge across the spaces where pieces
+    meet, so piecewise ids must equal the one-go ids (image run collapsed).
+    """
+    processor, config = tiny
+    tok = processor.tokenizer if kind == "byte_level" else _metaspace_tokenizer()
+    img_id = tok.convert_tokens_to_ids("<image>")
+    rng = random.Random(8)
+    for trial in range(12):
+        rec = _random_record(rng, rng.randint(1, 3), with_image=trial % 3 == 0)
+        ids, _ = tokenize_record(rec, tok, img_id, 5, None)
+        flat = [i for k, i in enumerate(ids.tolist()) if not (i == img_id and ids[k - 1] == img_id)]
+        assert flat == tok(render_prompt(rec), add_special_tokens=False)["input_ids"]
+
+
 @pytest.mark.parametrize("n_image_tokens", [1, 16, 576])
 def test_image_token_expansion(tiny, n_image_tokens):
     processor, config = tiny

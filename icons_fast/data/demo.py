@@ -270,7 +270,10 @@ def make_bad_samples(out_dir: str, image_size: int = 32) -> dict:
     Returns ``dict(json=path, image_folder=path, expected={index: reason code},
     good=[indices], max_length=BAD_SAMPLES_MAX_LENGTH)``. The good image records
     stay under ``max_length`` even with LLaVA-1.5's 576 image tokens; the
-    over-long record is several thousand tokens for any tokenizer.
+    over-long record is several thousand tokens for any tokenizer. The
+    ``all_labels_masked`` record is one whose gpt answers are all empty, so
+    only ``</s>`` would carry a label (see :mod:`icons_fast.data.conversation`).
+    Answers of the good records match their images.
     """
     img_dir = os.path.join(out_dir, "images")
     os.makedirs(img_dir, exist_ok=True)
