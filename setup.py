@@ -4,9 +4,28 @@
 The extension's C++17 CPU path (OpenMP) is always built. It takes raw
 pointers, shapes and dtypes from the Python wrappers, so it is not tied to
 one torch build.
+
+The CUDA path (csrc/*.cu) is compiled with nvcc into objects that are linked
+into the same ``icons_fast._C`` with ``-DICONS_FAST_WITH_CUDA`` and the static
+CUDA runtime (so ``_C`` still imports on machines without a driver):
+
+- ``ICONS_FAST_SKIP_CUDA_BUILD=1``: never build it.
+- ``ICONS_FAST_FORCE_CUDA_BUILD=1``: build it even without a GPU driver; fail
+  loudly when nvcc is missing or the build fails.
+- default: build it when nvcc (``$CUDA_HOME/bin/nvcc`` or on PATH) and a GPU
+  driver (``nvidia-smi`` or ``/dev/nvidia0``) are both present; otherwise,
+  or when the CUDA build fails, warn and build the CPU path only.
+- ``ICONS_FAST_CUDA_ARCHS``: ";"-separated compute capabilities (default
+  "80;90"); SASS for each, plus PTX for the newest so later GPUs can JIT it.
+
+CI without a GPU still catches CUDA compile errors through
+``tests/test_influence_ext.py::test_cuda_source_compiles`` (``nvcc -c``).
 """
 import os
+import shutil
+import subprocess
 import sys
+import warnings
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
@@ -29,6 +48,106 @@ def cpu_extension():
     )
 
 
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def find_nvcc() -> str | None:
+    """nvcc from CUDA_HOME / CUDA_PATH, else from PATH; None when absent."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        root = os.environ.get(var)
+        if root and os.path.isfile(os.path.join(root, "bin", "nvcc")):
+            return os.path.join(root, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def gpu_driver_present() -> bool:
+    return shutil.which("nvidia-smi") is not None or os.path.exists("/dev/nvidia0")
+
+
+def cuda_lib_dirs(nvcc: str) -> list[str]:
+    """Candidate CUDA library folders: CUDA_HOME, the toolkit around nvcc, /usr/local/cuda."""
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+             os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"]
+    dirs = []
+    for root in filter(None, roots):
+        for sub in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib")):
+            d = os.path.join(root, sub)
+            if os.path.isdir(d) and d not in dirs:
+                dirs.append(d)
+    return dirs
+
+
+def cuda_arch_flags(archs: str) -> list[str]:
+    """"80;90" -> SASS for sm_80 and sm_90, PTX for compute_90."""
+    caps = [a.strip().replace(".", "") for a in archs.replace(",", ";").split(";") if a.strip()]
+    if not caps:
+        raise ValueError(f"ICONS_FAST_CUDA_ARCHS={archs!r} names no architecture (example: '80;90')")
+    flags = [f"-gencode=arch=compute_{c},code=sm_{c}" for c in caps]
+    newest = max(caps, key=lambda c: int("".join(ch for ch in c if ch.isdigit())))
+    return flags + [f"-gencode=arch=compute_{newest},code=compute_{newest}"]
+
+
+def cuda_plan() -> str | None:
+    """Path of nvcc when the CUDA path should be built, else None (with a warning)."""
+    if _flag("ICONS_FAST_SKIP_CUDA_BUILD"):
+        return None
+    nvcc = find_nvcc()
+    if _flag("ICONS_FAST_FORCE_CUDA_BUILD"):
+        if nvcc is None:
+            raise RuntimeError(
+                "ICONS_FAST_FORCE_CUDA_BUILD=1 but nvcc was not found: set CUDA_HOME to the CUDA toolkit "
+                "or put nvcc on PATH"
+            )
+        return nvcc
+    if nvcc is None:
+        warnings.warn("icons-fast: nvcc not found; building the CPU path only (has_cuda_ext() will be False)")
+        return None
+    if not gpu_driver_present():
+        warnings.warn(
+            "icons-fast: nvcc found but no GPU driver (no nvidia-smi, no /dev/nvidia0); building the CPU path "
+            "only. Set ICONS_FAST_FORCE_CUDA_BUILD=1 to build the CUDA path anyway."
+        )
+        return None
+    return nvcc
+
+
+class BuildExt(build_ext):
+    """pybind11's build_ext plus the optional nvcc step for csrc/*.cu."""
+
+    def build_extension(self, ext):
+        nvcc = cuda_plan()
+        if nvcc is not None:
+            try:
+                self._add_cuda(ext, nvcc)
+            except (OSError, subprocess.CalledProcessError) as e:
+                if _flag("ICONS_FAST_FORCE_CUDA_BUILD"):
+                    raise
+                warnings.warn(f"icons-fast: CUDA build failed ({e}); building the CPU path only")
+        super().build_extension(ext)
+
+    def _add_cuda(self, ext, nvcc):
+        lib_dirs = cuda_lib_dirs(nvcc)
+        if not any(os.path.isfile(os.path.join(d, "libcudart_static.a")) for d in lib_dirs):
+            raise OSError(f"libcudart_static.a not found in {lib_dirs} (set CUDA_HOME to the CUDA toolkit)")
+        archs = os.environ.get("ICONS_FAST_CUDA_ARCHS", "80;90")
+        os.makedirs(self.build_temp, exist_ok=True)
+        objects = []
+        for cu in sorted(f for f in os.listdir(os.path.join(HERE, "csrc")) if f.endswith(".cu")):
+            obj = os.path.join(self.build_temp, cu + ".o")
+            cmd = [nvcc, "-c", os.path.join(HERE, "csrc", cu), "-o", obj, "-O3", "-std=c++17",
+                   "-DICONS_FAST_WITH_CUDA", "-I" + os.path.join(HERE, "csrc"), "-Xcompiler", "-fPIC",
+                   *cuda_arch_flags(archs)]
+            print("icons-fast: " + " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+            objects.append(obj)
+        ext.extra_objects = list(ext.extra_objects or []) + objects
+        ext.define_macros = list(ext.define_macros or []) + [("ICONS_FAST_WITH_CUDA", None)]
+        ext.library_dirs = list(ext.library_dirs or []) + lib_dirs
+        # Static runtime: _C must import on machines without libcudart / a driver.
+        ext.libraries = list(ext.libraries or []) + ["cudart_static", "rt", "dl", "pthread"]
+
+
 setup(
     name="icons-fast",
     version="0.1.0",
@@ -47,7 +166,7 @@ setup(
     ],
     package_dir={"icons_fast.kernels": "kernels"},
     ext_modules=[cpu_extension()],
-    cmdclass={"build_ext": build_ext},
+    cmdclass={"build_ext": BuildExt},
     install_requires=[
         "torch>=2.4",
         "transformers>=4.45",

@@ -1,4 +1,465 @@
-// influence op (to be filled in).
+// Blocked influence products with fused per-segment reductions (CPU path).
+//
+//   out[i, s] += weight * R_{j in seg s} <x_i, t_j>,  x: [N, k] train rows, t: [M, k] targets,
+//   seg s = columns [offsets[s], offsets[s+1]),  R in {mean, max, top-m mean, count(> thr)}.
+//
+// Never forms the N x M product. Each OpenMP thread takes a block of train
+// rows, converts it to fp32 once (packed for the micro-kernel), then sweeps
+// the targets in blocks of NC columns: a [rows, NC] tile of dot products is
+// computed into a small buffer and folded at once into per-(row, segment)
+// running state (sum / max / count / top-m heap). Memory is O(threads *
+// (rows * k + rows * NC) + M * k), independent of N.
+//
+// The GEMM core is the classic register-blocked outer-product micro-kernel
+// (MR = 6 train rows x NR = 16 target columns, 12 AVX2 accumulators, fp32
+// FMA) over packed panels, with k split into KC-long chunks so a target
+// panel (NR x KC fp32 = 16 KiB) stays in L1 while the row panels stream past.
+// The AVX2+FMA kernel is chosen at run time (__builtin_cpu_supports), so the
+// library still loads on CPUs without AVX2 and runs the portable kernel.
+//
+// Determinism: every dot product is accumulated in the same order (p = 0..kl
+// within a KC chunk, chunks added in order) whatever block_rows, the thread
+// count or the row's position in a block, so results do not depend on them.
 #include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define ICONS_FAST_X86_DISPATCH 1
+#endif
+
+#include "influence.h"
+
 namespace py = pybind11;
-void register_influence(py::module_& m) { (void)m; }
+
+namespace icons_fast {
+namespace {
+
+constexpr int64_t MR = 6;    // train rows per micro-tile
+constexpr int64_t NR = 16;   // target columns per micro-tile (two 8-float vectors)
+constexpr int64_t KC = 256;  // k chunk: an NR x KC target panel is 16 KiB (L1)
+constexpr int64_t NC = 256;  // target columns per reduction tile
+
+// ---------------------------------------------------------------- dtypes ---
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// IEEE binary16 -> binary32 by bit manipulation (exact for every input).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t man = h & 0x3ffu;
+  if (exp == 0x1f) return bits_to_float(sign | 0x7f800000u | (man << 13));  // inf / nan
+  if (exp == 0) {                                                           // zero / subnormal
+    const float v = static_cast<float>(man) * 5.9604644775390625e-08f;     // man * 2^-24, exact
+    return sign ? -v : v;
+  }
+  return bits_to_float(sign | ((exp + 112u) << 23) | (man << 13));  // rebias 15 -> 127
+}
+
+// bfloat16 is the top half of a binary32.
+inline float bf16_to_float(uint16_t b) { return bits_to_float(static_cast<uint32_t>(b) << 16); }
+
+// dst[0:count] = float(src[start:start+count]) (* scale for int8).
+void convert_row(const void* src, int dtype, int64_t start, int64_t count, float scale, float* dst) {
+  switch (dtype) {
+    case kF32: {
+      const float* s = static_cast<const float*>(src) + start;
+      std::memcpy(dst, s, sizeof(float) * count);
+      break;
+    }
+    case kF16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src) + start;
+      for (int64_t i = 0; i < count; ++i) dst[i] = half_to_float(s[i]);
+      break;
+    }
+    case kBF16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src) + start;
+      for (int64_t i = 0; i < count; ++i) dst[i] = bf16_to_float(s[i]);
+      break;
+    }
+    case kI8: {
+      const int8_t* s = static_cast<const int8_t*>(src) + start;
+      for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<float>(s[i]) * scale;
+      break;
+    }
+    default:
+      throw std::invalid_argument("influence: unknown dtype code " + std::to_string(dtype));
+  }
+}
+
+// 64-byte aligned float buffer (vector loads, no false sharing between threads).
+struct AlignedBuf {
+  float* p = nullptr;
+  explicit AlignedBuf(int64_t n) {
+    const size_t bytes = ((static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(float) + 63) / 64) * 64;
+    p = static_cast<float*>(std::aligned_alloc(64, bytes));
+    if (!p) throw std::bad_alloc();
+  }
+  ~AlignedBuf() { std::free(p); }
+  AlignedBuf(const AlignedBuf&) = delete;
+  AlignedBuf& operator=(const AlignedBuf&) = delete;
+};
+
+// Pack rows [r0, r0 + rows) of src ([*, k]) into MR- or NR-wide panels:
+//   dst[k0 * rows_pad + panel * kl * W + p * W + lane] = src[r0 + panel * W + lane, k0 + p]
+// for every KC chunk (k0, kl); rows past `rows` are zero (padding lanes).
+void pack_panels(const void* src, int dtype, const float* scale, int64_t r0, int64_t rows, int64_t k,
+                 int64_t width, float* dst, float* tmp) {
+  const int64_t rows_pad = (rows + width - 1) / width * width;
+  for (int64_t r = 0; r < rows_pad; ++r) {
+    const int64_t panel = r / width, lane = r % width;
+    if (r < rows) {
+      const float sc = scale ? scale[r0 + r] : 1.0f;
+      convert_row(src, dtype, (r0 + r) * k, k, sc, tmp);
+    } else {
+      std::fill(tmp, tmp + k, 0.0f);
+    }
+    for (int64_t k0 = 0; k0 < k; k0 += KC) {
+      const int64_t kl = std::min(KC, k - k0);
+      float* d = dst + k0 * rows_pad + panel * kl * width + lane;
+      for (int64_t p = 0; p < kl; ++p) d[p * width] = tmp[k0 + p];
+    }
+  }
+}
+
+// --------------------------------------------------------- micro-kernels ---
+// C[0:MR, 0:NR] (row stride ldc) = (acc ? C : 0) + A_panel^T B_panel over kl steps.
+using MicroKernel = void (*)(int64_t, const float*, const float*, float*, int64_t, bool);
+
+void kernel_generic(int64_t kl, const float* A, const float* B, float* C, int64_t ldc, bool acc) {
+  float c[MR][NR] = {};
+  for (int64_t p = 0; p < kl; ++p, A += MR, B += NR)
+    for (int64_t i = 0; i < MR; ++i)
+      for (int64_t j = 0; j < NR; ++j) c[i][j] += A[i] * B[j];
+  for (int64_t i = 0; i < MR; ++i)
+    for (int64_t j = 0; j < NR; ++j) C[i * ldc + j] = (acc ? C[i * ldc + j] : 0.0f) + c[i][j];
+}
+
+#ifdef ICONS_FAST_X86_DISPATCH
+// (A lambda would not inherit the target attribute, hence a named helper.)
+__attribute__((target("avx2,fma"))) inline void put_row_avx2(float* C, int64_t ldc, int64_t i, __m256 lo, __m256 hi,
+                                                              bool acc) {
+  float* cp = C + i * ldc;
+  if (acc) {
+    lo = _mm256_add_ps(_mm256_loadu_ps(cp), lo);
+    hi = _mm256_add_ps(_mm256_loadu_ps(cp + 8), hi);
+  }
+  _mm256_storeu_ps(cp, lo);
+  _mm256_storeu_ps(cp + 8, hi);
+}
+
+__attribute__((target("avx2,fma"))) void kernel_avx2(int64_t kl, const float* A, const float* B, float* C,
+                                                      int64_t ldc, bool acc) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(),
+         c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
+         c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(), c40 = _mm256_setzero_ps(),
+         c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+  for (int64_t p = 0; p < kl; ++p, A += MR, B += NR) {
+    const __m256 b0 = _mm256_load_ps(B), b1 = _mm256_load_ps(B + 8);
+    __m256 a = _mm256_broadcast_ss(A + 0);
+    c00 = _mm256_fmadd_ps(a, b0, c00);
+    c01 = _mm256_fmadd_ps(a, b1, c01);
+    a = _mm256_broadcast_ss(A + 1);
+    c10 = _mm256_fmadd_ps(a, b0, c10);
+    c11 = _mm256_fmadd_ps(a, b1, c11);
+    a = _mm256_broadcast_ss(A + 2);
+    c20 = _mm256_fmadd_ps(a, b0, c20);
+    c21 = _mm256_fmadd_ps(a, b1, c21);
+    a = _mm256_broadcast_ss(A + 3);
+    c30 = _mm256_fmadd_ps(a, b0, c30);
+    c31 = _mm256_fmadd_ps(a, b1, c31);
+    a = _mm256_broadcast_ss(A + 4);
+    c40 = _mm256_fmadd_ps(a, b0, c40);
+    c41 = _mm256_fmadd_ps(a, b1, c41);
+    a = _mm256_broadcast_ss(A + 5);
+    c50 = _mm256_fmadd_ps(a, b0, c50);
+    c51 = _mm256_fmadd_ps(a, b1, c51);
+  }
+  put_row_avx2(C, ldc, 0, c00, c01, acc);
+  put_row_avx2(C, ldc, 1, c10, c11, acc);
+  put_row_avx2(C, ldc, 2, c20, c21, acc);
+  put_row_avx2(C, ldc, 3, c30, c31, acc);
+  put_row_avx2(C, ldc, 4, c40, c41, acc);
+  put_row_avx2(C, ldc, 5, c50, c51, acc);
+}
+#endif
+
+MicroKernel pick_kernel(bool force_generic, const char** name) {
+#ifdef ICONS_FAST_X86_DISPATCH
+  if (!force_generic && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    *name = "avx2-fma-6x16";
+    return kernel_avx2;
+  }
+#endif
+  (void)force_generic;
+  *name = "generic-6x16";
+  return kernel_generic;
+}
+
+// ------------------------------------------------------------ reductions ---
+// Running per-(row, segment) state of one row block, folded one tile at a time.
+struct SegmentState {
+  int reduction;
+  int64_t rows, S, topm;
+  float threshold;
+  std::vector<double> sum;    // mean
+  std::vector<float> best;    // max
+  std::vector<int64_t> cnt;   // count
+  std::vector<float> heap;    // top-m: [rows * S * topm] min-heaps
+  std::vector<int64_t> hsz;   // top-m heap sizes
+
+  SegmentState(int red, int64_t rows_, int64_t S_, int64_t topm_, float thr)
+      : reduction(red), rows(rows_), S(S_), topm(topm_), threshold(thr) {
+    const size_t n = static_cast<size_t>(rows * S);
+    if (red == kMean) sum.assign(n, 0.0);
+    if (red == kMax) best.assign(n, -std::numeric_limits<float>::infinity());
+    if (red == kCount) cnt.assign(n, 0);
+    if (red == kTopM) {
+      heap.assign(n * static_cast<size_t>(topm), 0.0f);
+      hsz.assign(n, 0);
+    }
+  }
+
+  // Fold values v[0:n] (consecutive columns of segment s) of row r.
+  void fold(int64_t r, int64_t s, const float* v, int64_t n) {
+    const int64_t idx = r * S + s;
+    switch (reduction) {
+      case kMean: {
+        double acc = sum[idx];
+        for (int64_t t = 0; t < n; ++t) acc += v[t];
+        sum[idx] = acc;
+        break;
+      }
+      case kMax: {
+        float b = best[idx];
+        for (int64_t t = 0; t < n; ++t) b = v[t] > b ? v[t] : b;
+        best[idx] = b;
+        break;
+      }
+      case kCount: {
+        int64_t c = 0;
+        for (int64_t t = 0; t < n; ++t) c += v[t] > threshold;
+        cnt[idx] += c;
+        break;
+      }
+      case kTopM: {
+        float* h = heap.data() + idx * topm;  // min-heap: h[0] is the smallest kept value
+        int64_t sz = hsz[idx];
+        const auto gt = std::greater<float>();
+        for (int64_t t = 0; t < n; ++t) {
+          if (sz < topm) {
+            h[sz++] = v[t];
+            std::push_heap(h, h + sz, gt);
+          } else if (v[t] > h[0]) {
+            std::pop_heap(h, h + sz, gt);
+            h[sz - 1] = v[t];
+            std::push_heap(h, h + sz, gt);
+          }
+        }
+        hsz[idx] = sz;
+        break;
+      }
+    }
+  }
+
+  // Final value of (r, s); seg_len = number of columns in segment s.
+  double value(int64_t r, int64_t s, int64_t seg_len) {
+    const int64_t idx = r * S + s;
+    switch (reduction) {
+      case kMean:
+        return sum[idx] / static_cast<double>(seg_len);
+      case kMax:
+        return best[idx];
+      case kCount:
+        return static_cast<double>(cnt[idx]);
+      default: {  // kTopM: mean of the min(m, seg_len) largest, summed in sorted order
+        float* h = heap.data() + idx * topm;
+        const int64_t sz = hsz[idx];
+        std::sort(h, h + sz);
+        double acc = 0.0;
+        for (int64_t t = 0; t < sz; ++t) acc += h[t];
+        return acc / static_cast<double>(sz);
+      }
+    }
+  }
+};
+
+void check_args(int train_dtype, int target_dtype, int64_t n, int64_t k, int64_t m, const int64_t* offsets,
+                int64_t S, int reduction, int64_t topm, bool has_scale) {
+  if (train_dtype < kF32 || train_dtype > kI8) throw std::invalid_argument("influence: bad train dtype code");
+  if (target_dtype != kF32 && target_dtype != kF16)
+    throw std::invalid_argument("influence: targets must be fp32 or fp16");
+  if ((train_dtype == kI8) != has_scale)
+    throw std::invalid_argument("influence: int8 train features need a per-row scale (and only int8 takes one)");
+  if (n < 0 || k <= 0 || m <= 0 || S <= 0) throw std::invalid_argument("influence: empty k, targets or segments");
+  if (reduction < kMean || reduction > kCount) throw std::invalid_argument("influence: bad reduction code");
+  if (reduction == kTopM && topm <= 0) throw std::invalid_argument("influence: top-m needs m >= 1");
+  if (offsets[0] != 0 || offsets[S] != m)
+    throw std::invalid_argument("influence: offsets must start at 0 and end at M");
+  for (int64_t s = 0; s < S; ++s)
+    if (offsets[s + 1] <= offsets[s]) throw std::invalid_argument("influence: empty or decreasing segment");
+}
+
+}  // namespace
+
+// The CPU op (see file header). Pointers are host addresses of C-contiguous
+// arrays: train [n, k], scale [n] fp32 or 0, targets [m, k], offsets int64
+// [S+1], out fp32 [n, S] (accumulated into). Returns the micro-kernel name.
+std::string segment_reduce_cpu(uintptr_t train_ptr, int train_dtype, int64_t n, int64_t k, uintptr_t scale_ptr,
+                               uintptr_t targets_ptr, int target_dtype, int64_t m, uintptr_t offsets_ptr,
+                               int64_t S, int reduction, int64_t topm, float threshold, float weight,
+                               uintptr_t out_ptr, int64_t block_rows, int num_threads, bool force_generic) {
+  const void* train = reinterpret_cast<const void*>(train_ptr);
+  const float* scale = reinterpret_cast<const float*>(scale_ptr);
+  const void* targets = reinterpret_cast<const void*>(targets_ptr);
+  const int64_t* offsets = reinterpret_cast<const int64_t*>(offsets_ptr);
+  float* out = reinterpret_cast<float*>(out_ptr);
+  if (!train || !targets || !offsets || !out) throw std::invalid_argument("influence: null pointer");
+  check_args(train_dtype, target_dtype, n, k, m, offsets, S, reduction, topm, scale != nullptr);
+  const char* kname = nullptr;
+  const MicroKernel kern = pick_kernel(force_generic, &kname);
+  if (n == 0) return kname;
+
+  const int64_t R = std::max<int64_t>(MR, (std::max<int64_t>(block_rows, 1) + MR - 1) / MR * MR);
+  const int64_t m_pad = (m + NR - 1) / NR * NR;
+  const int64_t n_blocks = (n + R - 1) / R;
+#ifdef _OPENMP
+  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+#else
+  const int threads = 1;
+  (void)num_threads;
+#endif
+
+  {
+    py::gil_scoped_release nogil;
+    AlignedBuf bpack(m_pad * k);  // all targets, fp32, NR-wide panels per KC chunk
+    std::string err;
+#pragma omp parallel num_threads(threads)
+    {
+      try {
+        std::vector<float> tmp(static_cast<size_t>(k));
+        // Pack the targets: one NR-wide panel per iteration, shared by all threads.
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < m_pad / NR; ++j) {
+          const int64_t rows = std::min(NR, m - j * NR);
+          // Write this panel's columns of every chunk (pack_panels with r0 = j*NR into
+          // a panel-local view: compute the offset of panel j inside each chunk).
+          for (int64_t lane = 0; lane < NR; ++lane) {
+            if (lane < rows) convert_row(targets, target_dtype, (j * NR + lane) * k, k, 1.0f, tmp.data());
+            else std::fill(tmp.begin(), tmp.end(), 0.0f);
+            for (int64_t k0 = 0; k0 < k; k0 += KC) {
+              const int64_t kl = std::min(KC, k - k0);
+              float* d = bpack.p + k0 * m_pad + j * kl * NR + lane;
+              for (int64_t p = 0; p < kl; ++p) d[p * NR] = tmp[k0 + p];
+            }
+          }
+        }  // implicit barrier: bpack complete
+
+        AlignedBuf apack(R * k);
+        AlignedBuf cbuf(R * NC);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t b = 0; b < n_blocks; ++b) {
+          const int64_t r0 = b * R, rows = std::min(R, n - r0);
+          const int64_t rows_pad = (rows + MR - 1) / MR * MR;
+          pack_panels(train, train_dtype, scale, r0, rows, k, MR, apack.p, tmp.data());
+          SegmentState st(reduction, rows, S, topm, threshold);
+          for (int64_t c0 = 0; c0 < m_pad; c0 += NC) {
+            const int64_t ncols = std::min(NC, m_pad - c0);  // multiple of NR
+            for (int64_t k0 = 0; k0 < k; k0 += KC) {
+              const int64_t kl = std::min(KC, k - k0);
+              for (int64_t jp = 0; jp < ncols / NR; ++jp) {
+                const float* bp = bpack.p + k0 * m_pad + (c0 / NR + jp) * kl * NR;
+                for (int64_t ip = 0; ip < rows_pad / MR; ++ip) {
+                  const float* ap = apack.p + k0 * rows_pad + ip * kl * MR;
+                  kern(kl, ap, bp, cbuf.p + ip * MR * NC + jp * NR, NC, k0 > 0);
+                }
+              }
+            }
+            // Fold the real columns [c0, c_hi) of this tile into the segment state.
+            const int64_t c_hi = std::min(c0 + ncols, m);
+            int64_t s = std::upper_bound(offsets, offsets + S + 1, c0) - offsets - 1;
+            for (; s < S && offsets[s] < c_hi; ++s) {
+              const int64_t lo = std::max(offsets[s], c0), hi = std::min(offsets[s + 1], c_hi);
+              for (int64_t r = 0; r < rows; ++r) st.fold(r, s, cbuf.p + r * NC + (lo - c0), hi - lo);
+            }
+          }
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t s2 = 0; s2 < S; ++s2) {
+              float& o = out[(r0 + r) * S + s2];
+              o = static_cast<float>(o + static_cast<double>(weight) * st.value(r, s2, offsets[s2 + 1] - offsets[s2]));
+            }
+        }
+      } catch (const std::exception& e) {
+#pragma omp critical
+        err = e.what();
+      }
+    }
+    if (!err.empty()) throw std::runtime_error(err);
+  }
+  return kname;
+}
+
+}  // namespace icons_fast
+
+#ifdef ICONS_FAST_WITH_CUDA
+static void segment_reduce_cuda_py(uintptr_t train_ptr, int train_dtype, int64_t n, int64_t k, uintptr_t scale_ptr,
+                                   uintptr_t targets_ptr, int target_dtype, int64_t m, uintptr_t offsets_ptr,
+                                   int64_t S, int reduction, int64_t topm, float threshold, float weight,
+                                   uintptr_t out_ptr, uintptr_t stream) {
+  if (reduction == icons_fast::kTopM && (topm < 1 || topm > icons_fast::kCudaMaxTopM))
+    throw std::invalid_argument("influence (cuda): top-m needs 1 <= m <= " +
+                                std::to_string(icons_fast::kCudaMaxTopM));
+  py::gil_scoped_release nogil;
+  icons_fast::segment_reduce_cuda(reinterpret_cast<const void*>(train_ptr), train_dtype, n, k,
+                                  reinterpret_cast<const float*>(scale_ptr), reinterpret_cast<const void*>(targets_ptr),
+                                  target_dtype, m, reinterpret_cast<const int64_t*>(offsets_ptr), S, reduction, topm,
+                                  threshold, weight, reinterpret_cast<float*>(out_ptr), reinterpret_cast<void*>(stream));
+}
+#endif
+
+void register_influence(py::module_& m) {
+  using namespace icons_fast;
+  m.def("influence_codes", []() {
+    py::dict d;
+    d["f32"] = static_cast<int>(kF32);
+    d["f16"] = static_cast<int>(kF16);
+    d["bf16"] = static_cast<int>(kBF16);
+    d["i8"] = static_cast<int>(kI8);
+    d["mean"] = static_cast<int>(kMean);
+    d["max"] = static_cast<int>(kMax);
+    d["topm"] = static_cast<int>(kTopM);
+    d["count"] = static_cast<int>(kCount);
+    d["cuda_max_topm"] = kCudaMaxTopM;
+    return d;
+  }, "dtype / reduction codes of the influence op (the Python wrapper's contract).");
+  m.def("influence_segment_reduce_cpu", &segment_reduce_cpu, py::arg("train_ptr"), py::arg("train_dtype"),
+        py::arg("n"), py::arg("k"), py::arg("scale_ptr"), py::arg("targets_ptr"), py::arg("target_dtype"),
+        py::arg("m"), py::arg("offsets_ptr"), py::arg("n_segments"), py::arg("reduction"), py::arg("topm"),
+        py::arg("threshold"), py::arg("weight"), py::arg("out_ptr"), py::arg("block_rows") = 48,
+        py::arg("num_threads") = 0, py::arg("force_generic") = false,
+        "out[n, S] += weight * segment-reduce(train @ targets.T); raw host pointers. Returns the kernel name.");
+#ifdef ICONS_FAST_WITH_CUDA
+  m.def("influence_segment_reduce_cuda", &segment_reduce_cuda_py, py::arg("train_ptr"), py::arg("train_dtype"),
+        py::arg("n"), py::arg("k"), py::arg("scale_ptr"), py::arg("targets_ptr"), py::arg("target_dtype"),
+        py::arg("m"), py::arg("offsets_ptr"), py::arg("n_segments"), py::arg("reduction"), py::arg("topm"),
+        py::arg("threshold"), py::arg("weight"), py::arg("out_ptr"), py::arg("stream"),
+        "CUDA version of influence_segment_reduce_cpu: device pointers, offsets on the device, a cudaStream_t.");
+#endif
+}
