@@ -41,13 +41,41 @@ def demo_config(base: Config | None, data: dict, out: str) -> Config:
     return cfg
 
 
+def pretrained_demo_base(size: str = "tiny", n_samples: int = 800, epochs: int = 3, seed: int = 0) -> str:
+    """A tiny LLaVA fully fine-tuned on separately generated demo data (cached).
+
+    A randomly initialised model gives gradients that say little about the
+    tasks; ICONS warms up LoRA on a pre-trained model, so the demo does too.
+    The pre-training data uses another seed than the demo pool and targets.
+    """
+    from icons_fast.data.demo import make_demo_data
+    from icons_fast.model.loading import default_cache_dir
+    from icons_fast.train.finetune import run_train
+
+    root = os.path.join(default_cache_dir(), f"demo-base-{size}-n{n_samples}-e{epochs}-seed{seed}")
+    model_dir = os.path.join(root, "model")
+    if os.path.exists(os.path.join(model_dir, "config.json")):
+        print(f"[demo] using the cached pre-trained base {model_dir}")
+        return model_dir
+    data = make_demo_data(os.path.join(root, "data"), n_train=n_samples, seed=seed + 1000, n_target=1, n_eval=1)
+    cfg = Config()
+    cfg.override({"model.model": size, "train.full_finetune": True, "train.epochs": epochs, "train.lr": 1e-3,
+                  "train.batch_size": 16, "data.max_length": 512, "seed": seed})
+    cfg.data.image_folder = data["image_folder"]
+    print(f"[demo] pre-training the {size} base on {n_samples} generated samples (cached for next time)")
+    return run_train(cfg, data["train"], root)
+
+
 def run_demo(cfg: Config | None = None, quick: bool = False) -> dict:
-    """Generate the demo data under ``<out>/data`` and run the pipeline into ``<out>``."""
+    """Generate the demo data under ``<out>/data``, pre-train the base (cached), run the pipeline into ``<out>``."""
     from icons_fast.data.demo import make_demo_data
     from icons_fast.pipeline import run
 
     out = cfg.out if cfg is not None and cfg.out != Config().out else "runs/demo"
     data = make_demo_data(os.path.join(out, "data"), n_train=120 if quick else 600, seed=0)
+    user_model = cfg is not None and cfg.model.model != Config().model.model
     cfg = demo_config(cfg, data, out)
+    if not user_model and not quick:
+        cfg.model.model = pretrained_demo_base()
     print(f"[demo] pool {cfg.data.train_data}, {len(cfg.data.targets)} target task(s), out {out}")
     return run(cfg)

@@ -33,6 +33,8 @@ REASONS = {
     "corrupt_image": "the image file cannot be decoded (truncated or not an image)",
     "image_format_mismatch": "the file's real format does not match its extension",
     "empty_image": "the image file has zero bytes or a zero width/height",
+    "non_finite_gradient": "the sample's gradient has NaN or inf entries (featurize stage)",
+    "zero_gradient": "the sample's gradient is exactly zero, so its cosine influence is undefined (featurize stage)",
 }
 
 

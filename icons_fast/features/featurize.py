@@ -80,7 +80,7 @@ def featurize_split(
     shard: str | None = None,
 ) -> str:
     """Featurize ``records_path`` under checkpoint ``ckpt_dir``; return the feature directory."""
-    from icons_fast.data import ErrorLog, SampleError, load_records
+    from icons_fast.data import ErrorLog, SampleError, SampleProblem, load_records
     from icons_fast.data.loader import make_dataset
     from icons_fast.features.extractor import GradientExtractor
     from icons_fast.features.store import FeatureStore, normalize_rows, shard_ranges
@@ -149,8 +149,9 @@ def featurize_split(
             norm = torch.linalg.vector_norm(g.float(), dim=1)
             ok = torch.isfinite(norm) & (norm > 0)
             for row in (~ok).nonzero().flatten().tolist():
-                reason = "non-finite gradient" if not torch.isfinite(norm[row]) else "zero gradient"
-                errors.add(SampleError(int(batch["indices"][row]), batch["ids"][row], "featurize", reason))
+                code = "non_finite_gradient" if not torch.isfinite(norm[row]) else "zero_gradient"
+                problem = SampleProblem(code, f"projected gradient norm {float(norm[row])} under {ckpt_name}")
+                errors.add(SampleError(int(batch["indices"][row]), batch["ids"][row], "featurize", problem.reason))
             keep = ok.cpu()
             idx_out.append(batch["indices"][keep].numpy())
             ids_out.extend(i for i, k in zip(batch["ids"], keep.tolist()) if k)
