@@ -1,0 +1,253 @@
+"""Triton projection of per-sample gradients onto the counter-hash Rademacher matrix.
+
+For one parameter with flattened per-sample gradients ``G: [B, P]`` this computes::
+
+    out[b, j] += sum_i G'[b, i] * R[row_start + i, j]          (j < k)
+
+where ``R`` is the parameter's block of the projection contract
+(``icons_fast.features.rademacher``) and ``G'`` is ``G`` or, with Adam
+moments ``(m, v)`` of ``P`` elements (LESS preconditioning, no bias correction)::
+
+    G' = (b1*m + (1-b1)*G) / sqrt(b2*v + (1-b2)*G**2 + eps)
+
+R is never stored: each program generates its sign tiles in registers.
+
+Work split. Program ``(kk, s, bb)`` owns columns ``[kk*BLOCK_K, +BLOCK_K)``,
+gradient rows ``[s*rows_per_split, +rows_per_split)`` and samples
+``[bb*BLOCK_B, +BLOCK_B)``. It loops over its rows in BLOCK_P steps:
+load the gradient tile ``[BLOCK_B, BLOCK_P]`` (fp32, Adam applied on the
+fly), make the sign tile ``[BLOCK_P, BLOCK_K]``, and accumulate
+``[BLOCK_B, BLOCK_K]`` in fp32 with ``tl.dot``. The column tile is the
+fastest grid axis, so programs reading the same gradient rows run together
+and share them through L2. Each split writes its own slice of a partial
+buffer ``[n_split, B, k]`` that torch sums afterwards: deterministic, unlike
+atomics.
+
+Precision. Tensor cores take 16-bit operands; the signs (+-1) are exact in
+them, the fp32 gradient is not. The tile is therefore split into
+``N_TERMS`` 16-bit pieces ``g = g1 + g2 + ...`` (each piece is the rounding
+of what the previous ones left), one ``tl.dot`` per piece. bfloat16 keeps
+8 mantissa bits per piece: 1 term ~ 2e-3 relative error, 2 terms ~ 4e-6,
+3 terms ~ fp32. Triton's CPU interpreter computes bf16 ``tl.dot`` wrongly
+(numpy has no bfloat16), so under ``TRITON_INTERPRET=1`` the pieces are
+float16 (11 mantissa bits; same code, different rounding step).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from icons_fast.features.rademacher import rademacher_signs_ref
+
+from .rademacher import check_row_range, param_hash, row_hash, sign_tile
+
+PRECISIONS = {"bf16": 1, "bf16x2": 2, "bf16x3": 3}
+MAX_BLOCK_B = 64  # samples per program; more samples use more programs (grid axis 2)
+ROW_ALIGN = 128  # rows_per_split is a multiple of every autotuned BLOCK_P
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit(do_not_specialize=["h1", "row_start"])
+def _project_kernel(
+    g_ptr,  # [B, P] float32 (any float), row stride stride_gb, unit column stride
+    m_ptr,  # [P] Adam exp_avg (unused without ADAM)
+    v_ptr,  # [P] Adam exp_avg_sq
+    part_ptr,  # [n_split, B, k] float32 partial sums
+    n_samples,
+    n_rows,
+    proj_dim,
+    rows_per_split,
+    h1,  # fmix32(seed ^ pid)
+    row_start,  # element index of G's column 0 inside the parameter
+    stride_gb,
+    beta1,
+    beta2,
+    eps,
+    inv_sqrt_k,
+    ADAM: tl.constexpr,
+    N_TERMS: tl.constexpr,
+    MMA_DTYPE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    col_start = pid_k * BLOCK_K
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_ok = offs_b < n_samples
+    g_rows = g_ptr + offs_b.to(tl.int64)[:, None] * stride_gb  # [BB, 1] sample row pointers
+    p_begin = pid_s * rows_per_split
+    p_end = tl.minimum(p_begin + rows_per_split, n_rows)
+
+    acc = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
+    for p0 in range(p_begin, p_end, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        p_ok = offs_p < p_end
+        g = tl.load(g_rows + offs_p[None, :], mask=b_ok[:, None] & p_ok[None, :], other=0.0).to(tl.float32)
+        if ADAM:
+            m = tl.load(m_ptr + offs_p, mask=p_ok, other=0.0).to(tl.float32)[None, :]
+            v = tl.load(v_ptr + offs_p, mask=p_ok, other=0.0).to(tl.float32)[None, :]
+            # masked entries: g = m = v = 0 -> 0 / sqrt(eps) = 0, nothing leaks
+            g = (beta1 * m + (1.0 - beta1) * g) / tl.sqrt(beta2 * v + (1.0 - beta2) * g * g + eps)
+        signs = sign_tile(row_hash(h1, offs_p.to(tl.int64) + row_start), col_start, BLOCK_K, MMA_DTYPE)
+        # g = g1 + g2 + ... in 16-bit pieces; each tl.dot is exact in the signs
+        rest = g
+        for _t in tl.static_range(N_TERMS):
+            piece = rest.to(MMA_DTYPE)
+            acc = tl.dot(piece, signs, acc)
+            rest = rest - piece.to(tl.float32)
+
+    offs_k = col_start + tl.arange(0, BLOCK_K)
+    part = part_ptr + (pid_s.to(tl.int64) * n_samples + offs_b[:, None]) * proj_dim + offs_k[None, :]
+    tl.store(part, acc * inv_sqrt_k, mask=b_ok[:, None] & (offs_k[None, :] < proj_dim))
+
+
+def _autotune_configs():
+    configs = []
+    for bp in (32, 64, 128):
+        for bk in (64, 128, 256):
+            for warps in (4, 8):
+                configs.append(triton.Config({"BLOCK_P": bp, "BLOCK_K": bk}, num_warps=warps, num_stages=3))
+    return configs
+
+
+# Tuned per (row count, k, samples-per-program) on a GPU; fixed small blocks under the interpreter.
+_project_kernel_tuned = triton.autotune(
+    configs=_autotune_configs(), key=["n_rows", "proj_dim", "BLOCK_B", "ADAM", "N_TERMS"]
+)(_project_kernel)
+
+
+def _num_splits(n_rows: int, n_k_tiles: int, n_b_tiles: int, device: torch.device) -> int:
+    """Split the rows so that the grid holds ~4 programs per SM (2 under the interpreter)."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 2
+    splits = max(1, -(-target // (n_k_tiles * n_b_tiles)))
+    return max(1, min(splits, -(-n_rows // ROW_ALIGN)))
+
+
+def rademacher_project(
+    G: torch.Tensor,
+    name: str | int,
+    seed: int,
+    proj_dim: int,
+    row_start: int = 0,
+    adam: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out: torch.Tensor | None = None,
+    adam_betas: tuple[float, float] = (0.9, 0.999),
+    adam_eps: float = 1e-8,
+    precision: str = "bf16x2",
+    split_p: int | None = None,
+) -> torch.Tensor:
+    """``out[b] += R^T G'[b]`` for one parameter, with R generated on chip (Triton).
+
+    Arguments:
+        G: ``[B, P]`` per-sample gradients (rows are samples, columns the
+            parameter's elements ``row_start .. row_start+P`` in row-major order);
+            any float dtype, unit column stride.
+        name: parameter name (or its ``fnv1a32`` id); seed: projection seed.
+        proj_dim: k. adam: ``(exp_avg, exp_avg_sq)`` with ``P`` elements each, or None.
+        out: ``[B, k]`` float32 to accumulate into; a new zeroed one when None.
+        precision: "bf16x2" (default, ~4e-6 relative), "bf16x3" (~fp32), "bf16" (~2e-3).
+        split_p: number of row splits (default: sized to fill the GPU).
+    Return:
+        ``out``: ``Tensor[B, k]`` float32.
+    """
+    if G.dim() != 2:
+        raise ValueError(f"G must be [B, P], got shape {tuple(G.shape)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} unknown; choose one of {sorted(PRECISIONS)}")
+    n_samples, n_rows = G.shape
+    check_row_range(row_start, n_rows)
+    if G.stride(1) != 1:
+        G = G.contiguous()
+    if out is None:
+        out = torch.zeros(n_samples, proj_dim, dtype=torch.float32, device=G.device)
+    elif out.shape != (n_samples, proj_dim) or out.dtype != torch.float32 or out.device != G.device:
+        raise ValueError(
+            f"out must be float32 [{n_samples}, {proj_dim}] on {G.device}; got {out.dtype} "
+            f"{tuple(out.shape)} on {out.device}"
+        )
+    if n_samples == 0 or n_rows == 0 or proj_dim == 0:
+        return out
+    if adam is not None:
+        m, v = (t.reshape(-1) for t in adam)
+        if m.numel() != n_rows or v.numel() != n_rows:
+            raise ValueError(f"Adam moments must have {n_rows} elements each, got {m.numel()} and {v.numel()}")
+        m, v = m.to(G.device).contiguous(), v.to(G.device).contiguous()
+    else:
+        m = v = G  # never read (ADAM=False)
+
+    interpret = _interpreting()
+    block_b = min(MAX_BLOCK_B, max(16, triton.next_power_of_2(n_samples)))
+    n_b_tiles = triton.cdiv(n_samples, block_b)
+    n_k_tiles_est = triton.cdiv(proj_dim, 32 if interpret else 128)
+    splits = split_p or _num_splits(n_rows, n_k_tiles_est, n_b_tiles, G.device)
+    rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), ROW_ALIGN) * ROW_ALIGN
+    splits = triton.cdiv(n_rows, rows_per_split)
+    partial = torch.empty(splits, n_samples, proj_dim, dtype=torch.float32, device=G.device)
+
+    args = (
+        G, m, v, partial, n_samples, n_rows, proj_dim, rows_per_split, param_hash(name, seed), row_start,
+        G.stride(0), float(adam_betas[0]), float(adam_betas[1]), float(adam_eps), 1.0 / math.sqrt(proj_dim),
+    )
+    meta = dict(ADAM=adam is not None, N_TERMS=PRECISIONS[precision], BLOCK_B=block_b)
+    if interpret:
+        # numpy has no bfloat16: the interpreter's bf16 tl.dot is wrong, float16 pieces are exact
+        grid = (triton.cdiv(proj_dim, 32), splits, n_b_tiles)
+        _project_kernel[grid](*args, MMA_DTYPE=tl.float16, BLOCK_P=32, BLOCK_K=32, **meta)
+    else:
+        def grid(cfg):
+            return (triton.cdiv(proj_dim, cfg["BLOCK_K"]), splits, n_b_tiles)
+
+        _project_kernel_tuned[grid](*args, MMA_DTYPE=tl.bfloat16, **meta)
+    out += partial.sum(dim=0)
+    return out
+
+
+def adam_precondition_ref(
+    g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+) -> torch.Tensor:
+    """LESS Adam direction ``(b1*m + (1-b1)*g) / sqrt(b2*v + (1-b2)*g**2 + eps)``; m, v broadcast over g's batch."""
+    b1, b2 = betas
+    m, v = m.to(g.dtype), v.to(g.dtype)
+    return (b1 * m + (1 - b1) * g) / torch.sqrt(b2 * v + (1 - b2) * g * g + eps)
+
+
+def rademacher_project_ref(
+    G: torch.Tensor,
+    name: str | int,
+    seed: int,
+    proj_dim: int,
+    row_start: int = 0,
+    adam: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out: torch.Tensor | None = None,
+    adam_betas: tuple[float, float] = (0.9, 0.999),
+    adam_eps: float = 1e-8,
+    chunk_rows: int = 4096,
+) -> torch.Tensor:
+    """Plain-torch ``rademacher_project``: Adam in G's dtype, then ``G' @ R`` with R from
+    ``rademacher_signs_ref`` in G's dtype, ``chunk_rows`` rows of R at a time. Returns float32 ``[B, k]``."""
+    n_samples, n_rows = G.shape
+    if adam is not None:
+        G = adam_precondition_ref(G, adam[0].reshape(1, -1).to(G.device), adam[1].reshape(1, -1).to(G.device),
+                                  adam_betas, adam_eps)
+    result = torch.zeros(n_samples, proj_dim, dtype=G.dtype, device=G.device)
+    for r0 in range(0, n_rows, chunk_rows):
+        n = min(chunk_rows, n_rows - r0)
+        R = rademacher_signs_ref(name, seed, row_start + r0, n, proj_dim, dtype=G.dtype).to(G.device)
+        result += G[:, r0:r0 + n] @ R
+    if out is None:
+        return result.float()
+    out += result.float()
+    return out
