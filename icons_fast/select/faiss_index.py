@@ -189,9 +189,12 @@ def top_train_for_targets(
     cap = (GPU_KSELECT_CAP if use_gpu else None) if kselect_cap == -1 else kselect_cap
     targets = np.ascontiguousarray(index_vectors(index).numpy())
     if isinstance(train_blocks, torch.Tensor):
-        train_blocks = (train_blocks[i : i + block_rows] for i in range(0, train_blocks.shape[0], block_rows))
+        full = train_blocks
+        blocks = (full[i : i + block_rows] for i in range(0, full.shape[0], block_rows))
+    else:
+        blocks = train_blocks
     best, base = None, 0
-    for block in train_blocks:
+    for block in blocks:
         if block.dim() != 2 or block.shape[1] != targets.shape[1]:
             raise ValueError(f"train block shape {tuple(block.shape)} does not match the index dimension k={targets.shape[1]}")
         if block.shape[0] == 0:
