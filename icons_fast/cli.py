@@ -17,6 +17,7 @@ from icons_fast.config import Config
 _FLAG_KEYS = {
     "train_data": "data.train_data",
     "image_folder": "data.image_folder",
+    "target_image_folder": "data.target_image_folder",
     "max_length": "data.max_length",
     "model": "model.model",
     "dtype": "model.dtype",
@@ -48,6 +49,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", help="run directory (default runs/icons)")
     g.add_argument("--train-data", help="the pool: LLaVA json list of records")
     g.add_argument("--image-folder", help="folder the records' image paths are relative to")
+    g.add_argument("--target-image-folder", help="folder of the target sets' images (default: --image-folder)")
     g.add_argument("--target", action="append", default=[], metavar="NAME=FILE.json",
                    help="a target task's samples (repeatable); NAME may be task/subtask")
     g.add_argument("--max-length", type=int, help="samples longer than this many tokens are recorded and excluded")

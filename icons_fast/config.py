@@ -26,7 +26,8 @@ LLAMA_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_p
 class DataConfig:
     train_data: str | None = None  # LLaVA json list of records
     image_folder: str | None = None  # images are resolved relative to this folder
-    targets: dict[str, str] = field(default_factory=dict)  # task name -> target json
+    targets: dict[str, str] = field(default_factory=dict)  # task name (or task/subtask) -> target json
+    target_image_folder: str | None = None  # images of the target sets; defaults to image_folder
     max_length: int = 2048  # samples longer than this (in tokens) are recorded and excluded
 
 

@@ -23,18 +23,19 @@ def featurize_all(cfg: Config, run_dir: str, shard: str | None = None, splits: l
     ckpts = list_checkpoints(layout.warmup)
     if not ckpts:
         raise FileNotFoundError(f"no warmup checkpoint in {layout.warmup}; run `icons-fast warmup` first")
-    jobs = [("train", cfg.data.train_data, cfg.features.train_mode)]
+    target_images = cfg.data.target_image_folder or cfg.data.image_folder
+    jobs = [("train", cfg.data.train_data, cfg.features.train_mode, cfg.data.image_folder)]
     for task, subs in target_splits(cfg).items():
         for sub, split in subs.items():
             name = task if sub is None else f"{task}/{sub}"
-            jobs.append((split, cfg.data.targets[name], cfg.features.target_mode))
+            jobs.append((split, cfg.data.targets[name], cfg.features.target_mode, target_images))
     for ckpt in ckpts:
-        for split, path, mode in jobs:
+        for split, path, mode, images in jobs:
             if splits and split not in splits:
                 continue
             if not path:
                 raise ValueError(f"no data file for split {split!r}: pass --train-data / --target NAME=FILE")
-            featurize_split(cfg, run_dir, split, path, ckpt, mode, shard=shard)
+            featurize_split(cfg, run_dir, split, path, ckpt, mode, shard=shard, image_folder=images)
 
 
 def run(cfg: Config) -> dict:

@@ -78,8 +78,12 @@ def featurize_split(
     ckpt_dir: str,
     mode: str,
     shard: str | None = None,
+    image_folder: str | None = None,
 ) -> str:
-    """Featurize ``records_path`` under checkpoint ``ckpt_dir``; return the feature directory."""
+    """Featurize ``records_path`` under checkpoint ``ckpt_dir``; return the feature directory.
+
+    ``image_folder`` defaults to ``cfg.data.image_folder``.
+    """
     from icons_fast.data import ErrorLog, SampleError, SampleProblem, load_records
     from icons_fast.data.loader import make_dataset
     from icons_fast.features.extractor import GradientExtractor
@@ -117,7 +121,8 @@ def featurize_split(
     }
     store = FeatureStore(out_dir, fingerprint, cfg.features.proj_dim, dtype=cfg.features.store_dtype)
     errors = ErrorLog(layout.errors(split))
-    dataset, collate = make_dataset(lm, records, cfg.data.image_folder, cfg.data.max_length, errors, stage="data")
+    folder = image_folder or cfg.data.image_folder
+    dataset, collate = make_dataset(lm, records, folder, cfg.data.max_length, errors, stage="data")
     timer.add("load model + data", time.perf_counter() - t)
 
     rank, world = parse_shard(shard)

@@ -55,6 +55,16 @@ def _open_store(path: str):
     return FeatureStore.open(path)
 
 
+def _target_features(layout: RunLayout, ckpt: str, split: str) -> torch.Tensor:
+    feats = _open_store(layout.features(ckpt, split)).load()[2]
+    if len(feats) == 0:
+        raise ValueError(
+            f"target split {split!r} has no usable sample under {ckpt}: every one was excluded "
+            f"(see {layout.errors(split)}); fix the target file or its image folder (--target-image-folder)"
+        )
+    return feats
+
+
 def aligned_blocks(stores: list, block_size: int, keep: np.ndarray):
     """Yield ``(indices, [features per store])`` over the sample indices where ``keep`` is True.
 
@@ -116,7 +126,7 @@ def run_influence(cfg: Config, run_dir: str | None = None, block_size: int = 819
     for ckpt, _ in ckpts:
         targets = {}
         for task, subs in tasks.items():
-            feats = {sub: _open_store(layout.features(ckpt, split)).load()[2] for sub, split in subs.items()}
+            feats = {sub: _target_features(layout, ckpt, split) for sub, split in subs.items()}
             targets[task] = feats[None] if list(feats) == [None] else feats
         targets_per_ckpt.append(targets)
     stores = [_open_store(layout.features(ckpt, "train")) for ckpt, _ in ckpts]

@@ -1,0 +1,134 @@
+"""The whole loop on tiny data: run (warmup -> featurize -> influence -> select), resume, bad samples, train + evaluate."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from icons_fast.cli import COMMANDS, main, make_parser
+from icons_fast.config import Config
+from icons_fast.data import ErrorLog, load_records, make_bad_samples, make_demo_data
+
+
+def _cfg(tiny_model_dir, data, out, targets=None):
+    cfg = Config()
+    cfg.override({
+        "model.model": tiny_model_dir, "model.lora_r": 4, "model.lora_alpha": 8,
+        "warmup.fraction": 0.25, "warmup.batch_size": 4, "features.proj_dim": 64, "features.batch_size": 8,
+        "features.shard_size": 16, "data.max_length": 1024, "out": out,
+    })
+    cfg.data.train_data, cfg.data.image_folder = data["train"], data["image_folder"]
+    cfg.data.targets = dict(targets or data["targets"])
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return make_demo_data(str(tmp_path_factory.mktemp("demo")), n_train=40, n_target=3, n_eval=4)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir, demo):
+    from icons_fast.pipeline import run
+
+    out = str(tmp_path_factory.mktemp("run"))
+    cfg = _cfg(tiny_model_dir, demo, out, targets={k: demo["targets"][k] for k in ("color", "count", "arithmetic")})
+    run(cfg)
+    return cfg
+
+
+def test_run_end_to_end_writes_a_selection(finished_run, demo):
+    out = finished_run.out
+    saved = json.load(open(os.path.join(out, "config.json")))
+    assert saved["fingerprint"] == finished_run.fingerprint()
+    indices = np.loadtxt(os.path.join(out, "selection", "indices.txt"), dtype=int)
+    assert len(indices) == int(0.2 * 40) and np.all(np.diff(indices) > 0)
+    pool = json.load(open(demo["train"]))
+    selected = json.load(open(os.path.join(out, "selection", "selected.json")))
+    assert selected == [pool[i] for i in indices]
+    scores = np.load(os.path.join(out, "scores", "scores.npy"))
+    names = json.load(open(os.path.join(out, "scores", "task_names.json")))["task_names"]
+    assert scores.shape == (40, 3) and names == ["color", "count", "arithmetic"]
+    assert np.isfinite(scores).all() and np.abs(scores).max() <= 1.0 + 1e-3  # mean cosine
+    votes = np.load(os.path.join(out, "selection", "votes.npy"))
+    assert votes.shape == (40,) and votes[indices].min() >= np.delete(votes, indices).max()
+
+
+def test_rerun_skips_finished_stages(finished_run, capsys):
+    from icons_fast.pipeline import run
+
+    shard = os.path.join(finished_run.out, "features")
+    before = {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
+              for d, _, fs in os.walk(shard) for f in fs if f.endswith(".safetensors")}
+    run(finished_run)
+    out = capsys.readouterr().out
+    assert "reusing 1 checkpoint" in out and "0 of 3 shard(s) to do" in out
+    after = {p: os.path.getmtime(p) for p in before}
+    assert before == after
+
+
+def test_changed_projection_is_refused(finished_run):
+    from icons_fast.features.store import FingerprintMismatch
+    from icons_fast.pipeline import featurize_all
+
+    cfg = Config.from_dict(finished_run.to_dict())
+    cfg.features.seed = 7
+    with pytest.raises(FingerprintMismatch, match="seed"):
+        featurize_all(cfg, cfg.out, splits=["train"])
+
+
+def test_bad_samples_are_recorded_excluded_and_never_shift(tmp_path, tiny_model_dir, demo):
+    from icons_fast.pipeline import run
+
+    bad = make_bad_samples(str(tmp_path / "bad"))
+    data = {"train": bad["json"], "image_folder": bad["image_folder"], "targets": demo["targets"]}
+    cfg = _cfg(tiny_model_dir, data, str(tmp_path / "run"), targets={"color": demo["targets"]["color"]})
+    cfg.data.target_image_folder = demo["image_folder"]
+    cfg.select.budget = 3
+    run(cfg)
+    errors = ErrorLog.read(os.path.join(cfg.out, "errors", "train.jsonl"))
+    got = {e.index: e.code for e in errors}
+    assert got == {int(i): c for i, c in bad["expected"].items()}
+    assert len(errors) == len(got)  # each one recorded once
+    valid = np.load(os.path.join(cfg.out, "scores", "valid.npy"))
+    assert set(np.flatnonzero(valid)) == set(bad["good"])
+    indices = np.loadtxt(os.path.join(cfg.out, "selection", "indices.txt"), dtype=int)
+    assert len(indices) == 3 and set(indices) <= set(bad["good"])
+    pool = load_records(bad["json"])
+    selected = json.load(open(os.path.join(cfg.out, "selection", "selected.json")))
+    assert selected == [pool[i] for i in indices]
+    summary = json.load(open(os.path.join(cfg.out, "selection", "summary.json")))
+    assert summary["excluded_bad_samples"] == len(bad["expected"])
+
+
+def test_train_and_evaluate_on_the_selection(finished_run, demo, tmp_path):
+    out = str(tmp_path / "ft")
+    subset = os.path.join(finished_run.out, "selection", "selected.json")
+    rc = main(["train", "--data", subset, "--image-folder", demo["image_folder"], "--model", finished_run.model.model,
+               "--lora-r", "4", "--lora-alpha", "8", "--max-length", "1024", "--out", out])
+    assert rc == 0 and os.path.exists(os.path.join(out, "model", "config.json"))
+    res_path = str(tmp_path / "eval.json")
+    rc = main(["evaluate", "--model-dir", os.path.join(out, "model"), "--image-folder", demo["image_folder"],
+               "--target", f"color={demo['eval']['color']}", "--target", f"arithmetic={demo['eval']['arithmetic']}",
+               "--max-length", "1024", "--json", res_path])
+    assert rc == 0
+    res = json.load(open(res_path))["tasks"]
+    assert set(res) == {"color", "arithmetic"}
+    for r in res.values():
+        assert r["n"] == 4 and 0.0 <= r["accuracy"] <= 1.0 and np.isfinite(r["answer_loss"]) and r["answer_loss"] > 0
+
+
+def test_evaluate_scores_exact_answers(tiny_model_dir, demo):
+    from icons_fast.train.evaluate import normalize_answer
+
+    assert normalize_answer("  Red.\n") == "red"
+    assert normalize_answer("Top  left") == "top left"
+    assert normalize_answer("3") != normalize_answer("4")
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        make_parser().parse_args([command, "--help"])
+    assert exc.value.code == 0
+    assert "--config" in capsys.readouterr().out
