@@ -1,0 +1,272 @@
+"""Triton kernels (icons_fast.kernels) against plain-torch references.
+
+Without a GPU the kernels run under TRITON_INTERPRET=1 (set below, before
+triton is imported), on small odd shapes. With a GPU the same tests run
+compiled on CUDA tensors, and the ``cuda``-marked ones add realistic shapes.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton`
+
+import pytest  # noqa: E402
+
+from icons_fast.features.rademacher import rademacher_signs_ref  # noqa: E402
+from icons_fast.kernels.lora_project import (  # noqa: E402
+    lora_grad_project,
+    lora_grad_project_ref,
+    lora_grads,
+    lora_grads_ref,
+)
+from icons_fast.kernels.project import adam_precondition_ref, rademacher_project, rademacher_project_ref  # noqa: E402
+from icons_fast.kernels.rademacher import rademacher_signs  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+A_NAME = "base_model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+B_NAME = "base_model.model.layers.0.self_attn.q_proj.lora_B.default.weight"
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double().cpu(), ref.double().cpu()
+    return ((x - ref).norm() / ref.norm()).item()
+
+
+def make_module_inputs(n=3, t=5, d_in=20, d_out=12, r=3, dtype=torch.float32, seed=0, poison=True):
+    """Random LoRA module inputs with a ragged mask; padded rows of X and D poisoned with NaN / inf."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, t, d_in, generator=g)
+    D = torch.randn(n, t, d_out, generator=g)
+    A = torch.randn(r, d_in, generator=g) / d_in**0.5
+    B = torch.randn(d_out, r, generator=g) / r**0.5
+    lengths = torch.tensor([t, max(1, t - 3), max(1, t - 1)] * n)[:n]
+    mask = (torch.arange(t)[None, :] < lengths[:, None]).to(torch.int64)
+    if poison:
+        X[mask == 0] = float("nan")
+        D[mask == 0] = float("inf")
+    adam_A = (torch.randn(r, d_in, generator=g) * 0.1, torch.rand(r, d_in, generator=g) * 0.5)
+    adam_B = (torch.randn(d_out, r, generator=g) * 0.1, torch.rand(d_out, r, generator=g) * 0.5)
+    to = lambda z: z.to(DEVICE, dtype)  # noqa: E731
+    return dict(X=to(X), D=to(D), A=to(A), B=to(B), mask=mask.to(DEVICE)), adam_A, adam_B
+
+
+def to64(inputs: dict) -> dict:
+    return {k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()}
+
+
+# ------------------------------------------------------------------ signs
+@pytest.mark.parametrize(
+    "name, seed, row_start, n_rows, k",
+    [
+        (A_NAME, 0, 0, 41, 37),
+        (B_NAME, 12345, 7, 33, 70),
+        ("x", 2**40 + 7, 2**32 - 45, 45, 37),  # seed taken mod 2**32; last uint32 indices
+        (0xDEADBEEF, 3, 2**31 - 3, 9, 100),  # precomputed pid; crosses 2**31
+        ("y", 1, 1, 3, 1),
+    ],
+)
+def test_signs_bit_identical(name, seed, row_start, n_rows, k):
+    got = rademacher_signs(name, seed, row_start, n_rows, k, device=DEVICE).cpu()
+    ref = rademacher_signs_ref(name, seed, row_start, n_rows, k)
+    assert got.dtype == ref.dtype and torch.equal(got, ref)
+    unscaled = rademacher_signs(name, seed, row_start, n_rows, k, device=DEVICE, scaled=False).cpu()
+    assert torch.equal(unscaled, rademacher_signs_ref(name, seed, row_start, n_rows, k, scaled=False))
+
+
+def test_signs_refuse_indices_past_uint32():
+    with pytest.raises(ValueError, match="2\\*\\*32"):
+        rademacher_signs("x", 0, 2**32 - 2, 3, 8, device=DEVICE)
+
+
+# ------------------------------------------------------------- projection
+@pytest.mark.parametrize(
+    "n, p, k, adam, split_p, row_start",
+    [
+        (3, 300, 37, False, None, 0),
+        (3, 300, 70, True, 2, 11),
+        (17, 129, 33, True, 3, 0),  # B > 16: two sample rows per tile edge
+        (1, 5, 1, False, None, 2**32 - 5),
+    ],
+)
+def test_project_matches_ref(n, p, k, adam, split_p, row_start):
+    g = torch.Generator().manual_seed(n * 1000 + p)
+    G = torch.randn(n, p, generator=g)
+    moments = (torch.randn(p, generator=g) * 0.1, torch.rand(p, generator=g)) if adam else None
+    start = torch.randn(n, k, generator=g)
+    out = start.clone().to(DEVICE)
+    got = rademacher_project(
+        G.to(DEVICE), A_NAME, 9, k, row_start=row_start, split_p=split_p,
+        adam=None if moments is None else tuple(m.to(DEVICE) for m in moments), out=out,
+    )
+    assert got is out
+    ref = rademacher_project_ref(
+        G.double(), A_NAME, 9, k, row_start=row_start,
+        adam=None if moments is None else tuple(m.double() for m in moments),
+    )
+    assert rel_err(got.cpu() - start, ref) < 1e-5
+
+
+@pytest.mark.parametrize("precision, tol", [("bf16", 3e-3), ("bf16x2", 1e-5), ("bf16x3", 1e-6)])
+def test_project_precision_modes(precision, tol):
+    G = torch.randn(4, 200, generator=torch.Generator().manual_seed(1))
+    got = rademacher_project(G.to(DEVICE), B_NAME, 1, 45, precision=precision)
+    assert rel_err(got, rademacher_project_ref(G.double(), B_NAME, 1, 45)) < tol
+
+
+def test_adam_ref_formula():
+    g, m, v = torch.randn(3, 7).double(), torch.randn(7).double(), torch.rand(7).double()
+    got = adam_precondition_ref(g, m, v)
+    m1 = 0.9 * m + 0.1 * g
+    v1 = 0.999 * v + 0.001 * g**2
+    assert torch.allclose(got, m1 / (v1 + 1e-8).sqrt(), rtol=1e-12, atol=0)
+
+
+# ------------------------------------------------------ module, end to end
+@pytest.mark.parametrize("use_adam", [False, True])
+@pytest.mark.parametrize("shape", [(3, 5, 20, 12, 3, 37), (2, 1, 7, 9, 2, 70), (4, 6, 33, 17, 5, 64)])
+def test_lora_grad_project_fp32(shape, use_adam):
+    n, t, d_in, d_out, r, k = shape
+    inputs, adam_A, adam_B = make_module_inputs(n, t, d_in, d_out, r)
+    kw = dict(scale=1.7, a_name=A_NAME, b_name=B_NAME, seed=3, proj_dim=k)
+    adam = dict(adam_A=adam_A, adam_B=adam_B) if use_adam else {}
+    got = lora_grad_project(**inputs, **kw, **{a: tuple(x.to(DEVICE) for x in v) for a, v in adam.items()})
+    assert got.shape == (n, k) and got.dtype == torch.float32 and torch.isfinite(got).all()
+    ref = lora_grad_project_ref(**to64(inputs), **kw, **{a: tuple(x.double() for x in v) for a, v in adam.items()})
+    assert rel_err(got, ref) < 1e-4
+    # accumulation: a second module's call adds into the same buffer
+    twice = lora_grad_project(**inputs, **kw, **{a: tuple(x.to(DEVICE) for x in v) for a, v in adam.items()},
+                              out=got.clone())
+    assert rel_err(twice, 2 * ref) < 1e-4
+
+
+def test_padding_does_not_leak():
+    """A padded batch gives, sample by sample, what each sample alone gives."""
+    inputs, adam_A, adam_B = make_module_inputs(3, 6, 11, 8, 2, seed=5)
+    kw = dict(scale=2.0, a_name=A_NAME, b_name=B_NAME, seed=4, proj_dim=40)
+    batched = lora_grad_project(**inputs, **kw)
+    for b in range(3):
+        n_tok = int(inputs["mask"][b].sum())
+        alone = lora_grad_project(inputs["X"][b:b + 1, :n_tok], inputs["D"][b:b + 1, :n_tok], inputs["A"],
+                                  inputs["B"], **kw)
+        assert rel_err(batched[b:b + 1], alone) < 1e-5
+
+
+def test_fast_grads_match_ref():
+    inputs, _, _ = make_module_inputs(3, 5, 20, 12, 3, seed=2)
+    gA, gB = lora_grads(**inputs, scale=0.5)
+    rA, rB = lora_grads_ref(**to64(inputs), scale=0.5)
+    assert gA.dtype == gB.dtype == torch.float32
+    assert rel_err(gA, rA) < 1e-5 and rel_err(gB, rB) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("use_adam", [False, True])
+def test_lora_grad_project_low_precision(dtype, use_adam):
+    """Error vs fp64 at most 2x that of the same computation done by torch in ``dtype``."""
+    inputs, adam_A, adam_B = make_module_inputs(3, 7, 24, 14, 4, dtype=dtype, seed=11)
+    kw = dict(scale=2.0, a_name=A_NAME, b_name=B_NAME, seed=8, proj_dim=70)
+    adam = dict(adam_A=adam_A, adam_B=adam_B) if use_adam else {}
+    got = lora_grad_project(**inputs, **kw, **{a: tuple(x.to(DEVICE) for x in v) for a, v in adam.items()})
+    exact = lora_grad_project_ref(**to64(inputs), **kw, **{a: tuple(x.double() for x in v) for a, v in adam.items()})
+    torch_dtype = lora_grad_project_ref(
+        **{k: v.cpu() for k, v in inputs.items()}, **kw, **{a: tuple(x.to(dtype) for x in v) for a, v in adam.items()}
+    )
+    assert torch.isfinite(got).all()
+    assert rel_err(got, exact) <= 2 * rel_err(torch_dtype, exact)
+
+
+def test_input_errors_name_the_problem():
+    inputs, _, _ = make_module_inputs()
+    kw = dict(scale=1.0, a_name=A_NAME, b_name=B_NAME, seed=0, proj_dim=8)
+    with pytest.raises(ValueError, match="LoRA shapes"):
+        lora_grad_project(inputs["X"], inputs["D"], inputs["A"][:, 1:], inputs["B"], **kw)
+    with pytest.raises(ValueError, match="mask"):
+        lora_grad_project(**{**inputs, "mask": inputs["mask"][:, 1:]}, **kw)
+    with pytest.raises(ValueError, match="out must be float32"):
+        lora_grad_project(**inputs, **kw, out=torch.zeros(3, 9, device=DEVICE))
+
+
+# ------------------------------------------------- the reference vs autograd
+def test_reference_matches_peft_autograd():
+    """Pin the formulas: PEFT LoRA on a tiny nn.Linear, per-sample grads by batch-of-one autograd."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    n, t, d_in, d_out, r, k = 3, 5, 10, 7, 3, 33
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(d_in, d_out)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    cfg = peft.LoraConfig(r=r, lora_alpha=5, target_modules=["proj"], lora_dropout=0.0)
+    model = peft.get_peft_model(Tiny().double(), cfg).eval()
+    lora = model.base_model.model.proj
+    with torch.no_grad():  # PEFT starts B at zero, which would make grad_A vanish
+        lora.lora_B["default"].weight.normal_()
+    names = dict(model.named_parameters())
+    a_name = next(nm for nm in names if "lora_A" in nm)
+    b_name = next(nm for nm in names if "lora_B" in nm)
+    scale = lora.scaling["default"]
+
+    inputs, adam_A, adam_B = make_module_inputs(n, t, d_in, d_out, r, poison=False)
+    X, mask = inputs["X"].double().cpu(), inputs["mask"].cpu()
+    targets = torch.randn(n, t, d_out, dtype=torch.float64)
+
+    def loss_fn(y, tgt):  # a non-linear per-token loss, summed over the sample's tokens
+        return (torch.tanh(y) * tgt).sum() + 0.5 * (y**2).sum()
+
+    # batched forward/backward, capturing the module's input and output gradient
+    y = model(X)
+    y.retain_grad()
+    keep = (mask != 0)[:, :, None]
+    torch.where(keep, torch.tanh(y) * targets + 0.5 * y**2, torch.zeros((), dtype=y.dtype)).sum().backward()
+    D = y.grad.clone()
+    Xp, Dp = X.clone(), D.clone()
+    Xp[mask == 0] = float("nan")  # garbage in padded rows must not matter
+    Dp[mask == 0] = 1e300
+
+    # per-sample gradients: one autograd pass per sample on its own tokens
+    A, B = names[a_name], names[b_name]
+    feats = torch.zeros(n, k, dtype=torch.float64)
+    for b in range(n):
+        n_tok = int(mask[b].sum())
+        gA, gB = torch.autograd.grad(loss_fn(model(X[b:b + 1, :n_tok]), targets[b:b + 1, :n_tok]), [A, B])
+        rA, rB = lora_grads_ref(Xp[b:b + 1], Dp[b:b + 1], A.detach(), B.detach(), scale, mask[b:b + 1])
+        assert torch.allclose(rA[0], gA, rtol=1e-10, atol=1e-12) and torch.allclose(rB[0], gB, rtol=1e-10, atol=1e-12)
+        GA = adam_precondition_ref(gA.reshape(1, -1), adam_A[0].reshape(1, -1).double(),
+                                   adam_A[1].reshape(1, -1).double())
+        GB = adam_precondition_ref(gB.reshape(1, -1), adam_B[0].reshape(1, -1).double(),
+                                   adam_B[1].reshape(1, -1).double())
+        feats[b] = (GA @ rademacher_signs_ref(a_name, 6, 0, A.numel(), k, dtype=torch.float64)
+                    + GB @ rademacher_signs_ref(b_name, 6, 0, B.numel(), k, dtype=torch.float64))[0]
+    ref = lora_grad_project_ref(
+        Xp, Dp, A.detach(), B.detach(), scale, a_name, b_name, 6, k, mask=mask,
+        adam_A=tuple(x.double() for x in adam_A), adam_B=tuple(x.double() for x in adam_B),
+    )
+    assert rel_err(ref, feats) < 1e-6  # ref returns float32
+
+
+# ---------------------------------------------------------- realistic, GPU
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_grad_project_realistic_shape(dtype):
+    """LLaVA-7B-like module (d=4096, r=128), k=5120, 16 samples, ragged lengths, Adam."""
+    n, t, d, r, k = 16, 257, 4096, 128, 5120
+    inputs, adam_A, adam_B = make_module_inputs(n, t, d, d, r, dtype=dtype, seed=3)
+    kw = dict(scale=2.0, a_name=A_NAME, b_name=B_NAME, seed=1, proj_dim=k)
+    adam = dict(adam_A=tuple(x.cuda() for x in adam_A), adam_B=tuple(x.cuda() for x in adam_B))
+    got = lora_grad_project(**inputs, **kw, **adam)
+    gA, gB = lora_grads(**inputs, scale=2.0)  # step 1 is cuBLAS; check the projection of exactly these
+    ref = rademacher_project_ref(gA.reshape(n, -1).double(), A_NAME, 1, k, adam=tuple(x.double() for x in adam["adam_A"]))
+    ref += rademacher_project_ref(gB.reshape(n, -1).double(), B_NAME, 1, k, adam=tuple(x.double() for x in adam["adam_B"]))
+    assert rel_err(got, ref) < 1e-5
+
+
+@pytest.mark.cuda
+def test_signs_bit_identical_large():
+    got = rademacher_signs(A_NAME, 42, 1_000_003, 777, 5120, device="cuda").cpu()
+    assert torch.equal(got, rademacher_signs_ref(A_NAME, 42, 1_000_003, 777, 5120))
