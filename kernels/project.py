@@ -98,7 +98,7 @@ def _project_kernel(
             v = tl.load(v_ptr + offs_p, mask=p_ok, other=0.0).to(tl.float32)[None, :]
             # masked entries: g = m = v = 0 -> 0 / sqrt(eps) = 0, nothing leaks
             g = (beta1 * m + (1.0 - beta1) * g) / tl.sqrt(beta2 * v + (1.0 - beta2) * g * g + eps)
-        signs = sign_tile(row_hash(h1, offs_p.to(tl.int64) + row_start), col_start, BLOCK_K, MMA_DTYPE)
+        signs = sign_tile(row_hash(h1, offs_p.to(tl.int64) + row_start), col_start, BLOCK_P, BLOCK_K, MMA_DTYPE)
         # g = g1 + g2 + ... in 16-bit pieces; each tl.dot is exact in the signs
         rest = g
         for _t in tl.static_range(N_TERMS):

@@ -51,17 +51,16 @@ def row_hash(h1, rows):
 
 
 @triton.jit
-def sign_bits_tile(base, col_start, BLOCK_K: tl.constexpr):
+def sign_bits_tile(base, col_start, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
     """Sign bits of columns ``col_start .. col_start + BLOCK_K`` for rows with hashes ``base``.
 
-    base: uint32 [BLOCK_P] (from ``row_hash``); col_start: a multiple of 32.
+    base: uint32 [BLOCK_P] (from ``row_hash``); col_start: a multiple of 32; BLOCK_K a power of 2 >= 32.
     Returns uint32 [BLOCK_P, BLOCK_K], 1 where the sign is negative.
     One fmix32 per 32 columns: the word tile [BLOCK_P, BLOCK_K // 32] is
     hashed once and broadcast to its 32 columns before the bit shift.
     """
     tl.static_assert(BLOCK_K % 32 == 0, "BLOCK_K must be a multiple of 32")
     N_WORDS: tl.constexpr = BLOCK_K // 32
-    BLOCK_P: tl.constexpr = base.shape[0]
     words = (col_start // 32 + tl.arange(0, N_WORDS)).to(tl.uint32)  # [W]
     h = fmix32(base[:, None] ^ words[None, :])  # [P, W]
     h = tl.reshape(tl.broadcast_to(h[:, :, None], (BLOCK_P, N_WORDS, 32)), (BLOCK_P, BLOCK_K))
@@ -70,9 +69,9 @@ def sign_bits_tile(base, col_start, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def sign_tile(base, col_start, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
+def sign_tile(base, col_start, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
     """Unscaled signs (+1 / -1) as ``DTYPE`` [BLOCK_P, BLOCK_K]; see ``sign_bits_tile``."""
-    neg = sign_bits_tile(base, col_start, BLOCK_K)
+    neg = sign_bits_tile(base, col_start, BLOCK_P, BLOCK_K)
     return tl.where(neg == 0, 1.0, -1.0).to(DTYPE)
 
 
@@ -93,7 +92,7 @@ def _signs_kernel(
     offs_k = col_start + tl.arange(0, BLOCK_K)
     rows = offs_p.to(tl.int64) + row_start  # element index inside the parameter
     base = row_hash(h1, rows)
-    neg = sign_bits_tile(base, col_start, BLOCK_K)
+    neg = sign_bits_tile(base, col_start, BLOCK_P, BLOCK_K)
     signs = (1 - 2 * neg.to(tl.int32)).to(tl.int8)
     ptrs = out_ptr + offs_p.to(tl.int64)[:, None] * proj_dim + offs_k[None, :]
     tl.store(ptrs, signs, mask=(offs_p[:, None] < n_rows) & (offs_k[None, :] < proj_dim))

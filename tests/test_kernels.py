@@ -261,8 +261,12 @@ def test_lora_grad_project_realistic_shape(dtype):
     adam = dict(adam_A=tuple(x.cuda() for x in adam_A), adam_B=tuple(x.cuda() for x in adam_B))
     got = lora_grad_project(**inputs, **kw, **adam)
     gA, gB = lora_grads(**inputs, scale=2.0)  # step 1 is cuBLAS; check the projection of exactly these
-    ref = rademacher_project_ref(gA.reshape(n, -1).double(), A_NAME, 1, k, adam=tuple(x.double() for x in adam["adam_A"]))
-    ref += rademacher_project_ref(gB.reshape(n, -1).double(), B_NAME, 1, k, adam=tuple(x.double() for x in adam["adam_B"]))
+    ref = torch.zeros(n, k, dtype=torch.float64, device="cuda")
+    for g, name, (m, v) in ((gA, A_NAME, adam["adam_A"]), (gB, B_NAME, adam["adam_B"])):
+        G = adam_precondition_ref(g.reshape(n, -1).double(), m.reshape(1, -1).double(), v.reshape(1, -1).double())
+        for r0 in range(0, G.shape[1], 65536):  # R in fp64 from the signs kernel (bit-identical, tested above)
+            R = rademacher_signs(name, 1, r0, min(65536, G.shape[1] - r0), k, device="cuda", dtype=torch.float64)
+            ref += G[:, r0:r0 + R.shape[0]] @ R
     assert rel_err(got, ref) < 1e-5
 
 
