@@ -77,6 +77,9 @@ def lora_grads(X, D, A, B, scale: float, mask=None) -> tuple[torch.Tensor, torch
     B: ``[d_out, r]``, mask: ``[B, T]`` or None. Formulas in the module docstring.
     """
     _check_inputs(X, D, A, B, mask, None, None)
+    if X.dtype != D.dtype:  # e.g. bf16 activations with fp32 output gradients: compute in the wider one
+        common = torch.promote_types(X.dtype, D.dtype)
+        X, D = X.to(common), D.to(common)
     Xm, Dm = _masked(X, D, mask)
     U = torch.matmul(Xm, A.to(X.dtype).t())  # [B, T, r] in the input dtype, as the model's forward has it
     V = torch.matmul(Dm, B.to(D.dtype))  # [B, T, r]

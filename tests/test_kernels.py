@@ -160,6 +160,15 @@ def test_fast_grads_match_ref():
     assert rel_err(gA, rA) < 1e-5 and rel_err(gB, rB) < 1e-5
 
 
+def test_mixed_dtypes_compute_in_the_wider_one():
+    """bf16 activations with fp32 output gradients (and fp32 LoRA weights) are accepted."""
+    inputs, _, _ = make_module_inputs(2, 4, 9, 6, 2, seed=7)
+    inputs["X"] = inputs["X"].bfloat16()
+    kw = dict(scale=1.5, a_name=A_NAME, b_name=B_NAME, seed=2, proj_dim=40)
+    got = lora_grad_project(**inputs, **kw)
+    assert rel_err(got, lora_grad_project_ref(**to64(inputs), **kw)) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("use_adam", [False, True])
 def test_lora_grad_project_low_precision(dtype, use_adam):
