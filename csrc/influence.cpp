@@ -117,14 +117,15 @@ struct AlignedBuf {
   AlignedBuf& operator=(const AlignedBuf&) = delete;
 };
 
-// Pack rows [r0, r0 + rows) of src ([*, k]) into MR- or NR-wide panels:
-//   dst[k0 * rows_pad + panel * kl * W + p * W + lane] = src[r0 + panel * W + lane, k0 + p]
-// for every KC chunk (k0, kl); rows past `rows` are zero (padding lanes).
+// Pack rows [r0, r0 + rows) of src ([*, k]) as W-wide panels, numbered from
+// first_panel, into a buffer laid out chunk by chunk (chunk stride ld_chunk * KC):
+//   dst[k0 * ld_chunk + (first_panel + r / W) * kl * W + p * W + r % W] = src[r0 + r, k0 + p]
+// for every KC chunk (k0, kl). Rows up to the next multiple of W are zero.
 void pack_panels(const void* src, int dtype, const float* scale, int64_t r0, int64_t rows, int64_t k,
-                 int64_t width, float* dst, float* tmp) {
+                 int64_t width, int64_t ld_chunk, int64_t first_panel, float* dst, float* tmp) {
   const int64_t rows_pad = (rows + width - 1) / width * width;
   for (int64_t r = 0; r < rows_pad; ++r) {
-    const int64_t panel = r / width, lane = r % width;
+    const int64_t panel = first_panel + r / width, lane = r % width;
     if (r < rows) {
       const float sc = scale ? scale[r0 + r] : 1.0f;
       convert_row(src, dtype, (r0 + r) * k, k, sc, tmp);
@@ -133,7 +134,7 @@ void pack_panels(const void* src, int dtype, const float* scale, int64_t r0, int
     }
     for (int64_t k0 = 0; k0 < k; k0 += KC) {
       const int64_t kl = std::min(KC, k - k0);
-      float* d = dst + k0 * rows_pad + panel * kl * width + lane;
+      float* d = dst + k0 * ld_chunk + panel * kl * width + lane;
       for (int64_t p = 0; p < kl; ++p) d[p * width] = tmp[k0 + p];
     }
   }
@@ -349,36 +350,35 @@ std::string segment_reduce_cpu(uintptr_t train_ptr, int train_dtype, int64_t n, 
 
   {
     py::gil_scoped_release nogil;
-    AlignedBuf bpack(m_pad * k);  // all targets, fp32, NR-wide panels per KC chunk
+    // Every buffer is allocated before the parallel region, so nothing in it
+    // throws past an OpenMP barrier (which would hang the other threads).
+    AlignedBuf bpack(m_pad * k);              // all targets, fp32, NR-wide panels per KC chunk
+    AlignedBuf tmp_all(threads * k);          // one converted row per thread
+    AlignedBuf apack_all(threads * R * k);    // packed train block per thread
+    AlignedBuf cbuf_all(threads * R * NC);    // [R, NC] dot-product tile per thread
     std::string err;
 #pragma omp parallel num_threads(threads)
     {
-      try {
-        std::vector<float> tmp(static_cast<size_t>(k));
-        // Pack the targets: one NR-wide panel per iteration, shared by all threads.
+#ifdef _OPENMP
+      const int64_t tid = omp_get_thread_num();
+#else
+      const int64_t tid = 0;
+#endif
+      float* tmp = tmp_all.p + tid * k;
+      float* apack = apack_all.p + tid * R * k;
+      float* cbuf = cbuf_all.p + tid * R * NC;
+      // Pack the targets (all threads, one NR-wide panel each); the implicit
+      // barrier at the loop's end makes bpack complete before anyone reads it.
 #pragma omp for schedule(static)
-        for (int64_t j = 0; j < m_pad / NR; ++j) {
-          const int64_t rows = std::min(NR, m - j * NR);
-          // Write this panel's columns of every chunk (pack_panels with r0 = j*NR into
-          // a panel-local view: compute the offset of panel j inside each chunk).
-          for (int64_t lane = 0; lane < NR; ++lane) {
-            if (lane < rows) convert_row(targets, target_dtype, (j * NR + lane) * k, k, 1.0f, tmp.data());
-            else std::fill(tmp.begin(), tmp.end(), 0.0f);
-            for (int64_t k0 = 0; k0 < k; k0 += KC) {
-              const int64_t kl = std::min(KC, k - k0);
-              float* d = bpack.p + k0 * m_pad + j * kl * NR + lane;
-              for (int64_t p = 0; p < kl; ++p) d[p * NR] = tmp[k0 + p];
-            }
-          }
-        }  // implicit barrier: bpack complete
+      for (int64_t j = 0; j < m_pad / NR; ++j)
+        pack_panels(targets, target_dtype, nullptr, j * NR, std::min(NR, m - j * NR), k, NR, m_pad, j, bpack.p, tmp);
 
-        AlignedBuf apack(R * k);
-        AlignedBuf cbuf(R * NC);
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t b = 0; b < n_blocks; ++b) {
+      for (int64_t b = 0; b < n_blocks; ++b) {
+        try {
           const int64_t r0 = b * R, rows = std::min(R, n - r0);
           const int64_t rows_pad = (rows + MR - 1) / MR * MR;
-          pack_panels(train, train_dtype, scale, r0, rows, k, MR, apack.p, tmp.data());
+          pack_panels(train, train_dtype, scale, r0, rows, k, MR, rows_pad, 0, apack, tmp);
           SegmentState st(reduction, rows, S, topm, threshold);
           for (int64_t c0 = 0; c0 < m_pad; c0 += NC) {
             const int64_t ncols = std::min(NC, m_pad - c0);  // multiple of NR
@@ -387,8 +387,8 @@ std::string segment_reduce_cpu(uintptr_t train_ptr, int train_dtype, int64_t n, 
               for (int64_t jp = 0; jp < ncols / NR; ++jp) {
                 const float* bp = bpack.p + k0 * m_pad + (c0 / NR + jp) * kl * NR;
                 for (int64_t ip = 0; ip < rows_pad / MR; ++ip) {
-                  const float* ap = apack.p + k0 * rows_pad + ip * kl * MR;
-                  kern(kl, ap, bp, cbuf.p + ip * MR * NC + jp * NR, NC, k0 > 0);
+                  const float* ap = apack + k0 * rows_pad + ip * kl * MR;
+                  kern(kl, ap, bp, cbuf + ip * MR * NC + jp * NR, NC, k0 > 0);
                 }
               }
             }
@@ -397,7 +397,7 @@ std::string segment_reduce_cpu(uintptr_t train_ptr, int train_dtype, int64_t n, 
             int64_t s = std::upper_bound(offsets, offsets + S + 1, c0) - offsets - 1;
             for (; s < S && offsets[s] < c_hi; ++s) {
               const int64_t lo = std::max(offsets[s], c0), hi = std::min(offsets[s + 1], c_hi);
-              for (int64_t r = 0; r < rows; ++r) st.fold(r, s, cbuf.p + r * NC + (lo - c0), hi - lo);
+              for (int64_t r = 0; r < rows; ++r) st.fold(r, s, cbuf + r * NC + (lo - c0), hi - lo);
             }
           }
           for (int64_t r = 0; r < rows; ++r)
@@ -405,10 +405,10 @@ std::string segment_reduce_cpu(uintptr_t train_ptr, int train_dtype, int64_t n, 
               float& o = out[(r0 + r) * S + s2];
               o = static_cast<float>(o + static_cast<double>(weight) * st.value(r, s2, offsets[s2 + 1] - offsets[s2]));
             }
-        }
-      } catch (const std::exception& e) {
+        } catch (const std::exception& e) {  // e.g. bad_alloc of the segment state
 #pragma omp critical
-        err = e.what();
+          err = e.what();
+        }
       }
     }
     if (!err.empty()) throw std::runtime_error(err);
