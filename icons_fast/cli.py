@@ -104,10 +104,13 @@ def cmd_warmup(args):
 
 
 def cmd_featurize(args):
+    from icons_fast.distributed import init_distributed, is_main
     from icons_fast.pipeline import featurize_all
 
     cfg = build_config(args)
-    cfg.save(cfg.out)
+    init_distributed()
+    if is_main() and not args.shard:
+        cfg.save(cfg.out)
     featurize_all(cfg, cfg.out, shard=args.shard, splits=args.split or None)
 
 

@@ -43,12 +43,19 @@ def run(cfg: Config) -> dict:
     from icons_fast.select.stage import run_influence, run_select
     from icons_fast.train.warmup import run_warmup
 
+    from icons_fast.distributed import barrier, init_distributed, is_main
+
     run_dir = cfg.out
-    os.makedirs(run_dir, exist_ok=True)
-    cfg.save(run_dir)
+    init_distributed()
     t0 = time.perf_counter()
-    run_warmup(cfg, run_dir)
+    if is_main():  # warmup is one short job; the other ranks wait for its checkpoints
+        os.makedirs(run_dir, exist_ok=True)
+        cfg.save(run_dir)
+        run_warmup(cfg, run_dir)
+    barrier()
     featurize_all(cfg, run_dir)
+    if not is_main():
+        return {}
     run_influence(cfg, run_dir)
     paths = run_select(cfg, run_dir)
     print(f"[run] done in {time.perf_counter() - t0:.1f} s: {RunLayout(run_dir).selection}")

@@ -9,8 +9,9 @@ and simply absent from the shards: rows are keyed by sample index, so nothing
 shifts.
 
 Several processes share the work by contiguous shard ranges: ``--shard i/n``
-(job arrays) or ``torchrun`` (``RANK`` / ``WORLD_SIZE``); the features do not
-depend on how many processes made them.
+(job arrays) or ``torchrun`` (``RANK`` / ``WORLD_SIZE``), see
+``icons_fast.distributed``; the features do not depend on how many processes
+made them.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from icons_fast.config import Config
+from icons_fast.distributed import barrier, device_for_rank, is_main, parse_shard, process_share
 from icons_fast.rundir import RunLayout
 
 
@@ -48,26 +50,6 @@ def file_sha256(path: str, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def process_share(ranges: list, rank: int, world: int) -> list:
-    """The contiguous block of ``ranges`` owned by process ``rank`` of ``world``."""
-    if not 0 <= rank < world:
-        raise ValueError(f"shard {rank}/{world} is out of range: rank must be in [0, {world})")
-    per, extra = divmod(len(ranges), world)
-    start = rank * per + min(rank, extra)
-    return ranges[start : start + per + (1 if rank < extra else 0)]
-
-
-def parse_shard(spec: str | None) -> tuple[int, int]:
-    """``"i/n"`` -> (i, n); None -> torchrun's RANK/WORLD_SIZE, or (0, 1)."""
-    if spec:
-        try:
-            i, n = (int(x) for x in spec.split("/"))
-        except ValueError:
-            raise ValueError(f"--shard takes i/n (e.g. 3/200), got {spec!r}") from None
-        return i, n
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def featurize_split(
@@ -99,7 +81,7 @@ def featurize_split(
     t = time.perf_counter()
     records = load_records(records_path)
     state = load_checkpoint_state(ckpt_dir)
-    device = cfg.resolved_device()
+    device = device_for_rank(cfg.resolved_device())
     lm = load_model(state.get("base_model", cfg.model.model), cfg.model.dtype, device, seed=cfg.seed)
     model = load_lora_checkpoint(lm.model, ckpt_dir)
     moments = load_moments(ckpt_dir) if mode == "adam" else None
@@ -176,7 +158,9 @@ def featurize_split(
         )
         timer.add("write shards", time.perf_counter() - t)
     bar.close()
-    if world == 1:
+    barrier()  # under torchrun: wait for every rank's shards before merging the manifest
+    # Whoever sees every range done writes the merged manifest (atomic, identical content).
+    if (is_main() or shard) and not store.missing_ranges(shard_ranges(len(records), cfg.features.shard_size)):
         store.finalize()
     print(timer.table())
     return out_dir

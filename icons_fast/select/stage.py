@@ -55,6 +55,27 @@ def _open_store(path: str):
     return FeatureStore.open(path)
 
 
+def check_complete(store, n: int, errors_path: str, what: str) -> None:
+    """Refuse a feature set where a sample has neither features nor an error record.
+
+    Such a sample comes from a featurize that has not finished (a process of a
+    job array still running or killed): scoring it would silently drop
+    samples, so the fix is to rerun featurize for the missing ranges.
+    """
+    from icons_fast.data import ErrorLog
+
+    accounted = store.coverage(n)
+    if os.path.exists(errors_path):
+        excluded = np.array(sorted({e.index for e in ErrorLog.read(errors_path)}), dtype=np.int64)
+        accounted[excluded[excluded < n]] = True
+    missing = np.flatnonzero(~accounted)
+    if len(missing):
+        raise RuntimeError(
+            f"features of {what} are incomplete: {len(missing)} of {n} samples have neither features nor an error "
+            f"record (first missing index {missing[0]}). Rerun `icons-fast featurize` (every --shard i/n) to finish."
+        )
+
+
 def _target_features(layout: RunLayout, ckpt: str, split: str) -> torch.Tensor:
     feats = _open_store(layout.features(ckpt, split)).load()[2]
     if len(feats) == 0:
@@ -131,6 +152,8 @@ def run_influence(cfg: Config, run_dir: str | None = None, block_size: int = 819
         targets_per_ckpt.append(targets)
     stores = [_open_store(layout.features(ckpt, "train")) for ckpt, _ in ckpts]
     n = int(stores[0].fingerprint["n_samples"])
+    for (ckpt, _), store in zip(ckpts, stores):
+        check_complete(store, n, layout.errors("train"), f"train @ {ckpt}")
     valid = np.logical_and.reduce([s.coverage(n) for s in stores])
     scores, rows, names = stream_task_influence(
         aligned_blocks(stores, block_size, valid),
