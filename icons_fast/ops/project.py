@@ -34,9 +34,11 @@ log = logging.getLogger("icons_fast")
 
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Rows per call of the fused kernel / per sign tile. Chosen by measurement
-# (benchmarks/bench_projection.py): the fused kernel is flat above ~2K rows;
-# BLAS on a [tile, 5120] tile is best near 128 rows (the tile stays in L2).
-DEFAULT_ROWS = {"fused": 8192, "tile": 128, "torch": 1024}
+# (benchmarks/bench_projection.py, [16, 312320] -> 5120 on 2 EPYC cores): the
+# fused kernel is flat from ~32K rows (fewer calls = fewer OpenMP fork/joins,
+# which cost most on a busy CPU); BLAS on a [tile, 5120] tile is 2x faster at
+# 128 rows (2.6 MB, near L2) than at 1024 rows (21 MB).
+DEFAULT_ROWS = {"fused": 32768, "tile": 128, "torch": 1024}
 
 _triton_impl: Callable | None = None
 _warned_triton = False
