@@ -171,3 +171,20 @@ def test_sample_without_labels_raises(lora_model, batch):
     bad["labels"][2] = -100
     with pytest.raises(ValueError, match=r"rows \[2\]"):
         GradientExtractor(lora_model, proj_dim=None).featurize(bad)
+
+
+@pytest.mark.parametrize("mode", ["sgd", "adam"])
+def test_triton_backend_equals_torch_backend(lora_model, batch, mode):
+    """Under TRITON_INTERPRET=1 on the CPU (conftest), real kernels on a GPU."""
+    pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(3)
+    state = None
+    if mode == "adam":
+        shapes = {n: p.shape for n, p in trainable_parameters(lora_model)}
+        state = {"exp_avg": {n: torch.randn(s, generator=g) * 1e-3 for n, s in shapes.items()},
+                 "exp_avg_sq": {n: torch.rand(s, generator=g) * 1e-6 for n, s in shapes.items()}}
+    kw = dict(proj_dim=45, seed=2, mode=mode, optimizer_state=state)
+    ref = GradientExtractor(lora_model, backend="torch", **kw).featurize(batch)
+    tri = GradientExtractor(lora_model, backend="triton", **kw)
+    assert tri.backend == "triton"
+    torch.testing.assert_close(tri.featurize(batch), ref, rtol=1e-4, atol=1e-6)

@@ -13,8 +13,9 @@ index ``i``, column ``j``), never stored. Backends (chosen by
   faster on every shape in ``benchmarks/bench_projection.py``).
 - ``"torch"`` (any device): the same hash chain in torch int64 arithmetic on
   the tensors' device, one tile at a time, multiplied with ``torch.addmm``.
-- ``"triton"`` (CUDA): the function given to ``register_triton_impl``;
-  until one is registered it falls back to ``"torch"`` (logged once).
+- ``"triton"`` (CUDA, or the CPU under ``TRITON_INTERPRET=1``):
+  ``icons_fast.kernels.project.rademacher_project``, sign tiles generated on
+  chip and multiplied on tensor cores.
 
 Every path accumulates in float32; ``project_param`` adds into ``out`` so a
 model's projection is a sum of per-parameter calls.
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable
 
 import torch
 
@@ -39,20 +39,6 @@ _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # which cost most on a busy CPU); BLAS on a [tile, 5120] tile is 2x faster at
 # 128 rows (2.6 MB, near L2) than at 1024 rows (21 MB).
 DEFAULT_ROWS = {"fused": 32768, "tile": 128, "torch": 1024}
-
-_triton_impl: Callable | None = None
-_warned_triton = False
-
-
-def register_triton_impl(fn: Callable | None) -> None:
-    """Install the Triton projection: ``fn(g, pid, seed, k, out, row_start)`` adds ``g @ R`` into ``out``.
-
-    ``g`` is a CUDA ``Tensor[B, n]``, ``out`` a CUDA float32 ``Tensor[B, k]``;
-    ``fn`` must reproduce the contract's signs bit for bit. ``None`` removes it.
-    """
-    global _triton_impl
-    _triton_impl = fn
-
 
 def param_id(name: str | int) -> int:
     """The parameter id ``pid``: ``fnv1a32(name)`` for a name, an int passes through (mod 2**32)."""
@@ -194,14 +180,10 @@ def project_param(
     pid, seed = param_id(pid), int(seed) & MASK32
     name = resolve_backend("project", backend, g.device)
     if name == "triton":
-        if _triton_impl is not None:
-            _triton_impl(g, pid, seed, k, out, row_start)
-            return out
-        global _warned_triton
-        if not _warned_triton:
-            log.info("icons_fast: no Triton projection registered; project uses the torch backend")
-            _warned_triton = True
-        name = "torch"
+        from icons_fast.kernels.project import rademacher_project
+
+        rademacher_project(g, pid, seed, k, row_start=row_start, out=out)
+        return out
     if name == "cpp":
         if method not in ("auto", "fused", "tile"):
             raise ValueError(f"method must be 'auto', 'fused' or 'tile', got {method!r}")
