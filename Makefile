@@ -32,6 +32,9 @@ test: build
 test-cuda: build
 	$(PY) -m pytest -m cuda -q tests
 
+quality: build
+	$(PY) benchmarks/quality.py --seeds 0 1 2 --out runs/quality
+
 bench: build
 	$(PY) -m icons_fast bench --quick
 
