@@ -35,6 +35,7 @@ _FLAG_KEYS = {
     "top_percent": "select.top_percent",
     "aggregate": "select.aggregate",
     "tie_break": "select.tie_break",
+    "rule": "select.rule",
     "seed": "seed",
     "device": "device",
     "out": "out",
@@ -200,6 +201,8 @@ def make_parser() -> argparse.ArgumentParser:
             p.add_argument("--split", action="append", help="only this split (train, target-NAME); repeatable")
         if name == "select":
             p.add_argument("--task", help="specialist selection: this task's top budget instead of the vote")
+            p.add_argument("--rule", help="selection rule: icons (vote, default) | less | tracin | mean | max | rank | "
+                                          "znorm | random; other than icons writes selection/rule-NAME/")
         if name == "train":
             p.add_argument("--data", help="the subset to train on (LLaVA json), e.g. RUN/selection/selected.json")
             p.add_argument("--full-finetune", action="store_true", help="train every parameter instead of LoRA")

@@ -200,7 +200,12 @@ def run_select(cfg: Config, run_dir: str | None = None, task: str | None = None)
     budget = int(budget) if budget >= 1 else budget
     n_valid = int(valid.sum())
     out_dir = layout.selection if task is None else os.path.join(layout.selection, f"specialist-{task}")
-    if task is None:
+    if task is None and cfg.select.rule != "icons":  # other selectors (select/rules.py) -> selection/rule-NAME/
+        from icons_fast.select.rules import run_rule
+
+        indices, info, scores, names = run_rule(cfg, layout.root, cfg.select.rule, scores, names, valid)
+        out_dir, votes = os.path.join(layout.selection, f"rule-{cfg.select.rule}"), None
+    elif task is None:
         indices, info = consensus_select(
             np.nan_to_num(scores, nan=-np.inf), budget=budget, top_percent=cfg.select.top_percent,
             tie_break=cfg.select.tie_break, seed=cfg.seed, valid=valid, return_info=True,
@@ -221,7 +226,7 @@ def run_select(cfg: Config, run_dir: str | None = None, task: str | None = None)
         cfg.data.train_data, indices, out_dir, scores=scores, task_names=names, votes=votes, info=info,
         sample_ids=[feature_ids[int(i)] for i in indices],
     )
-    print(format_summary(info, names) if task is None else f"[select] specialist {task}: {len(indices)} samples")
+    print(format_summary(info, names) if "vote_histogram" in info else f"[select] {info.get('rule')}: {len(indices)} samples")
     print(f"[select] wrote {out_dir}")
     return paths
 
