@@ -35,6 +35,7 @@ REASONS = {
     "empty_image": "the image file has zero bytes or a zero width/height",
     "non_finite_gradient": "the sample's gradient has NaN or inf entries (featurize stage)",
     "zero_gradient": "the sample's gradient is exactly zero, so its cosine influence is undefined (featurize stage)",
+    "out_of_memory": "the sample alone does not fit in device memory (featurize stage; lower --max-length)",
 }
 
 

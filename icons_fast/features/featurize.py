@@ -16,6 +16,7 @@ made them.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -50,6 +51,55 @@ def file_sha256(path: str, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+def sub_batch(batch: dict, rows: list[int]) -> dict:
+    """Rows ``rows`` of a collated batch with their own images, trailing padding trimmed.
+
+    ``pixel_values`` holds the images of the image rows only, in batch order,
+    so each kept image row's image is found by counting image rows before it.
+    """
+    image_row = torch.cumsum(batch["has_image"].long(), 0) - 1  # [B] position in pixel_values
+    out = {k: batch[k][rows] for k in ("input_ids", "attention_mask", "labels", "indices", "has_image")}
+    out["ids"] = [batch["ids"][r] for r in rows]
+    images = [int(image_row[r]) for r in rows if bool(batch["has_image"][r])]
+    if images:
+        out["pixel_values"] = batch["pixel_values"][images]
+    length = int(out["attention_mask"].sum(dim=1).max())
+    for k in ("input_ids", "attention_mask", "labels"):
+        out[k] = out[k][:, :length]
+    out["errors"] = []
+    return out
+
+
+def featurize_resilient(extractor, batch: dict, on_retry) -> tuple[torch.Tensor, list[int]]:
+    """``extractor.featurize(batch)``, retried in halves (with their images) when the device runs out of memory.
+
+    Returns ``(g [B, k], oom_rows)``: rows of samples that do not fit even
+    alone are NaN and listed in ``oom_rows`` (the caller records them).
+    ``on_retry(batch_size, indices)`` is told of every split.
+    """
+    try:
+        return extractor.featurize(batch), []
+    except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
+        if not is_out_of_memory(exc):
+            raise
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    n = len(batch["ids"])
+    if n == 1:
+        return torch.full((1, extractor.proj_dim), float("nan")), [0]
+    on_retry(n, batch["indices"].tolist())
+    half = n // 2
+    g1, bad1 = featurize_resilient(extractor, sub_batch(batch, list(range(half))), on_retry)
+    g2, bad2 = featurize_resilient(extractor, sub_batch(batch, list(range(half, n))), on_retry)
+    return torch.cat([g1.to(g2.device), g2]), bad1 + [half + r for r in bad2]
 
 
 def featurize_split(
@@ -115,6 +165,14 @@ def featurize_split(
         f"[featurize] {split} @ {ckpt_name} ({mode}, k={cfg.features.proj_dim}, backend={extractor.backend}): "
         f"{len(todo)} of {len(mine)} shard(s) to do, process {rank}/{world}"
     )
+    retries_path = layout.path("errors", f"{split}.oom_retries.jsonl")
+
+    def on_retry(size: int, indices: list[int]) -> None:
+        """Out-of-memory splits are recorded (they are not sample errors: the samples still get features)."""
+        print(f"[featurize] out of memory on a batch of {size} (indices {indices[0]}..{indices[-1]}): retrying in halves")
+        with open(retries_path, "a") as f:
+            f.write(json.dumps({"checkpoint": ckpt_name, "batch_size": size, "indices": indices}) + "\n")
+
     bar = tqdm(total=n_todo, desc=f"featurize {split}", unit="sample", dynamic_ncols=True)
     bs = cfg.features.batch_size
     for start, end in todo:
@@ -129,15 +187,19 @@ def featurize_split(
                 bar.update(min(b0 + bs, end) - b0)
                 continue
             t = time.perf_counter()
-            g = extractor.featurize(batch)  # [b, k] float32
+            g, oom_rows = featurize_resilient(extractor, batch, on_retry)  # [b, k] float32
             if g.is_cuda:
                 torch.cuda.synchronize()
             timer.add("gradients + projection", time.perf_counter() - t)
             norm = torch.linalg.vector_norm(g.float(), dim=1)
             ok = torch.isfinite(norm) & (norm > 0)
             for row in (~ok).nonzero().flatten().tolist():
-                code = "non_finite_gradient" if not torch.isfinite(norm[row]) else "zero_gradient"
-                problem = SampleProblem(code, f"projected gradient norm {float(norm[row])} under {ckpt_name}")
+                if row in oom_rows:
+                    problem = SampleProblem("out_of_memory", f"{int(batch['attention_mask'][row].sum())} tokens")
+                elif not torch.isfinite(norm[row]):
+                    problem = SampleProblem("non_finite_gradient", f"projected gradient norm {float(norm[row])}")
+                else:
+                    problem = SampleProblem("zero_gradient", f"projected gradient norm 0 under {ckpt_name}")
                 errors.add(SampleError(int(batch["indices"][row]), batch["ids"][row], "featurize", problem.reason))
             keep = ok.cpu()
             idx_out.append(batch["indices"][keep].numpy())
