@@ -63,6 +63,7 @@ def test_rerun_skips_finished_stages(finished_run, capsys):
     run(finished_run)
     out = capsys.readouterr().out
     assert "reusing 1 checkpoint" in out and "0 of 3 shard(s) to do" in out
+    assert "scores in" in out and "up to date" in out
     after = {p: os.path.getmtime(p) for p in before}
     assert before == after
 

@@ -55,6 +55,20 @@ def _open_store(path: str):
     return FeatureStore.open(path)
 
 
+def _inputs_fingerprint(layout: RunLayout, ckpts, splits: list[str], aggregate: str, target_names: list) -> str:
+    """sha256 of what the scores depend on: checkpoints + lrs, every shard's checksum, aggregate, tasks."""
+    import hashlib
+
+    parts = [aggregate, target_names, [list(c) for c in ckpts]]
+    for ckpt, _ in ckpts:
+        for split in splits:
+            store = _open_store(layout.features(ckpt, split))
+            parts.append([store.fingerprint_id] + sorted(e["sha256"] for e in store.entries()))
+    errors = layout.errors("train")
+    parts.append(os.path.getsize(errors) if os.path.exists(errors) else 0)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def check_complete(store, n: int, errors_path: str, what: str) -> None:
     """Refuse a feature set where a sample has neither features nor an error record.
 
@@ -143,6 +157,18 @@ def run_influence(cfg: Config, run_dir: str | None = None, block_size: int = 819
     tasks = target_splits(cfg)
     if not tasks:
         raise ValueError("no target task: pass --target NAME=FILE.json (repeatable)")
+    paths = {
+        "scores": os.path.join(layout.scores, "scores.npy"),
+        "valid": os.path.join(layout.scores, "valid.npy"),
+        "task_names": os.path.join(layout.scores, "task_names.json"),
+    }
+    splits = ["train"] + [split for subs in tasks.values() for split in subs.values()]
+    inputs = _inputs_fingerprint(layout, ckpts, splits, cfg.select.aggregate, list(cfg.data.targets))
+    if all(os.path.exists(p) for p in paths.values()):
+        with open(paths["task_names"]) as f:
+            if json.load(f).get("inputs_fingerprint") == inputs:
+                print(f"[influence] scores in {layout.scores} are up to date")
+                return paths
     targets_per_ckpt = []
     for ckpt, _ in ckpts:
         targets = {}
@@ -165,17 +191,12 @@ def run_influence(cfg: Config, run_dir: str | None = None, block_size: int = 819
     out = np.full((n, len(names)), np.nan, dtype=np.float32)
     out[rows] = scores
     os.makedirs(layout.scores, exist_ok=True)
-    paths = {
-        "scores": os.path.join(layout.scores, "scores.npy"),
-        "valid": os.path.join(layout.scores, "valid.npy"),
-        "task_names": os.path.join(layout.scores, "task_names.json"),
-    }
     _save_npy(paths["scores"], out)
     _save_npy(paths["valid"], valid)
     weights = checkpoint_weights_normalised([lr for _, lr in ckpts], len(ckpts))
     _save_json(paths["task_names"], {"task_names": names, "checkpoints": [c for c, _ in ckpts],
                                      "checkpoint_weights": weights,
-                                     "aggregate": cfg.select.aggregate})
+                                     "aggregate": cfg.select.aggregate, "inputs_fingerprint": inputs})
     print(f"[influence] {int(valid.sum())} of {n} samples scored against {len(names)} task(s): {names}")
     return paths
 
