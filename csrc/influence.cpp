@@ -13,7 +13,9 @@
 // The GEMM core is the classic register-blocked outer-product micro-kernel
 // (MR = 6 train rows x NR = 16 target columns, 12 AVX2 accumulators, fp32
 // FMA) over packed panels, with k split into KC-long chunks so a target
-// panel (NR x KC fp32 = 16 KiB) stays in L1 while the row panels stream past.
+// panel (NR x KC fp32 = 16 KiB) stays in L1 while the row panels stream past
+// from L2 (BLIS's loop order). Bigger row blocks (the wrapper's default is
+// 144) re-use each target panel more often per trip through L3.
 // The AVX2+FMA kernel is chosen at run time (__builtin_cpu_supports), so the
 // library still loads on CPUs without AVX2 and runs the portable kernel.
 //
@@ -60,24 +62,37 @@ inline float bits_to_float(uint32_t u) {
   return f;
 }
 
-// IEEE binary16 -> binary32 by bit manipulation (exact for every input).
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+// IEEE binary16 -> binary32 by bit manipulation, exact for every input and
+// branch-free so conversion loops vectorise: move exponent + mantissa to the
+// binary32 positions, rebias 15 -> 127 by multiplying by 2^112 (exact, and
+// it also normalises half subnormals), then patch inf / nan and the sign.
+// (Under flush-to-zero / denormals-are-zero modes half subnormals read as 0.)
 inline float half_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exp = (h >> 10) & 0x1fu;
-  const uint32_t man = h & 0x3ffu;
-  if (exp == 0x1f) return bits_to_float(sign | 0x7f800000u | (man << 13));  // inf / nan
-  if (exp == 0) {                                                           // zero / subnormal
-    const float v = static_cast<float>(man) * 5.9604644775390625e-08f;     // man * 2^-24, exact
-    return sign ? -v : v;
-  }
-  return bits_to_float(sign | ((exp + 112u) << 23) | (man << 13));  // rebias 15 -> 127
+  const uint32_t mag = static_cast<uint32_t>(h & 0x7fffu) << 13;
+  uint32_t bits = float_to_bits(bits_to_float(mag) * 0x1p112f);
+  bits = mag >= (0x7c00u << 13) ? (0x7f800000u | mag) : bits;  // inf / nan keep their payload
+  return bits_to_float(bits | (static_cast<uint32_t>(h & 0x8000u) << 16));
 }
 
 // bfloat16 is the top half of a binary32.
 inline float bf16_to_float(uint16_t b) { return bits_to_float(static_cast<uint32_t>(b) << 16); }
 
+// On x86 the hot loops below get an AVX2 clone chosen at load time (GCC/clang
+// target_clones); elsewhere they compile once for the baseline ISA.
+#if defined(ICONS_FAST_X86_DISPATCH) && defined(__GNUC__) && !defined(__clang__)
+#define ICONS_FAST_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define ICONS_FAST_CLONES
+#endif
+
 // dst[0:count] = float(src[start:start+count]) (* scale for int8).
-void convert_row(const void* src, int dtype, int64_t start, int64_t count, float scale, float* dst) {
+ICONS_FAST_CLONES void convert_row(const void* src, int dtype, int64_t start, int64_t count, float scale, float* dst) {
   switch (dtype) {
     case kF32: {
       const float* s = static_cast<const float*>(src) + start;
@@ -172,6 +187,7 @@ __attribute__((target("avx2,fma"))) void kernel_avx2(int64_t kl, const float* A,
          c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
          c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(), c40 = _mm256_setzero_ps(),
          c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+#pragma GCC unroll 4
   for (int64_t p = 0; p < kl; ++p, A += MR, B += NR) {
     const __m256 b0 = _mm256_load_ps(B), b1 = _mm256_load_ps(B + 8);
     __m256 a = _mm256_broadcast_ss(A + 0);
@@ -215,6 +231,37 @@ MicroKernel pick_kernel(bool force_generic, const char** name) {
 }
 
 // ------------------------------------------------------------ reductions ---
+// Per-row folds over one tile piece, written with independent lanes so they
+// vectorise (a plain running max / double sum is one long dependency chain).
+// Lanes restart at every piece, and pieces are fixed by the NC tiling, so the
+// summation order never depends on block_rows or the thread count.
+ICONS_FAST_CLONES double sum_f64(const float* v, int64_t n) {
+  double lane[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t t = 0;
+  for (; t + 4 <= n; t += 4)
+    for (int l = 0; l < 4; ++l) lane[l] += v[t + l];
+  double acc = (lane[0] + lane[1]) + (lane[2] + lane[3]);
+  for (; t < n; ++t) acc += v[t];
+  return acc;
+}
+
+ICONS_FAST_CLONES float max_f32(const float* v, int64_t n, float best) {
+  float lane[8];
+  for (int l = 0; l < 8; ++l) lane[l] = best;
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8)
+    for (int l = 0; l < 8; ++l) lane[l] = v[t + l] > lane[l] ? v[t + l] : lane[l];
+  for (; t < n; ++t) best = v[t] > best ? v[t] : best;
+  for (int l = 0; l < 8; ++l) best = lane[l] > best ? lane[l] : best;
+  return best;
+}
+
+ICONS_FAST_CLONES int64_t count_gt(const float* v, int64_t n, float threshold) {
+  int32_t c = 0;  // a piece is at most NC columns
+  for (int64_t t = 0; t < n; ++t) c += v[t] > threshold ? 1 : 0;
+  return c;
+}
+
 // Running per-(row, segment) state of one row block, folded one tile at a time.
 struct SegmentState {
   int reduction;
@@ -242,24 +289,15 @@ struct SegmentState {
   void fold(int64_t r, int64_t s, const float* v, int64_t n) {
     const int64_t idx = r * S + s;
     switch (reduction) {
-      case kMean: {
-        double acc = sum[idx];
-        for (int64_t t = 0; t < n; ++t) acc += v[t];
-        sum[idx] = acc;
+      case kMean:
+        sum[idx] += sum_f64(v, n);
         break;
-      }
-      case kMax: {
-        float b = best[idx];
-        for (int64_t t = 0; t < n; ++t) b = v[t] > b ? v[t] : b;
-        best[idx] = b;
+      case kMax:
+        best[idx] = max_f32(v, n, best[idx]);
         break;
-      }
-      case kCount: {
-        int64_t c = 0;
-        for (int64_t t = 0; t < n; ++t) c += v[t] > threshold;
-        cnt[idx] += c;
+      case kCount:
+        cnt[idx] += count_gt(v, n, threshold);
         break;
-      }
       case kTopM: {
         float* h = heap.data() + idx * topm;  // min-heap: h[0] is the smallest kept value
         int64_t sz = hsz[idx];

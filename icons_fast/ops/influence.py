@@ -42,7 +42,7 @@ log = logging.getLogger("icons_fast")
 REDUCTIONS = ("mean", "max", "topm", "count")
 TRAIN_DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.int8: "i8"}
 TARGET_DTYPES = {torch.float32: "f32", torch.float16: "f16"}
-DEFAULT_BLOCK_ROWS = {"cpp": 48, "torch": 4096, "cuda": 64}
+DEFAULT_BLOCK_ROWS = {"cpp": 144, "torch": 4096, "cuda": 64}
 CUDA_MAX_TOPM = 32
 
 
@@ -175,7 +175,7 @@ def segment_reduce(
         weight: multiplies the reduced scores before they are added to ``out``.
         out: ``[N, S]`` fp32 accumulator (zeros when None), on train's device.
         backend: "auto" | "cpp" | "cuda" | "torch" (see ``icons_fast.ops.backend``).
-        block_rows: train rows per block (cpp default 48, torch 4096); results
+        block_rows: train rows per block (cpp default 144, torch 4096); results
             do not depend on it.
         num_threads: OpenMP threads for "cpp" (0 = OpenMP default).
     Returns:
@@ -211,11 +211,12 @@ def segment_reduce(
         ext.influence_segment_reduce_cpu(*args, offs.data_ptr(), offs.numel() - 1, *tail, rows, int(num_threads), False)
         return out
     # cuda: offsets on the device, the caller's current stream.
-    offs_dev = offs.to(train.device)
-    stream = torch.cuda.current_stream(train.device).cuda_stream
     try:
-        ext.influence_segment_reduce_cuda(*args, offs_dev.data_ptr(), offs.numel() - 1, *tail, stream)
-    except RuntimeError as e:
+        with torch.cuda.device(train.device):  # the kernel launches on the current device
+            offs_dev = offs.to(train.device)
+            stream = torch.cuda.current_stream(train.device).cuda_stream
+            ext.influence_segment_reduce_cuda(*args, offs_dev.data_ptr(), offs.numel() - 1, *tail, stream)
+    except (RuntimeError, ValueError) as e:
         raise RuntimeError(
             f"{e}. Advice: check free GPU memory (torch.cuda.mem_get_info()), that the extension was built "
             "for this GPU's architecture (ICONS_FAST_CUDA_ARCHS), or rerun with backend='torch'."
