@@ -98,6 +98,21 @@ def test_cpp_fp16_targets_and_tile_edges(reduction):
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bit_level_conversion_of_every_finite_value(dtype):
+    """Identity targets make out == float(train) exactly: checks the C++ fp16 / bf16 decoding
+    on every finite bit pattern (subnormals, +-0, the largest normals)."""
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    vals = bits.view(dtype)
+    vals = vals[torch.isfinite(vals.float())]
+    k = 19
+    vals = torch.cat([vals, vals[: (-vals.numel()) % k]]).reshape(-1, k).contiguous()
+    eye = torch.eye(k)
+    got = segment_reduce(vals, eye, torch.arange(k + 1), "max", backend="cpp")
+    assert torch.equal(got, vals.float())
+
+
+@needs_ext
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_portable_kernel_matches_float64(reduction):
     """The non-AVX2 micro-kernel (what runs on other CPUs), called through _C directly."""
