@@ -166,6 +166,12 @@ def cmd_demo(args):
     run_demo(build_config(args), quick=args.quick)
 
 
+def cmd_bench(args):
+    from icons_fast.bench import cmd_bench as run
+
+    return run(args)
+
+
 def _not_yet(issue: int):
     def cmd(args):
         print(f"this command is not built yet (tracked in issue {issue})", file=sys.stderr)
@@ -183,7 +189,7 @@ COMMANDS = {
     "train": (cmd_train, "fine-tune (LoRA, or every parameter) on a subset; saves OUT/model"),
     "evaluate": (cmd_evaluate, "per-task accuracy and answer loss of a trained model"),
     "report": (_not_yet(10), "plots and an HTML page for a run directory"),
-    "bench": (_not_yet(7), "side-by-side throughput benchmarks"),
+    "bench": (cmd_bench, "side-by-side throughput benchmarks (featurize eta, baseline, projection, influence, voting)"),
     "demo": (cmd_demo, "generate the demo data and run the pipeline on it with the tiny model"),
 }
 
@@ -211,6 +217,10 @@ def make_parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             p.add_argument("--model-dir", required=True, help="a trained model directory (e.g. OUT/model)")
             p.add_argument("--json", help="write the per-task results here")
+        if name == "bench":
+            from icons_fast.bench import add_arguments
+
+            add_arguments(p)
         if name == "demo":
             p.add_argument("--quick", action="store_true", help="a smaller demo (used by the tests)")
     return parser
