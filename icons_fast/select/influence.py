@@ -159,6 +159,7 @@ class PreparedTargets:
     seg_task: list[int]
     task_names: list[str]
     k: int
+    backend: str = "auto"  # influence backend for the non-linear aggregates (icons_fast.ops.backend)
 
     def task_ranges(self) -> list[tuple[int, int]]:
         """``[(first_segment, last_segment + 1), ...]`` per task."""
@@ -172,10 +173,14 @@ class PreparedTargets:
         if all(t.device == torch.device(device) for t in self.target_cat):
             return self
         moved = [t.to(device) for t in self.target_cat]
-        return PreparedTargets(self.aggregate, self.weights, moved, self.segments, self.seg_task, self.task_names, self.k)
+        return PreparedTargets(
+            self.aggregate, self.weights, moved, self.segments, self.seg_task, self.task_names, self.k, self.backend
+        )
 
 
-def prepare_targets(targets, n_ckpt: int, aggregate: str = "mean", checkpoint_weights=None) -> PreparedTargets:
+def prepare_targets(
+    targets, n_ckpt: int, aggregate: str = "mean", checkpoint_weights=None, backend: str = "auto"
+) -> PreparedTargets:
     """Normalise, (for "mean") average and concatenate the target features once.
 
     ``targets``: task -> ``Tensor[M_t, k]``, task -> {subtask: Tensor}, or a list of
@@ -209,26 +214,43 @@ def prepare_targets(targets, n_ckpt: int, aggregate: str = "mean", checkpoint_we
                 start += f.shape[0]
         target_cat.append(torch.cat(rows).contiguous())
         segments.append(segs)
-    return PreparedTargets(aggregate, weights, target_cat, segments, seg_task, [t for t, _ in names0], k)
+    return PreparedTargets(aggregate, weights, target_cat, segments, seg_task, [t for t, _ in names0], k, backend)
 
 
 # --------------------------------------------------------------------------- the per-block kernel
 
 
-def _reduce_block(train_block: torch.Tensor, target_cat: torch.Tensor, segments, aggregate: str) -> torch.Tensor:
+def _reduce_block(
+    train_block: torch.Tensor, target_cat: torch.Tensor, segments, aggregate: str, backend: str = "auto"
+) -> torch.Tensor:
     """Per-segment aggregate of one block of train rows against one checkpoint's targets.
 
     Arguments:
         train_block: float32 ``[n, k]``, rows already L2-normalised.
         target_cat: float32 ``[M, k]``, every subtask's (normalised) targets concatenated.
-        segments: ``[(start, stop), ...]`` one per subtask, rows of ``target_cat``.
+        segments: ``[(start, stop), ...]`` one per subtask, contiguous rows of ``target_cat`` from 0.
         aggregate: "mean" | "max" | "topm:<m>".
+        backend: influence backend for "max" / "topm" (the native op fuses the
+            reduction into a blocked matmul); "mean" is one BLAS matmul (segments
+            of one averaged row each) and always runs in torch.
     Return:
         float32 ``[n, S]``: ``agg_{v in segment s} <train_block[i], target_cat[v]>``.
-
-    This is the hook for the native influence op (blocked low-precision matmul with
-    fused per-segment reductions); this torch version is its reference behaviour.
     """
+    kind, m = parse_aggregate(aggregate)
+    if kind != "mean":
+        from icons_fast.ops.backend import resolve_backend
+        from icons_fast.ops.influence import segment_reduce
+
+        name = resolve_backend("influence", backend, train_block.device)
+        if name != "torch" and (name != "cuda" or kind != "topm" or m <= 32):
+            offsets = [0] + [stop for _, stop in segments]
+            return segment_reduce(train_block, target_cat, offsets, kind, m=m if kind == "topm" else None,
+                                  backend=name)
+    return _reduce_block_ref(train_block, target_cat, segments, aggregate)
+
+
+def _reduce_block_ref(train_block: torch.Tensor, target_cat: torch.Tensor, segments, aggregate: str) -> torch.Tensor:
+    """Plain torch ``_reduce_block``: the block's full ``[n, M]`` product, then per-segment reductions."""
     kind, m = parse_aggregate(aggregate)
     sims = train_block @ target_cat.T  # (n, M): one block only, never N x M
     cols = []
@@ -259,7 +281,7 @@ def _block_scores(train_blocks: Sequence[torch.Tensor], prep: PreparedTargets, r
             )
         f = _normalise_rows(x, f"train (checkpoint {c})", row_ids)  # fp16/bf16 upcast here, per block
         target = prep.target_cat[c].to(f.device)
-        seg = _reduce_block(f, target, prep.segments[c], prep.aggregate) * prep.weights[c]
+        seg = _reduce_block(f, target, prep.segments[c], prep.aggregate, prep.backend) * prep.weights[c]
         acc = seg if acc is None else acc + seg  # (n, S): sum_c w_c agg_v
     # max over each task's subtask segments (contiguous by construction)
     cols = [acc[:, a:b].amax(dim=1) for a, b in prep.task_ranges()]
@@ -276,6 +298,7 @@ def task_influence(
     checkpoint_weights=None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     progress: bool | None = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, list[str]]:
     """Influence of every train sample on every target task.
 
@@ -287,6 +310,8 @@ def task_influence(
         checkpoint_weights: ``w_c`` (e.g. learning rates), renormalised; uniform if None.
         block_size: train rows per block (bounds the ``n x M`` similarity block).
         progress: tqdm bar over blocks; default on when there are more than 8 blocks.
+        backend: influence backend for "max" / "topm:<m>" ("auto": the C++/CUDA
+            extension when built, else torch; "torch": the reference path).
     Return:
         (float32 ``Tensor[N, T]`` on the train features' device, task names in dict order).
     """
@@ -297,7 +322,7 @@ def task_influence(
             raise ValueError(f"train features for checkpoint {c} have shape {tuple(x.shape)}; expected ({n}, k)")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    prep = prepare_targets(targets, len(trains), aggregate, checkpoint_weights).to(trains[0].device)
+    prep = prepare_targets(targets, len(trains), aggregate, checkpoint_weights, backend).to(trains[0].device)
     starts = range(0, n, block_size)
     if progress is None:
         progress = len(starts) > 8
@@ -316,6 +341,7 @@ def stream_task_influence(
     aggregate: str = "mean",
     checkpoint_weights=None,
     progress: bool = False,
+    backend: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Streaming form of ``task_influence`` over blocks read from feature shards.
 
@@ -335,7 +361,7 @@ def stream_task_influence(
         if row_idx.shape[0] != feats[0].shape[0]:
             raise ValueError(f"a block has {row_idx.shape[0]} row indices but {feats[0].shape[0]} feature rows")
         if prep is None:
-            prep = prepare_targets(targets, len(feats), aggregate, checkpoint_weights)
+            prep = prepare_targets(targets, len(feats), aggregate, checkpoint_weights, backend)
         prep = prep.to(feats[0].device)
         scores.append(_block_scores(feats, prep, row_ids=row_idx).cpu().numpy())
         rows.append(row_idx)
