@@ -8,6 +8,7 @@ directory.
 from __future__ import annotations
 
 import argparse
+import os
 import logging
 import sys
 
@@ -160,6 +161,37 @@ def cmd_evaluate(args):
     run_evaluate(cfg, args.model_dir, cfg.data.targets, json_out=args.json)
 
 
+def cmd_neighbors(args):
+    import json as _json
+
+    from icons_fast.rundir import RunLayout
+    from icons_fast.select.neighbors import neighbors
+    from icons_fast.select.stage import target_splits
+    from icons_fast.train.checkpoint import list_checkpoints
+
+    cfg = build_config(args)
+    layout = RunLayout(cfg.out)
+    ckpts = list_checkpoints(layout.warmup)
+    if not ckpts:
+        raise SystemExit(f"no warmup checkpoint in {layout.warmup}: run the pipeline first")
+    ckpt = os.path.basename(ckpts[-1])
+    result = {}
+    for task, subs in target_splits(cfg).items():
+        if args.task and task != args.task:
+            continue
+        for sub, split in subs.items():
+            name = task if sub is None else f"{task}/{sub}"
+            result[name] = neighbors(layout.features(ckpt, "train"), layout.features(ckpt, split), m=args.m,
+                                     train_rows=args.train_index or None)
+    text = _json.dumps({"checkpoint": ckpt, "m": args.m, "tasks": result}, indent=1)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text)
+        print(f"[neighbors] wrote {args.json}")
+    else:
+        print(text)
+
+
 def cmd_demo(args):
     from icons_fast.demo import run_demo
 
@@ -190,6 +222,7 @@ COMMANDS = {
     "evaluate": (cmd_evaluate, "per-task accuracy and answer loss of a trained model"),
     "report": (_not_yet(10), "plots and an HTML page for a run directory"),
     "bench": (cmd_bench, "side-by-side throughput benchmarks (featurize eta, baseline, projection, influence, voting)"),
+    "neighbors": (cmd_neighbors, "FAISS retrieval: most influential train samples per target sample, and back"),
     "demo": (cmd_demo, "generate the demo data and run the pipeline on it with the tiny model"),
 }
 
@@ -221,6 +254,11 @@ def make_parser() -> argparse.ArgumentParser:
             from icons_fast.bench import add_arguments
 
             add_arguments(p)
+        if name == "neighbors":
+            p.add_argument("--m", type=int, default=10, help="neighbours per sample (default 10)")
+            p.add_argument("--task", help="only this task")
+            p.add_argument("--train-index", type=int, action="append", help="also list targets served by this pool sample (repeatable)")
+            p.add_argument("--json", help="write the result here instead of printing it")
         if name == "demo":
             p.add_argument("--quick", action="store_true", help="a smaller demo (used by the tests)")
     return parser

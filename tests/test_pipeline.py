@@ -133,3 +133,38 @@ def test_every_command_has_help(command, capsys):
         make_parser().parse_args([command, "--help"])
     assert exc.value.code == 0
     assert "--config" in capsys.readouterr().out
+
+
+def test_neighbors_retrieval_both_ways(finished_run, tmp_path):
+    """icons-fast neighbors: per target its most influential pool samples, per pool sample its targets,
+    checked against a brute-force cosine over the stored features."""
+    import torch
+
+    from icons_fast.features.store import FeatureStore
+
+    out = str(tmp_path / "nb.json")
+    rc = main(["neighbors", "--config", os.path.join(finished_run.out, "config.json"), "--out", finished_run.out,
+               "--task", "color", "--m", "3", "--train-index", "5", "--train-index", "17", "--json", out])
+    assert rc == 0
+    res = json.load(open(out))
+    ckpt = res["checkpoint"]
+    feats = os.path.join(finished_run.out, "features", ckpt)
+    tr_idx, tr_ids, tr, _ = FeatureStore.open(os.path.join(feats, "train")).load()
+    tg_idx, tg_ids, tg, _ = FeatureStore.open(os.path.join(feats, "target-color")).load()
+    tr = torch.nn.functional.normalize(tr.float(), dim=1)
+    tg = torch.nn.functional.normalize(tg.float(), dim=1)
+    sims = tg @ tr.T  # [M, N]
+    per_target = res["tasks"]["color"]["per_target"]
+    assert [p["index"] for p in per_target] == tg_idx.tolist()
+    for j, p in enumerate(per_target):
+        got = [nb["score"] for nb in p["neighbors"]]
+        want = torch.topk(sims[j], 3).values.tolist()
+        assert np.allclose(got, want, atol=1e-5)
+        for nb in p["neighbors"]:
+            assert tr_ids[list(tr_idx).index(nb["index"])] == nb["id"]
+    per_train = res["tasks"]["color"]["per_train"]
+    assert [p["index"] for p in per_train] == [5, 17]
+    for p in per_train:
+        want = torch.topk(sims[:, list(tr_idx).index(p["index"])], 3).values.tolist()
+        assert np.allclose([nb["score"] for nb in p["neighbors"]], want, atol=1e-5)
+    assert os.path.exists(os.path.join(feats, "target-color", "faiss.index"))

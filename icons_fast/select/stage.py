@@ -91,13 +91,16 @@ def check_complete(store, n: int, errors_path: str, what: str) -> None:
 
 
 def _target_features(layout: RunLayout, ckpt: str, split: str) -> torch.Tensor:
-    feats = _open_store(layout.features(ckpt, split)).load()[2]
-    if len(feats) == 0:
+    """A target split's features ``[M, k]``, read through its FAISS index (``select.neighbors``)."""
+    from icons_fast.select.neighbors import target_vectors
+
+    path = layout.features(ckpt, split)
+    if sum(e["rows"] for e in _open_store(path).entries()) == 0:
         raise ValueError(
             f"target split {split!r} has no usable sample under {ckpt}: every one was excluded "
             f"(see {layout.errors(split)}); fix the target file or its image folder (--target-image-folder)"
         )
-    return feats
+    return target_vectors(path)
 
 
 def aligned_blocks(stores: list, block_size: int, keep: np.ndarray):
