@@ -28,7 +28,7 @@ import sys
 import warnings
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -153,17 +153,8 @@ setup(
     version="0.1.0",
     description="GPU-kernel-optimised gradient-influence data selection (ICONS)",
     python_requires=">=3.10",
-    packages=[
-        "icons_fast",
-        "icons_fast.data",
-        "icons_fast.model",
-        "icons_fast.train",
-        "icons_fast.features",
-        "icons_fast.select",
-        "icons_fast.ops",
-        "icons_fast.compat",
-        "icons_fast.kernels",
-    ],
+    # every subpackage of icons_fast, plus kernels/ installed as icons_fast.kernels
+    packages=find_packages(include=["icons_fast", "icons_fast.*"]) + ["icons_fast.kernels"],
     package_dir={"icons_fast.kernels": "kernels"},
     ext_modules=[cpu_extension()],
     cmdclass={"build_ext": BuildExt},
