@@ -77,7 +77,8 @@ def test_store_to_less_is_exact_and_refuses_gaps(tmp_path):
     gappy = _store(str(tmp_path / "gap"), torch.tensor(f[[0, 1, 3]]), n[[0, 1, 3]].astype(np.float32), [0, 1, 3], 4)
     with pytest.raises(ValueError, match="first missing index 2"):
         less.store_to_less(gappy, str(tmp_path / "out2"))
-    assert less.read_less_grads(less.store_to_less(gappy, str(tmp_path / "out3"), allow_missing=True)["orig"]).shape == (3, 6)
+    partial = less.store_to_less(gappy, str(tmp_path / "out3"), allow_missing=True)
+    assert less.read_less_grads(partial["orig"]).shape == (3, 6)
 
 
 # --------------------------------------------------------------------------- LESS scores
@@ -91,7 +92,8 @@ def test_less_scores_from_files_equal_less_by_hand(tmp_path):
     train_np = [_unit_np(rng.normal(size=(n, k)))[0] for _ in lrs]
     val_np = [_unit_np(rng.normal(size=(s * per, k)))[0] for _ in lrs]
     for c, step in enumerate((105, 211)):
-        less.write_less_grads(less.less_grad_dir(str(tmp_path), "dolly", step, "adam"), torch.tensor(train_np[c]).float())
+        folder = less.less_grad_dir(str(tmp_path), "dolly", step, "adam")
+        less.write_less_grads(folder, torch.tensor(train_np[c]).float())
         less.write_less_grads(less.less_grad_dir(str(tmp_path), "mmlu", step, "sgd"), torch.tensor(val_np[c]).float())
     train = [less.read_less_grads(less.less_grad_dir(str(tmp_path), "dolly", c, "adam")) for c in (105, 211)]
     val = [less.read_less_grads(less.less_grad_dir(str(tmp_path), "mmlu", c, "sgd")) for c in (105, 211)]
@@ -103,7 +105,8 @@ def test_less_scores_from_files_equal_less_by_hand(tmp_path):
         sub_means = []
         for j in range(s):
             rows = range(j * per, (j + 1) * per)
-            sub_means.append(np.mean([sum(w[c] * float(train_np[c][i] @ val_np[c][v]) for c in range(2)) for v in rows]))
+            sims = [sum(w[c] * float(train_np[c][i] @ val_np[c][v]) for c in range(2)) for v in rows]
+            sub_means.append(np.mean(sims))
         by_hand[i] = max(sub_means)
     np.testing.assert_allclose(got.double().numpy(), by_hand, rtol=1e-5, atol=1e-6)  # files are fp32
     np.testing.assert_allclose(less.less_scores_ref(train, val, lrs, s), by_hand, rtol=1e-5, atol=1e-6)
@@ -253,7 +256,8 @@ def test_trak_seed_consistency(seed):
     assert torch.equal(first, proj.project(g, model_id=0))
     assert torch.equal(first, TRAKProjector(1001, 128, seed=seed, dtype=torch.float16).project(g, model_id=0))
     assert not torch.allclose(first, proj.project(g, model_id=1))
-    assert not torch.allclose(first, TRAKProjector(1001, 128, seed=seed + 1, dtype=torch.float16).project(g, model_id=0))
+    other = TRAKProjector(1001, 128, seed=seed + 1, dtype=torch.float16)
+    assert not torch.allclose(first, other.project(g, model_id=0))
 
 
 def test_trak_jl_bounds():
@@ -318,7 +322,8 @@ class _MaterialisedProjector:
         self.proj_type, self.device = "rademacher", "cpu"
 
     def project(self, grads, model_id):
-        return (project_ref(grads, self.proj_dim, effective_seed(self.seed, model_id)) * math.sqrt(self.proj_dim)).float()
+        ref = project_ref(grads, self.proj_dim, effective_seed(self.seed, model_id))
+        return (ref * math.sqrt(self.proj_dim)).float()
 
     def free_memory(self):
         pass

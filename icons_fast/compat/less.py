@@ -287,7 +287,8 @@ def write_sorted_csv(path: str, scores_by_file: Mapping[str, object]) -> str:
     """
     if os.path.isdir(path):
         path = os.path.join(path, SORTED_CSV)
-    lines = [CSV_HEADER] + [f"{name}, {index}, {round(score, 6)}" for name, index, score in _sorted_rows(scores_by_file)]
+    rows = _sorted_rows(scores_by_file)
+    lines = [CSV_HEADER] + [f"{name}, {index}, {round(score, 6)}" for name, index, score in rows]
     _atomic_text(path, "\n".join(lines) + "\n")
     return path
 
@@ -352,8 +353,9 @@ def write_less_selection(output_path: str, target_task: str, scores_by_file: Map
     records = {}
     for (name, s), path in zip(scores_by_file.items(), train_files):
         records[name] = _records(path)
-        if len(records[name]) < len(np.asarray(s).reshape(-1)):
-            raise ValueError(f"{path} has {len(records[name])} records but {name} has {len(np.asarray(s).reshape(-1))} scores")
+        n_scores = len(np.asarray(s).reshape(-1))
+        if len(records[name]) < n_scores:
+            raise ValueError(f"{path} has {len(records[name])} records but {name} has {n_scores} scores")
     paths["top"] = os.path.join(folder, top_file_name(percentage, max_samples))
     _atomic_text(paths["top"], "".join(records[name][i] + "\n" for name, i, _ in rows[:count]))
     return paths

@@ -156,7 +156,7 @@ mean_rule = _combine_rule("mean", "Top budget by the mean over tasks of the raw 
 max_rule = _combine_rule("max", "Top budget by the max over tasks of the raw scores.")
 rank_rule = _combine_rule("rank", "Top budget by the mean over tasks of the percentile ranks.")
 znorm_rule = _combine_rule("znorm", "Top budget by the mean over tasks of the z-scores.")
-less_rule = _combine_rule("max", "LESS: max over tasks (as LESS's max over subtasks) of mean-cosine scores, top budget.")
+less_rule = _combine_rule("max", "LESS: top budget by the max over tasks (LESS's subtask max) of mean cosines.")
 less_rule.__name__ = "less_rule"
 tracin_rule = _combine_rule("mean", "TracIn: top budget by the task mean of ``tracin_scores`` output.")
 tracin_rule.__name__ = "tracin_rule"
@@ -218,7 +218,7 @@ def select_by_rule(name: str, scores, task_names=None, budget=0.2, valid=None, s
 # --------------------------------------------------------------------------- TracIn scores
 
 
-def _target_means(targets: Mapping, with_norms) -> tuple[torch.Tensor, list[int], list[str]]:
+def _target_means(targets: Mapping) -> tuple[torch.Tensor, list[int], list[str]]:
     """Per subtask ``mean_v n(v) f(v)`` (float64 ``[S, k]``), task index per subtask, task names.
 
     ``targets``: task -> (features [M, k], norms [M]) or task -> {subtask: (features, norms)}.
@@ -228,7 +228,7 @@ def _target_means(targets: Mapping, with_norms) -> tuple[torch.Tensor, list[int]
         subs = value.values() if isinstance(value, Mapping) else [value]
         names.append(str(task))
         for pair in subs:
-            feats, norms = with_norms(pair, f"target task {task!r}")
+            feats, norms = _pair(pair, f"target task {task!r}")
             rows.append((feats * norms[:, None]).mean(dim=0))
             seg_task.append(t)
     if not rows:
@@ -275,7 +275,7 @@ def tracin_scores(train, train_norms, targets, checkpoint_weights=None, block_si
     weights = checkpoint_weights_normalised(checkpoint_weights, len(trains))
     acc, seg_task, names = None, None, None
     for c, (x, nrm, tg) in enumerate(zip(trains, norms, per_ckpt)):
-        means, seg, nm = _target_means(tg, _pair)
+        means, seg, nm = _target_means(tg)
         if names is not None and (nm != names or seg != seg_task):
             raise ValueError(f"targets for checkpoint {c} have tasks {nm}; checkpoint 0 has {names}")
         names, seg_task = nm, seg
@@ -356,7 +356,7 @@ def run_tracin_scores(cfg, run_dir: str, block_size: int = 8192) -> tuple[np.nda
                     raise ValueError(f"target split {split!r} has no usable sample under {ckpt}")
                 pairs[sub] = (feats, norms)
             targets[task] = pairs[None] if list(pairs) == [None] else pairs
-        means, seg_task, names = _target_means(targets, _pair)
+        means, seg_task, names = _target_means(targets)
         if acc is None:
             acc = np.zeros((n, means.shape[0]))
         for idx, _ids, feats, norms in tqdm(store.iter_blocks(block_size), desc=f"tracin {ckpt}", unit="block"):
