@@ -204,6 +204,13 @@ def cmd_bench(args):
     return run(args)
 
 
+def cmd_report(args):
+    from icons_fast.report import write_report
+
+    # --out (shared with every command) is where the report goes here; default RUN_DIR/report.
+    print(write_report(args.run_dir, out_dir=args.out, selection=args.selection))
+
+
 def _not_yet(issue: int):
     def cmd(args):
         print(f"this command is not built yet (tracked in issue {issue})", file=sys.stderr)
@@ -220,7 +227,7 @@ COMMANDS = {
     "run": (cmd_run, "warmup, featurize, influence and select in one go (resumable)"),
     "train": (cmd_train, "fine-tune (LoRA, or every parameter) on a subset; saves OUT/model"),
     "evaluate": (cmd_evaluate, "per-task accuracy and answer loss of a trained model"),
-    "report": (_not_yet(10), "plots and an HTML page for a run directory"),
+    "report": (cmd_report, "plots and an HTML page for a run directory (RUN_DIR/report, or --out DIR)"),
     "bench": (cmd_bench, "side-by-side throughput benchmarks (featurize eta, baseline, projection, influence, voting)"),
     "neighbors": (cmd_neighbors, "FAISS retrieval: most influential train samples per target sample, and back"),
     "demo": (cmd_demo, "generate the demo data and run the pipeline on it with the tiny model"),
@@ -259,6 +266,10 @@ def make_parser() -> argparse.ArgumentParser:
             p.add_argument("--task", help="only this task")
             p.add_argument("--train-index", type=int, action="append", help="also list targets served by this pool sample (repeatable)")
             p.add_argument("--json", help="write the result here instead of printing it")
+        if name == "report":
+            p.add_argument("run_dir", help="the run directory to report on")
+            p.add_argument("--selection", help="a folder under RUN_DIR/selection (specialist-TASK, rule-NAME); "
+                                               "default: the vote's")
         if name == "demo":
             p.add_argument("--quick", action="store_true", help="a smaller demo (used by the tests)")
     return parser
