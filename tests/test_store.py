@@ -282,3 +282,25 @@ def test_normalize_rows_matches_reference():
         bad[11] = poison
         with pytest.raises(ValueError, match="row 11 "):
             normalize_rows(bad)
+
+
+def test_int8_store_round_trip_within_quantisation_error(tmp_path):
+    """int8 stores keep a per-row scale; reads give float32 within half a step of the written rows."""
+    from icons_fast.features.store import normalize_rows, quantize_int8
+
+    g = torch.randn(23, 37, generator=torch.Generator().manual_seed(5)) * 3
+    f, norms = normalize_rows(g, "int8")
+    assert f.dtype == torch.float32
+    store = FeatureStore(str(tmp_path / "s"), {"model": "m"}, 37, dtype="int8")
+    idx = np.arange(23, dtype=np.int64)
+    store.write_shard(0, 10, idx[:10], [f"s{i}" for i in range(10)], f[:10], norms[:10])
+    store.write_shard(10, 25, idx[10:], [f"s{i}" for i in range(10, 23)], f[10:], norms[10:])
+    got_idx, ids, feats, got_norms = store.load()
+    assert feats.dtype == torch.float32 and np.array_equal(got_idx, idx)
+    _, scale = quantize_int8(f)
+    err = (feats - f).abs().amax(dim=1)
+    assert torch.all(err <= scale / 2 + 1e-7)
+    assert float(err.max()) > 0  # it really is quantised
+    blocks = list(store.iter_blocks(7))
+    assert torch.equal(torch.cat([b[2] for b in blocks]), feats)
+    np.testing.assert_array_equal(got_norms, norms)

@@ -44,7 +44,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 ENTRIES_DIR = "entries"
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8}
 _DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
 
 _HASH_CHUNK = 1 << 20  # bytes read per sha256 update: bounded memory on large shards
@@ -111,7 +111,9 @@ def normalize_rows(g: torch.Tensor, dtype="float16") -> tuple[torch.Tensor, np.n
             f"row {row} of the feature batch has norm {float(norms[row])} (zero or non-finite gradient); "
             f"{int(bad.sum())} bad row(s) in total: record them as bad samples and leave them out"
         )
-    f = (g32 / norms[:, None]).to(DTYPES[canonical_dtype(dtype)])
+    name = canonical_dtype(dtype)
+    # int8 is quantised per row when the shard is written; until then rows stay float32
+    f = (g32 / norms[:, None]).to(torch.float32 if name == "int8" else DTYPES[name])
     return f, norms.cpu().numpy().astype(np.float32)
 
 
@@ -120,6 +122,21 @@ def normalize_rows_ref(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     g64 = np.asarray(g, dtype=np.float64)
     norms = np.sqrt((g64 * g64).sum(axis=1))
     return g64 / norms[:, None], norms
+
+
+def quantize_int8(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: ``q = round(f / s)``, ``s = max|f_row| / 127``.
+
+    f: float ``[n, k]`` with non-zero rows. Returns ``(q int8 [n, k], s float32 [n])``;
+    ``q * s[:, None]`` reconstructs f to within ``s / 2`` per entry. Halves the
+    disk and bandwidth of fp16 features (the native influence op reads int8 +
+    scale directly); its effect on the selection is measured in
+    ``benchmarks/bench_int8.py``.
+    """
+    f = f.float()
+    s = f.abs().amax(dim=1) / 127.0
+    q = torch.round(f / s[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, s
 
 
 def _fsync_dir(path: str) -> None:
@@ -350,7 +367,7 @@ class FeatureStore:
                 raise OverlappingShards(f"sample index {idx[dup[0]]} appears twice in shard [{start}, {end})")
             ids = [ids[i] for i in order]
             nrm = nrm[order]
-            feats = feats[torch.from_numpy(order)].to(self.torch_dtype).contiguous()
+            feats = feats[torch.from_numpy(order)]
             bad = ~torch.isfinite(feats.float()).all(dim=1)
             bad_n = ~np.isfinite(nrm) | (nrm <= 0)
             if bool(bad.any()) or bad_n.any():
@@ -359,8 +376,12 @@ class FeatureStore:
                     f"sample {idx[i]} (id {ids[i]!r}) has a non-finite feature or a zero/non-finite norm "
                     f"(in {self.dtype}); record it as a bad sample instead of storing it"
                 )
+        tensors = {"indices": torch.from_numpy(idx), "norms": torch.from_numpy(nrm)}
+        if self.dtype == "int8":
+            q, scale = quantize_int8(feats) if n else (feats.to(torch.int8), torch.zeros(0))
+            tensors.update(features=q.contiguous(), scales=scale.float().contiguous())
         else:
-            feats = feats.to(self.torch_dtype)
+            tensors["features"] = feats.to(self.torch_dtype).contiguous()
         if self.is_done(start, end) and not overwrite:
             raise ValueError(f"shard [{start}, {end}) is already written in {self.root}; pass overwrite=True to redo it")
         # Best-effort early refusal of an overlapping range (readers check again, authoritatively):
@@ -374,8 +395,7 @@ class FeatureStore:
         absent = [i for i in range(start, end) if i not in present]
         meta = {"format": FORMAT, "start": str(start), "end": str(end), "ids": json.dumps(ids),
                 "fingerprint_id": self.fingerprint_id}
-        blob = st_save({"indices": torch.from_numpy(idx), "features": feats, "norms": torch.from_numpy(nrm)},
-                       metadata=meta)
+        blob = st_save(tensors, metadata=meta)
         entry = {
             "name": name, "file": name + ".safetensors", "start": start, "end": end, "rows": n,
             "ids": ids, "absent": absent, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob),
@@ -476,7 +496,7 @@ class FeatureStore:
         return entries
 
     def _open_shard(self, e: dict, verify: bool):
-        """Verify ``e``'s file and return (path, indices, ids, norms); features are sliced lazily."""
+        """Verify ``e``'s file and return (path, indices, ids, norms, int8 scales or None); features are sliced lazily."""
         path = os.path.join(self.root, e["file"])
         if not os.path.exists(path):
             raise CorruptShard(f"shard {path} has a manifest entry but no file; delete "
@@ -493,6 +513,7 @@ class FeatureStore:
             idx = f.get_tensor("indices").numpy()
             norms = f.get_tensor("norms").numpy()
             shape = f.get_slice("features").get_shape()
+            scales = f.get_tensor("scales") if self.dtype == "int8" else None
         ids = json.loads(meta.get("ids", "[]"))
         n = e["rows"]
         if (idx.shape != (n,) or norms.shape != (n,) or list(shape) != [n, self.proj_dim] or len(ids) != n
@@ -502,14 +523,14 @@ class FeatureStore:
                 f"shard {path} does not match its manifest entry (rows, indices, ids, shape or fingerprint); "
                 f"delete it and rerun featurize"
             )
-        return path, idx, ids, norms
+        return path, idx, ids, norms, scales
 
     def iter_blocks(self, block_size: int, verify: bool = True
                     ) -> Iterator[tuple[np.ndarray, list[str], torch.Tensor, np.ndarray]]:
         """Stream all rows in sample-index order as blocks of ``block_size`` rows (the last may be shorter).
 
-        Yields ``(indices ndarray[n] int64, ids list[str], features Tensor[n, k] store dtype,
-        norms ndarray[n] float32)`` with ``n <= block_size``. One shard is open at a time and
+        Yields ``(indices ndarray[n] int64, ids list[str], features Tensor[n, k] store dtype
+        (float32, dequantized, for an int8 store), norms ndarray[n] float32)`` with ``n <= block_size``. One shard is open at a time and
         features are sliced from the memory-mapped file, so memory stays ~ one shard's
         indices/norms plus one block.
         """
@@ -521,7 +542,7 @@ class FeatureStore:
         for e in self._checked_entries():
             if e["rows"] == 0:
                 continue
-            path, idx, ids, norms = self._open_shard(e, verify)
+            path, idx, ids, norms, scales = self._open_shard(e, verify)
             if idx[0] <= last:  # unreachable with disjoint ranges and checked files; kept as a guard
                 raise OverlappingShards(f"sample index {idx[0]} in {path} was already read from an earlier shard")
             last = int(idx[-1])
@@ -530,7 +551,8 @@ class FeatureStore:
                 pos = 0
                 while pos < len(idx):
                     take = min(block_size - n_pend, len(idx) - pos)
-                    pend.append((idx[pos:pos + take], ids[pos:pos + take], fs[pos:pos + take], norms[pos:pos + take]))
+                    rows = _dequantize(fs[pos:pos + take], scales, pos)
+                    pend.append((idx[pos:pos + take], ids[pos:pos + take], rows, norms[pos:pos + take]))
                     n_pend += take
                     pos += take
                     if n_pend == block_size:
@@ -543,12 +565,12 @@ class FeatureStore:
         """All rows, sorted by sample index: ``(indices [N] int64, ids, features Tensor[N, k], norms [N] float32)``."""
         parts = []
         for e in self._checked_entries():
-            path, idx, ids, norms = self._open_shard(e, verify)
+            path, idx, ids, norms, scales = self._open_shard(e, verify)
             with safe_open(path, framework="pt") as f:
-                parts.append((idx, ids, f.get_tensor("features"), norms))
+                parts.append((idx, ids, _dequantize(f.get_tensor("features"), scales, 0), norms))
         if not parts:
-            return (np.zeros(0, np.int64), [], torch.zeros(0, self.proj_dim, dtype=self.torch_dtype),
-                    np.zeros(0, np.float32))
+            dt = torch.float32 if self.dtype == "int8" else self.torch_dtype
+            return (np.zeros(0, np.int64), [], torch.zeros(0, self.proj_dim, dtype=dt), np.zeros(0, np.float32))
         out = _concat(parts)
         if out[0].size > 1 and not (np.diff(out[0]) > 0).all():
             i = int(np.nonzero(np.diff(out[0]) <= 0)[0][0])
@@ -557,6 +579,13 @@ class FeatureStore:
 
     def __repr__(self) -> str:
         return f"FeatureStore({self.root!r}, proj_dim={self.proj_dim}, dtype={self.dtype}, fingerprint={self.fingerprint_id})"
+
+
+def _dequantize(rows: torch.Tensor, scales: torch.Tensor | None, offset: int) -> torch.Tensor:
+    """Rows of an int8 shard as float32 (``q * scale``); other dtypes pass through."""
+    if scales is None:
+        return rows
+    return rows.float() * scales[offset:offset + rows.shape[0], None]
 
 
 def _concat(parts):
