@@ -34,6 +34,7 @@ from icons_fast import report_plots as plots
 from icons_fast.rundir import RunLayout
 
 N_EXAMPLES = 20  # selected records shown in the page
+MAX_TABLE_TASKS = 20  # the overlap matrix is also given as a table up to this many tasks
 
 
 # ---------------------------------------------------------------- reading the run directory
@@ -218,7 +219,7 @@ body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; mar
 h1 { font-size: 24px; } h2 { font-size: 19px; border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 32px; }
 table { border-collapse: collapse; margin: 8px 0; font-size: 14px; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }
-th { background: #f2f2f2; } td.num { text-align: right; }
+th { background: #f2f2f2; }
 .grid { display: flex; flex-wrap: wrap; gap: 8px; } img { border: 1px solid #eee; max-width: 100%; }
 pre { background: #f7f7f7; padding: 8px; font-size: 13px; overflow-x: auto; } .note { color: #666; }
 """
@@ -294,15 +295,19 @@ def write_report(run_dir: str, out_dir: str | None = None, selection: str | None
     sel_v = [int(((votes == k) & valid & is_sel).sum()) for k in levels]
     plots.bar_chart(os.path.join(out_dir, "votes.png"), [str(k) for k in levels],
                     [("pool", pool_v, plots.POOL_COLOR), ("selected", sel_v, plots.SELECTED_COLOR)],
-                    f"votes per sample (top {p:.3g}% of each of {n_tasks} task(s))", "votes", "samples")
+                    f"votes per sample (top {p:.3g}% of each of {n_tasks} task(s))", "votes", "samples", integer=True)
     sections.append("<h2>Votes</h2>" + _img("votes.png", "vote histogram")
                     + _table(["votes", "pool", "selected"], [[k, a, b] for k, a, b in zip(levels, pool_v, sel_v)][::-1]))
 
     # (3) Overlap of the per-task top sets.
-    plots.heatmap(os.path.join(out_dir, "overlap.png"), overlap_matrix(top), names, names,
+    overlap = overlap_matrix(top)
+    plots.heatmap(os.path.join(out_dir, "overlap.png"), overlap, names, names,
                   "overlap of per-task top sets: |top_a & top_b| / |top_a|", "task b", "task a")
     sections.append("<h2>Task overlap</h2><p>Row <i>a</i>, column <i>b</i>: the share of task <i>a</i>'s top "
                     f"{p:.4g}% that is also in task <i>b</i>'s.</p>" + _img("overlap.png", "task overlap"))
+    if n_tasks <= MAX_TABLE_TASKS:
+        sections.append(_table(["top set of", "size"] + names,
+                               [[a, int(top[:, i].sum())] + [f"{v:.3f}" for v in overlap[i]] for i, a in enumerate(names)]))
 
     # (4) Composition by source, and the demo's ground truth.
     sections.append(_composition(run, is_sel, out_dir))
@@ -381,7 +386,7 @@ def _excluded(run: dict, out_dir: str) -> str:
         series = [(split, [counts[split][c] for c in codes], plots.PALETTE[i % len(plots.PALETTE)])
                   for i, split in enumerate(splits)]
         plots.bar_chart(os.path.join(out_dir, "excluded.png"), codes, series, "excluded samples by reason",
-                        "reason code", "samples")
+                        "reason code", "samples", integer=True)
         rows = [[split, code, counts[split][code], REASONS.get(code, "")] for split in splits for code in codes
                 if counts[split][code]]
         out += [_img("excluded.png", "excluded samples by reason"),

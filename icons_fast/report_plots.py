@@ -54,11 +54,12 @@ def text_size(s: str, size: int = 12) -> tuple[int, int]:
     return right - left, bottom - top
 
 
-def nice_ticks(lo: float, hi: float, n: int = 5) -> tuple[list[float], float]:
+def nice_ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> tuple[list[float], float]:
     """About ``n`` round tick values covering ``[lo, hi]`` and their step.
 
     The step is 1, 2, 2.5 or 5 times a power of ten, the first tick is the
     largest multiple of the step <= ``lo`` and the last the smallest >= ``hi``.
+    ``integer`` (an axis of counts): the step is a whole number, at least 1.
     """
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"tick range must be finite, got [{lo}, {hi}]")
@@ -68,6 +69,8 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> tuple[list[float], float]:
     raw = (hi - lo) / max(n, 1)
     mag = 10.0 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw * (1 - 1e-9))
+    if integer:
+        step = max(1.0, float(math.ceil(step)) if step != 2.5 else 2.0)
     first = math.floor(lo / step + 1e-9) * step
     count = int(math.ceil((hi - first) / step - 1e-9)) + 1
     return [first + i * step for i in range(count)], step
@@ -223,14 +226,15 @@ def histogram(path: str, edges, series: Sequence[tuple[str, Sequence[float], tup
     xs = list(edges) + [x for _, x, _ in vlines]
     ymax = max([float(np.max(c)) for _, c, _ in series if len(c)] + [1.0])
     xticks, xstep = nice_ticks(min(xs), max(xs), 5)
-    yticks, ystep = nice_ticks(0.0, ymax, 5)
+    yticks, ystep = nice_ticks(0.0, ymax, 5, integer=True)
     fig.set_limits(min(min(xs), xticks[0]), max(max(xs), xticks[-1]), 0.0, yticks[-1])
     fig.y_axis(yticks, ystep, ylabel)
     for _, counts, colour in series:
         for lo, hi, c in zip(edges[:-1], edges[1:], counts):
             if c > 0:
-                x_a, x_b = fig.px(lo), fig.px(hi)
-                fig.draw.rectangle([x_a, fig.py(c), max(x_a, x_b - 1), fig.bottom], fill=colour)
+                x_a, x_b = round(fig.px(lo)), round(fig.px(hi))
+                gap = 1 if x_b - x_a >= 4 else 0  # a white pixel column between bars that are wide enough
+                fig.draw.rectangle([x_a + gap, fig.py(c), max(x_a + gap, x_b - 1), fig.bottom], fill=colour)
     for _, x, colour in vlines:
         fig.draw.line([(fig.px(x), fig.top), (fig.px(x), fig.bottom)], fill=colour, width=2)
     fig.x_axis(xticks, xstep, xlabel)
@@ -241,17 +245,17 @@ def histogram(path: str, edges, series: Sequence[tuple[str, Sequence[float], tup
 
 def bar_chart(path: str, categories: Sequence[str], series: Sequence[tuple[str, Sequence[float], tuple]],
               title: str, xlabel: str, ylabel: str, value_format: str = "{:g}",
-              size: tuple[int, int] = BAR_SIZE) -> str:
+              size: tuple[int, int] = BAR_SIZE, integer: bool = False) -> str:
     """Grouped bars: one group per category, one bar per series (label, values [C], colour).
 
     Each bar carries its value (``value_format``) above it when the bar is
-    wide enough for the text.
+    wide enough for the text. ``integer``: the values are counts (whole-number ticks).
     """
     n_cat, n_ser = len(categories), max(len(series), 1)
     slot = (size[0] - 64 - 20) / max(n_cat, 1)
     fig = Figure(size, title, margins=(64, 56, 20, _bottom_margin(categories, slot)))
     ymax = max([float(np.max(v)) for _, v, _ in series if len(v)] + [0.0]) or 1.0
-    yticks, ystep = nice_ticks(0.0, ymax * 1.08, 5)  # headroom for the value labels
+    yticks, ystep = nice_ticks(0.0, ymax * 1.08, 5, integer)  # headroom for the value labels
     fig.set_limits(0.0, float(max(n_cat, 1)), 0.0, yticks[-1])
     fig.y_axis(yticks, ystep, ylabel)
     bar_w = (fig.px(1) - fig.px(0)) * 0.8 / n_ser
