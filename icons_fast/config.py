@@ -131,14 +131,10 @@ class Config:
 
     def save(self, run_dir: str) -> str:
         """Write ``run_dir/config.json`` (resolved config + fingerprint) atomically."""
-        os.makedirs(run_dir, exist_ok=True)
-        path = os.path.join(run_dir, "config.json")
+        from icons_fast.fileio import atomic_json
+
         payload = {"fingerprint": self.fingerprint(), "config": self.to_dict()}
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-        return path
+        return atomic_json(os.path.join(run_dir, "config.json"), payload, sort_keys=True)
 
     # ------------------------------------------------------------ overrides
     def override(self, updates: dict[str, Any]) -> "Config":

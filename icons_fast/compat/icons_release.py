@@ -29,18 +29,15 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from icons_fast.fileio import atomic_write
+
 INDICES_FILE = "vote_top_indices.txt"
 SELECTED_FILE = "vote_selected_data.json"
 SCORE_SUFFIX = "_influence_score.pt"
 
 
 def _atomic_text(path: str, text: str) -> str:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: f.write(text))
 
 
 def release_order(indices, votes) -> np.ndarray:
@@ -156,9 +153,7 @@ def write_icons_influence(base: str, matrices: Mapping[str, object], tag: str = 
                 raise ValueError(f"influence matrix of {task}/{sub} has shape {tuple(m.shape)}; expected [N, M]")
             path = (os.path.join(folder, f"{task}{SCORE_SUFFIX}") if sub is None
                     else os.path.join(folder, str(sub), f"{sub}{SCORE_SUFFIX}"))
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.save(m, path + ".tmp")
-            os.replace(path + ".tmp", path)
+            atomic_write(path, lambda f, m=m: torch.save(m, f), mode="wb")
             written.append(path)
     return written
 

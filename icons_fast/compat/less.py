@@ -40,6 +40,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from icons_fast.fileio import atomic_write
 from icons_fast.select.influence import checkpoint_weights_normalised
 
 ORIG = "all_orig.pt"
@@ -57,18 +58,11 @@ def less_grad_dir(root: str, name: str, ckpt, gradient_type: str = "adam") -> st
 
 
 def _atomic_torch_save(obj, path: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(obj, f), mode="wb")
 
 
 def _atomic_text(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text))
 
 
 # --------------------------------------------------------------------------- gradient files

@@ -62,9 +62,6 @@ def has_image(record) -> bool:
 
 def save_records(records: list, path: str) -> None:
     """Write ``records`` as a json list, atomically (temp file + rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(records, f, ensure_ascii=False, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    from icons_fast.fileio import atomic_write
+
+    atomic_write(path, lambda f: (json.dump(records, f, ensure_ascii=False, indent=1), f.write("\n")))

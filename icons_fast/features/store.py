@@ -39,6 +39,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
+from icons_fast.fileio import atomic_write_bytes, fsync_dir
+
 FORMAT = "icons-fast-features"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -137,38 +139,6 @@ def quantize_int8(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = f.abs().amax(dim=1) / 127.0
     q = torch.round(f / s[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, s
-
-
-def _fsync_dir(path: str) -> None:
-    """fsync a directory so a rename inside it survives a crash (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a unique temp file in the same directory, fsync, rename."""
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; features are shared read-only data
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(d)
 
 
 def _json_bytes(obj) -> bytes:
@@ -284,7 +254,7 @@ class FeatureStore:
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         with open(path) as f:
             try:
                 existing = json.load(f)
@@ -406,9 +376,9 @@ class FeatureStore:
         epath = self.entry_path(start, end)
         if os.path.exists(epath):
             os.unlink(epath)
-            _fsync_dir(os.path.dirname(epath))
-        _atomic_write_bytes(self.shard_path(start, end), blob)
-        _atomic_write_bytes(epath, _json_bytes(entry))
+            fsync_dir(os.path.dirname(epath))
+        atomic_write_bytes(self.shard_path(start, end), blob)
+        atomic_write_bytes(epath, _json_bytes(entry))
         return entry
 
     # ------------------------------------------------------------------ state
@@ -486,7 +456,7 @@ class FeatureStore:
             if not os.path.exists(path) or os.path.getsize(path) != e["bytes"]:
                 raise CorruptShard(f"shard {path} is missing or has the wrong size; delete its entry and rerun featurize")
         manifest = {**self._header(), "entries": entries, "rows": int(sum(e["rows"] for e in entries))}
-        _atomic_write_bytes(self.manifest_path, _json_bytes(manifest))
+        atomic_write_bytes(self.manifest_path, _json_bytes(manifest))
         return manifest
 
     # ------------------------------------------------------------------ reading

@@ -16,28 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-
-def _atomic_write(path: str, write: Callable, mode: str = "w") -> str:
-    """Call ``write(f)`` on a temp file next to ``path``, then ``os.replace`` it onto ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+from icons_fast.fileio import atomic_write
 
 
 def _jsonable(x):
@@ -165,15 +149,15 @@ def export_selection(
     out = lambda name: os.path.join(out_dir, name)  # noqa: E731
     written = {}
     selected = [records[i] for i in idx.tolist()]  # ascending index = original order
-    written["selected"] = _atomic_write(out("selected.json"), lambda f: json.dump(selected, f, ensure_ascii=False))
-    written["indices"] = _atomic_write(out("indices.txt"), lambda f: f.write("".join(f"{i}\n" for i in idx.tolist())))
+    written["selected"] = atomic_write(out("selected.json"), lambda f: json.dump(selected, f, ensure_ascii=False))
+    written["indices"] = atomic_write(out("indices.txt"), lambda f: f.write("".join(f"{i}\n" for i in idx.tolist())))
     if votes is not None:
-        written["votes"] = _atomic_write(out("votes.npy"), lambda f: np.save(f, votes), mode="wb")
+        written["votes"] = atomic_write(out("votes.npy"), lambda f: np.save(f, votes), mode="wb")
     if scores is not None:
-        written["scores"] = _atomic_write(out("scores.npy"), lambda f: np.save(f, scores), mode="wb")
+        written["scores"] = atomic_write(out("scores.npy"), lambda f: np.save(f, scores), mode="wb")
     if task_names is not None:
         names = [str(t) for t in task_names]
-        written["task_names"] = _atomic_write(out("task_names.json"), lambda f: json.dump(names, f, ensure_ascii=False))
+        written["task_names"] = atomic_write(out("task_names.json"), lambda f: json.dump(names, f, ensure_ascii=False))
     summary = {
         "records_path": os.path.abspath(records_path),
         "n_records": n,
@@ -183,7 +167,7 @@ def export_selection(
     }
     if info and "vote_histogram" in info:  # a consensus selection (not e.g. a specialist rule)
         summary["text"] = format_summary(info, task_names)
-    written["summary"] = _atomic_write(out("summary.json"), lambda f: json.dump(summary, f, ensure_ascii=False, indent=2))
+    written["summary"] = atomic_write(out("summary.json"), lambda f: json.dump(summary, f, ensure_ascii=False, indent=2))
     return written
 
 

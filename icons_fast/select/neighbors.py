@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from icons_fast.features.store import FeatureStore
+from icons_fast.fileio import atomic_json
 
 INDEX_FILE = "faiss.index"
 INDEX_META = "faiss.index.json"
@@ -53,10 +54,7 @@ def target_index(feature_dir: str):
     indices, ids, feats, _ = store.load()
     index = build_target_index(feats)
     save_index(index, path)
-    tmp = meta + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"features": digest, "indices": indices.tolist(), "ids": ids}, f)
-    os.replace(tmp, meta)
+    atomic_json(meta, {"features": digest, "indices": indices.tolist(), "ids": ids}, indent=None)
     return index, store
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from icons_fast.config import Config
+from icons_fast.fileio import atomic_json, atomic_npy
 from icons_fast.rundir import RunLayout, target_split
 
 
@@ -194,10 +195,10 @@ def run_influence(cfg: Config, run_dir: str | None = None, block_size: int = 819
     out = np.full((n, len(names)), np.nan, dtype=np.float32)
     out[rows] = scores
     os.makedirs(layout.scores, exist_ok=True)
-    _save_npy(paths["scores"], out)
-    _save_npy(paths["valid"], valid)
+    atomic_npy(paths["scores"], out)
+    atomic_npy(paths["valid"], valid)
     weights = checkpoint_weights_normalised([lr for _, lr in ckpts], len(ckpts))
-    _save_json(paths["task_names"], {"task_names": names, "checkpoints": [c for c, _ in ckpts],
+    atomic_json(paths["task_names"], {"task_names": names, "checkpoints": [c for c, _ in ckpts],
                                      "checkpoint_weights": weights,
                                      "aggregate": cfg.select.aggregate, "inputs_fingerprint": inputs})
     print(f"[influence] {int(valid.sum())} of {n} samples scored against {len(names)} task(s): {names}")
@@ -253,16 +254,3 @@ def run_select(cfg: Config, run_dir: str | None = None, task: str | None = None)
     print(format_summary(info, names) if "vote_histogram" in info else f"[select] {info.get('rule')}: {len(indices)} samples")
     print(f"[select] wrote {out_dir}")
     return paths
-
-
-def _save_npy(path: str, arr: np.ndarray) -> None:
-    tmp = path + ".tmp.npy"
-    np.save(tmp, arr)
-    os.replace(tmp, path)
-
-
-def _save_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)

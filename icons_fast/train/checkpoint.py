@@ -24,15 +24,10 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
+from icons_fast.fileio import atomic_json
+
 MOMENTS_FILE = "optimizer_moments.safetensors"
 STATE_FILE = "state.json"
-
-
-def _atomic_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def optimizer_moments(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
@@ -74,7 +69,7 @@ def save_lora_checkpoint(
         "param_names": list(moments["exp_avg"]),
         **(extra or {}),
     }
-    _atomic_json(os.path.join(tmp, STATE_FILE), state)
+    atomic_json(os.path.join(tmp, STATE_FILE), state, sort_keys=True)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final

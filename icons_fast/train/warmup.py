@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 from icons_fast.config import Config
+from icons_fast.fileio import atomic_json
 from icons_fast.rundir import RunLayout
 from icons_fast.train.checkpoint import list_checkpoints, save_lora_checkpoint
 
@@ -85,10 +86,7 @@ def run_warmup(cfg: Config, run_dir: str | None = None) -> list[str]:
         desc="warmup",
     )
     checkpoints = [c for c in list_checkpoints(layout.warmup) if c in saved]
-    tmp = done_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"fingerprint": fp, "checkpoints": checkpoints, "summary": summary}, f, indent=2)
-    os.replace(tmp, done_path)
+    atomic_json(done_path, {"fingerprint": fp, "checkpoints": checkpoints, "summary": summary})
     print(
         f"[warmup] {summary['steps']} steps, {summary['samples_per_s']:.1f} samples/s, "
         f"{len(summary['excluded'])} sample(s) excluded (see {layout.errors('train')})"
