@@ -14,7 +14,7 @@ def add_arguments(p) -> None:
     p.add_argument("--repeats", type=int, help="timed repeats per provider (default 3, 2 with --quick)")
     p.add_argument("--layers", type=int, help="llava-7b-shape: decoder layers (default 32)")
     p.add_argument("--seq", type=int, help="tokens per sample (default from the config)")
-    p.add_argument("--baseline", default="auto", choices=["auto", "trak", "dense", "none"],
+    p.add_argument("--baseline", default="auto", choices=["auto", "trak", "dense", "ours", "none"],
                    help="projector of the LESS-style baseline (auto: TRAK when installed)")
     p.add_argument("--csv", help="write the rows here")
     p.add_argument("--json", help="write the rows (and the run's settings) here")

@@ -13,8 +13,8 @@ lengths, in one process:
   the Adam formula ``m' / sqrt(v' + eps)`` with the checkpoint moments, and every
   16 samples a projection of the stacked ``[16, P]`` gradients with TRAK's
   projector (``CudaProjector`` where ``fast_jl`` exists, ``BasicProjector``
-  otherwise, block size 128 as LESS configures it). Without ``trak`` installed a
-  stored dense Rademacher matrix stands in (the row's note says which).
+  on the CPU, block size 128 as LESS configures it). Without them a stand-in is
+  used (``make_less_projector``; the row's note says which).
 - ``less-style grads only``: the same loop without the projection (how much of
   the baseline's time is its per-sample backward alone).
 """
@@ -45,7 +45,14 @@ def random_moments(model, seed: int = 0) -> dict:
 def make_less_projector(grad_dim: int, proj_dim: int, device: torch.device, seed: int = 0, prefer: str = "auto"):
     """``(project(grads [n, P]) -> [n, k], description)``: TRAK's projector as LESS sets it up, or a stand-in.
 
-    ``prefer``: "auto" (TRAK when importable, else dense), "trak", "dense".
+    ``prefer``: "auto" | "trak" | "dense" | "ours". "auto" takes, in order: TRAK's
+    ``CudaProjector`` (CUDA with ``fast_jl``; LESS's GPU setting), TRAK's
+    ``BasicProjector`` on the CPU (LESS's fallback), a stored dense Rademacher
+    matrix when it fits in ``DENSE_LIMIT_BYTES``, and last icons-fast's own
+    counter-hash projector (then the baseline differs from ours only by its
+    one-sample-per-step loop: the speed-up shown is a lower bound).
+    TRAK's ``BasicProjector`` is not used on a GPU: it allocates ``[P, 128]`` fp32
+    (41 GB at LLaVA-7B's P = 320M).
     """
     if prefer in ("auto", "trak"):
         try:
@@ -61,19 +68,26 @@ def make_less_projector(grad_dim: int, proj_dim: int, device: torch.device, seed
                     proj = CudaProjector(grad_dim, proj_dim, seed, ProjectionType.rademacher, device,
                                          max_batch_size=PROJECT_INTERVAL)
                     return (lambda g: proj.project(g.to(torch.float16), model_id=0)), "TRAK CudaProjector (fast_jl)"
-                except Exception:  # noqa: BLE001 - fast_jl absent or unusable: fall back as TRAK's factory does
-                    pass
-            proj = BasicProjector(grad_dim, proj_dim, seed, ProjectionType.rademacher, device,
-                                  block_size=TRAK_BLOCK_SIZE, dtype=torch.float32)
-            return (lambda g: proj.project(g, model_id=0)), f"TRAK BasicProjector (block {TRAK_BLOCK_SIZE})"
+                except Exception:  # noqa: BLE001 - fast_jl absent or unusable: the stand-ins below
+                    if prefer == "trak":
+                        raise
+            else:
+                proj = BasicProjector(grad_dim, proj_dim, seed, ProjectionType.rademacher, device,
+                                      block_size=TRAK_BLOCK_SIZE, dtype=torch.float32)
+                return (lambda g: proj.project(g, model_id=0)), f"TRAK BasicProjector (block {TRAK_BLOCK_SIZE})"
     nbytes = grad_dim * proj_dim * 4
-    if nbytes > DENSE_LIMIT_BYTES:
-        raise MemoryError(f"a dense [{grad_dim}, {proj_dim}] stand-in needs {nbytes / 2**30:.1f} GiB; "
-                          "install trak (pip install traker) or lower the projection dimension")
-    gen = torch.Generator().manual_seed(seed)
-    R = (torch.randint(0, 2, (grad_dim, proj_dim), generator=gen, dtype=torch.int8).float() * 2 - 1)
-    R = (R / math.sqrt(proj_dim)).to(device)
-    return (lambda g: g.float() @ R), "dense Rademacher stand-in (trak not installed; R stored, made untimed)"
+    if prefer in ("auto", "dense") and nbytes <= DENSE_LIMIT_BYTES:
+        gen = torch.Generator().manual_seed(seed)
+        R = (torch.randint(0, 2, (grad_dim, proj_dim), generator=gen, dtype=torch.int8).float() * 2 - 1)
+        R = (R / math.sqrt(proj_dim)).to(device)
+        return (lambda g: g.float() @ R), "dense Rademacher stand-in for TRAK (R stored, made untimed)"
+    if prefer == "dense":
+        raise MemoryError(f"a dense [{grad_dim}, {proj_dim}] stand-in needs {nbytes / 2**30:.1f} GiB "
+                          f"(limit {DENSE_LIMIT_BYTES / 2**30:.0f} GiB); install trak or use --baseline auto")
+    from icons_fast.features.projection import RademacherProjector
+
+    proj = RademacherProjector(grad_dim, proj_dim, seed=seed, device=device)
+    return proj.project, f"stand-in: icons-fast's {proj.backend} projector (no TRAK/fast_jl; lower-bound speed-up)"
 
 
 class LessStyleBaseline:
@@ -129,7 +143,8 @@ def featurize_providers(model, cfg: BenchConfig, backend: str = "auto", baseline
                         with_baseline: bool = True) -> list[dict]:
     """Providers of the featurize suite: ``[{name, fn, items, flops, note}]`` (call ``fn`` to time it).
 
-    ``baseline``: "auto" | "trak" | "dense" | "none" (which projector the LESS-style row uses).
+    ``baseline``: "auto" | "trak" | "dense" | "ours" | "none" (the LESS-style row's projector, see
+    ``make_less_projector``).
     """
     from icons_fast.features.extractor import GradientExtractor
 
