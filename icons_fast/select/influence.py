@@ -230,40 +230,19 @@ def _reduce_block(
         target_cat: float32 ``[M, k]``, every subtask's (normalised) targets concatenated.
         segments: ``[(start, stop), ...]`` one per subtask, contiguous rows of ``target_cat`` from 0.
         aggregate: "mean" | "max" | "topm:<m>".
-        backend: influence backend for "max" / "topm" (the native op fuses the
-            reduction into a blocked matmul); "mean" is one BLAS matmul (segments
-            of one averaged row each) and always runs in torch.
+        backend: influence backend for "max" / "topm" (the C++/CUDA op fuses the
+            reduction into a blocked matmul; "torch" materialises the block's
+            product, ``icons_fast.ops.influence.segment_reduce_ref``). "mean" is one
+            BLAS matmul against averaged targets and always runs in torch.
     Return:
         float32 ``[n, S]``: ``agg_{v in segment s} <train_block[i], target_cat[v]>``.
     """
+    from icons_fast.ops.influence import segment_reduce
+
     kind, m = parse_aggregate(aggregate)
-    if kind != "mean":
-        from icons_fast.ops.backend import resolve_backend
-        from icons_fast.ops.influence import segment_reduce
-
-        name = resolve_backend("influence", backend, train_block.device)
-        if name != "torch" and (name != "cuda" or kind != "topm" or m <= 32):
-            offsets = [0] + [stop for _, stop in segments]
-            return segment_reduce(train_block, target_cat, offsets, kind, m=m if kind == "topm" else None,
-                                  backend=name)
-    return _reduce_block_ref(train_block, target_cat, segments, aggregate)
-
-
-def _reduce_block_ref(train_block: torch.Tensor, target_cat: torch.Tensor, segments, aggregate: str) -> torch.Tensor:
-    """Plain torch ``_reduce_block``: the block's full ``[n, M]`` product, then per-segment reductions."""
-    kind, m = parse_aggregate(aggregate)
-    sims = train_block @ target_cat.T  # (n, M): one block only, never N x M
-    cols = []
-    for start, stop in segments:
-        seg = sims[:, start:stop]
-        if kind == "mean":
-            cols.append(seg.mean(dim=1))
-        elif kind == "max":
-            cols.append(seg.amax(dim=1))
-        else:
-            top = min(m, stop - start)  # a subtask with fewer than m targets: mean of all of them
-            cols.append(torch.topk(seg, top, dim=1, sorted=False).values.mean(dim=1))
-    return torch.stack(cols, dim=1)
+    offsets = [0] + [stop for _, stop in segments]
+    return segment_reduce(train_block, target_cat, offsets, kind, m=m if kind == "topm" else None,
+                          backend="torch" if kind == "mean" else backend)
 
 
 def _block_scores(train_blocks: Sequence[torch.Tensor], prep: PreparedTargets, row_ids=None) -> torch.Tensor:
