@@ -207,7 +207,6 @@ def cmd_bench(args):
 def cmd_report(args):
     from icons_fast.report import write_report
 
-    # --out (shared with every command) is where the report goes here; default RUN_DIR/report.
     print(write_report(args.run_dir, out_dir=args.out, selection=args.selection))
 
 
@@ -240,7 +239,8 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (fn, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        _add_config_args(p)
+        if name != "report":  # report reads a finished run directory; it needs no configuration
+            _add_config_args(p)
         p.set_defaults(func=fn)
         if name == "featurize":
             p.add_argument("--shard", help="i/n: this process's share of the pool (job arrays); torchrun sets it itself")
@@ -268,6 +268,7 @@ def make_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", help="write the result here instead of printing it")
         if name == "report":
             p.add_argument("run_dir", help="the run directory to report on")
+            p.add_argument("--out", help="where to write the report (default RUN_DIR/report)")
             p.add_argument("--selection", help="a folder under RUN_DIR/selection (specialist-TASK, rule-NAME); "
                                                "default: the vote's")
         if name == "demo":
