@@ -2,13 +2,10 @@
 
 Ranges (``torch.profiler.record_function`` everywhere, plus NVTX ranges on CUDA
 so Nsight Systems shows them too): ``data`` (batch made and moved to the
-device), ``forward+backward`` (the model pass and the output gradients of every
-LoRA layer), ``grads+projection`` (per-sample LoRA gradients, Adam and the
-projection), ``io`` (row normalisation and the feature shard write through
-``FeatureStore``). Forward and backward are not separated by a range because
-they happen inside ``GradientExtractor._forward_backward``; the profiler's
-module-level view (``with_modules``) and the autograd events split them in
-the trace (see the report for the two lines to wrap there).
+device), ``featurize`` (one ``GradientExtractor.featurize`` call, which itself
+marks ``forward``, ``backward``, ``lora_grads`` and ``projection`` — or
+``lora_grads + projection`` for the fused Triton kernel — per LoRA module),
+``io`` (row normalisation and the feature shard write through ``FeatureStore``).
 
 Open the trace in https://ui.perfetto.dev or chrome://tracing. The script also
 prints the time per range and the top operators.
@@ -32,7 +29,8 @@ import time  # noqa: E402
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
-RANGES = ("data", "forward+backward", "grads+projection", "io")
+TOP_RANGES = ("data", "featurize", "io")  # disjoint: their shares add up to 100%
+INNER_RANGES = ("forward", "backward", "lora_grads", "projection", "lora_grads + projection")  # inside featurize
 
 
 @contextlib.contextmanager
@@ -62,14 +60,9 @@ def featurize_step(extractor, model, cfg, store, step: int, dev: torch.device) -
     cuda = dev.type == "cuda"
     with rng("data", cuda):
         batch = make_batch(model, cfg.batch, cfg.seq, seed=step, device=dev)
-    with rng("forward+backward", cuda):
-        captured, mask = extractor._forward_backward(batch)
-    with rng("grads+projection", cuda):
-        n = batch["labels"].shape[0]
-        if extractor.backend == "triton":
-            g = extractor._project_triton(captured, mask, n)
-        else:
-            g = extractor._project_torch(captured, mask, n)
+    with rng("featurize", cuda):
+        g = extractor.featurize(batch)  # marks forward / backward / lora_grads / projection inside
+    n = g.shape[0]
     with rng("io", cuda):
         f, norms = normalize_rows(g, "float16")
         start = step * cfg.batch
@@ -124,12 +117,13 @@ def main() -> None:
     by_name = {e.key: e for e in events}
     print(f"# {args.steps} batches of {cfg.batch} in {wall:.2f} s under the profiler "
           f"({args.steps * cfg.batch / wall:.2f} samples/s, profiler overhead included)")
-    print(f"{'range':<20}{'ms total':>12}{'share':>8}")
-    tot = sum(by_name[r].cpu_time_total for r in RANGES if r in by_name) or 1.0
-    for r in RANGES:
+    print(f"{'range':<26}{'ms total':>12}{'share':>8}")
+    tot = sum(by_name[r].cpu_time_total for r in TOP_RANGES if r in by_name) or 1.0
+    for r in TOP_RANGES + INNER_RANGES:
         if r in by_name:
             t = by_name[r].cpu_time_total
-            print(f"{r:<20}{t / 1e3:>12.1f}{100 * t / tot:>7.1f}%")
+            label = r if r in TOP_RANGES else f"  {r}"
+            print(f"{label:<26}{t / 1e3:>12.1f}{100 * t / tot:>7.1f}%")
     sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     print(events.table(sort_by=sort, row_limit=args.top))
     print(f"# trace: {trace}  (open in https://ui.perfetto.dev)")

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from icons_fast.features.rademacher import fnv1a32
 from icons_fast.model.lora import lora_modules, trainable_parameters
@@ -191,10 +192,12 @@ class GradientExtractor:
         self.model.eval()  # dropout off
         try:
             with torch.enable_grad(), self._capture() as records:
-                out = self.model(**kwargs, use_cache=False)
-                loss = per_sample_losses(out.logits, labels).sum()
+                with record_function("forward"):
+                    out = self.model(**kwargs, use_cache=False)
+                    loss = per_sample_losses(out.logits, labels).sum()
                 ys = [records[s.name][1] for s in self.sites]
-                ds = torch.autograd.grad(loss, ys, allow_unused=True)
+                with record_function("backward"):
+                    ds = torch.autograd.grad(loss, ys, allow_unused=True)
         finally:
             self.model.train(was_training)
         captured = {}
@@ -257,10 +260,12 @@ class GradientExtractor:
         out = torch.zeros(n_rows, self.proj_dim, dtype=torch.float32, device=self.device)
         for site in self.sites:
             x, d = captured.pop(site.name)  # free the activations as we go
-            gA, gB = self.module_grads(x, d, site.A.detach(), site.B.detach(), site.scale, mask)
+            with record_function("lora_grads"):
+                gA, gB = self.module_grads(x, d, site.A.detach(), site.B.detach(), site.scale, mask)
             for name, g in ((site.a_name, gA), (site.b_name, gB)):
-                g = self._precondition(name, g).reshape(n_rows, -1)
-                project_param(g, fnv1a32(name), self.seed, self.proj_dim, out=out, backend=self.project_backend)
+                with record_function("projection"):
+                    g = self._precondition(name, g).reshape(n_rows, -1)
+                    project_param(g, fnv1a32(name), self.seed, self.proj_dim, out=out, backend=self.project_backend)
         return out
 
     @torch.no_grad()
@@ -274,11 +279,12 @@ class GradientExtractor:
             if self.moments is not None:
                 adam_A = (self.moments["exp_avg"][site.a_name], self.moments["exp_avg_sq"][site.a_name])
                 adam_B = (self.moments["exp_avg"][site.b_name], self.moments["exp_avg_sq"][site.b_name])
-            lora_grad_project(
-                x, d, site.A.detach(), site.B.detach(), site.scale, site.a_name, site.b_name, self.seed,
-                self.proj_dim, mask=mask, adam_A=adam_A, adam_B=adam_B, out=out,
-                adam_betas=self.adam_betas, adam_eps=self.adam_eps,
-            )
+            with record_function("lora_grads + projection"):
+                lora_grad_project(
+                    x, d, site.A.detach(), site.B.detach(), site.scale, site.a_name, site.b_name, self.seed,
+                    self.proj_dim, mask=mask, adam_A=adam_A, adam_B=adam_B, out=out,
+                    adam_betas=self.adam_betas, adam_eps=self.adam_eps,
+                )
         return out
 
     def featurize(self, batch: dict) -> torch.Tensor:
