@@ -41,7 +41,7 @@ def demo_config(base: Config | None, data: dict, out: str) -> Config:
     return cfg
 
 
-def pretrained_demo_base(size: str = "tiny", n_samples: int = 800, epochs: int = 3, seed: int = 0) -> str:
+def pretrained_demo_base(size: str = "tiny", n_samples: int = 800, epochs: int = 8, seed: int = 0) -> str:
     """A tiny LLaVA fully fine-tuned on separately generated demo data (cached).
 
     A randomly initialised model gives gradients that say little about the
@@ -52,14 +52,14 @@ def pretrained_demo_base(size: str = "tiny", n_samples: int = 800, epochs: int =
     from icons_fast.model.loading import default_cache_dir
     from icons_fast.train.finetune import run_train
 
-    root = os.path.join(default_cache_dir(), f"demo-base-{size}-n{n_samples}-e{epochs}-seed{seed}")
+    root = os.path.join(default_cache_dir(), f"demo-base-{size}-n{n_samples}-e{epochs}-lr3e-3-seed{seed}")
     model_dir = os.path.join(root, "model")
     if os.path.exists(os.path.join(model_dir, "config.json")):
         print(f"[demo] using the cached pre-trained base {model_dir}")
         return model_dir
     data = make_demo_data(os.path.join(root, "data"), n_train=n_samples, seed=seed + 1000, n_target=1, n_eval=1)
     cfg = Config()
-    cfg.override({"model.model": size, "train.full_finetune": True, "train.epochs": epochs, "train.lr": 1e-3,
+    cfg.override({"model.model": size, "train.full_finetune": True, "train.epochs": epochs, "train.lr": 3e-3,
                   "train.batch_size": 16, "data.max_length": 512, "seed": seed})
     cfg.data.image_folder = data["image_folder"]
     print(f"[demo] pre-training the {size} base on {n_samples} generated samples (cached for next time)")
