@@ -167,11 +167,11 @@ def cmd_neighbors(args):
     from icons_fast.rundir import RunLayout
     from icons_fast.select.neighbors import neighbors
     from icons_fast.select.stage import target_splits
-    from icons_fast.train.checkpoint import list_checkpoints
+    from icons_fast.train.warmup import current_checkpoints
 
     cfg = build_config(args)
     layout = RunLayout(cfg.out)
-    ckpts = list_checkpoints(layout.warmup)
+    ckpts = current_checkpoints(layout.warmup)
     if not ckpts:
         raise SystemExit(f"no warmup checkpoint in {layout.warmup}: run the pipeline first")
     ckpt = os.path.basename(ckpts[-1])

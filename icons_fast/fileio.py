@@ -59,5 +59,16 @@ def atomic_json(path: str, obj: Any, **dump_kwargs) -> str:
     return atomic_write(path, lambda f: json.dump(obj, f, **dump_kwargs))
 
 
+def file_sha256(path: str, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 def atomic_npy(path: str, arr: np.ndarray) -> str:
     return atomic_write(path, lambda f: np.save(f, arr), mode="wb")

@@ -17,10 +17,10 @@ def featurize_all(cfg: Config, run_dir: str, shard: str | None = None, splits: l
     """Featurize the pool and every target set under every warmup checkpoint."""
     from icons_fast.features.featurize import featurize_split
     from icons_fast.select.stage import target_splits
-    from icons_fast.train.checkpoint import list_checkpoints
+    from icons_fast.train.warmup import current_checkpoints
 
     layout = RunLayout(run_dir)
-    ckpts = list_checkpoints(layout.warmup)
+    ckpts = current_checkpoints(layout.warmup)
     if not ckpts:
         raise FileNotFoundError(f"no warmup checkpoint in {layout.warmup}; run `icons-fast warmup` first")
     target_images = cfg.data.target_image_folder or cfg.data.image_folder

@@ -364,3 +364,16 @@ def test_bad_pool_files_exist_where_expected(bad_pool):
     assert set(bad_pool["expected"]) | set(bad_pool["good"]) == set(range(len(records)))
     assert records[0]["source"] == "kept"
     assert os.path.isdir(bad_pool["image_folder"])
+
+
+def test_error_log_survives_a_line_cut_short_by_a_crash(tmp_path):
+    from icons_fast.data import ErrorLog, SampleError
+
+    path = tmp_path / "errors.jsonl"
+    log = ErrorLog(str(path))
+    log.add(SampleError(1, "a", "data", "missing_image: x"))
+    with open(path, "a") as f:
+        f.write('{"index": 2, "id": "b", "sta')  # killed mid-write
+    again = ErrorLog(str(path))
+    again.add(SampleError(3, "c", "data", "too_long: 9 tokens"))
+    assert [e.index for e in ErrorLog.read(str(path))] == [1, 3]

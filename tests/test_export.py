@@ -151,3 +151,16 @@ def test_format_summary(tmp_path):
         assert any(line.split()[:2] == [str(level), str(count)] for line in text.splitlines())
     # the same text from the dict as read back from summary.json (string keys)
     assert format_summary(json.loads(json.dumps(info)), ["vqa", "ocr", "mme", "pope"]) == text
+
+
+def test_pool_without_ids_exports_with_index_ids(tmp_path):
+    """Features key a record without an id as "#<index>"; export must accept exactly that."""
+    from icons_fast.select.export import export_selection
+
+    pool = [{"conversations": [{"from": "human", "value": str(i)}]} for i in range(5)]
+    path = tmp_path / "pool.json"
+    path.write_text(json.dumps(pool))
+    export_selection(str(path), np.array([1, 3]), str(tmp_path / "sel"), sample_ids=["#1", "#3"])
+    assert json.loads((tmp_path / "sel" / "selected.json").read_text()) == [pool[1], pool[3]]
+    with pytest.raises(ValueError, match="shifted"):
+        export_selection(str(path), np.array([1, 3]), str(tmp_path / "sel2"), sample_ids=["#1", "#4"])

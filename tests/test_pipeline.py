@@ -169,3 +169,75 @@ def test_neighbors_retrieval_both_ways(finished_run, tmp_path):
         want = torch.topk(sims[:, list(tr_idx).index(p["index"])], 3).values.tolist()
         assert np.allclose([nb["score"] for nb in p["neighbors"]], want, atol=1e-5)
     assert os.path.exists(os.path.join(feats, "target-color", "faiss.index"))
+
+
+def _copy_run(finished_run, dest):
+    import shutil
+
+    shutil.copytree(finished_run.out, dest)
+    cfg = Config.from_dict(finished_run.to_dict())
+    cfg.out = str(dest)
+    return cfg
+
+
+def test_retrained_checkpoint_invalidates_features(finished_run, tmp_path):
+    from icons_fast.features.store import FingerprintMismatch
+    from icons_fast.pipeline import featurize_all
+    from icons_fast.train.warmup import current_checkpoints
+
+    cfg = _copy_run(finished_run, tmp_path / "run")
+    adapter = os.path.join(current_checkpoints(os.path.join(cfg.out, "warmup"))[0], "adapter", "adapter_model.safetensors")
+    with open(adapter, "r+b") as f:  # same checkpoint name and step, other weights
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    with pytest.raises(FingerprintMismatch, match="checkpoint_sha256"):
+        featurize_all(cfg, cfg.out, splits=["train"])
+
+
+def test_new_target_keeps_warmup_and_stale_scores_are_refused(finished_run, tmp_path, demo, capsys):
+    from icons_fast.select.stage import run_influence, run_select
+    from icons_fast.train.warmup import run_warmup
+
+    cfg = _copy_run(finished_run, tmp_path / "run")
+    cfg.data.targets = dict(cfg.data.targets, shape=demo["targets"]["shape"])
+    run_warmup(cfg, cfg.out)
+    assert "reusing 1 checkpoint" in capsys.readouterr().out  # adding a task does not retrain
+    with pytest.raises(FileNotFoundError, match="run `icons-fast featurize`"):
+        run_select(cfg, cfg.out)  # scores on disk were made for 3 tasks; the 4th has no features yet
+    agg = Config.from_dict(cfg.to_dict())
+    agg.data.targets = dict(finished_run.data.targets)
+    agg.select.aggregate = "max"
+    with pytest.raises(RuntimeError, match="run `icons-fast influence`"):
+        run_select(agg, agg.out)
+    run_influence(agg, agg.out)
+    assert run_select(agg, agg.out)["selected"]
+
+
+def test_partial_target_features_are_refused(finished_run, tmp_path):
+    from icons_fast.select.stage import run_influence
+    from icons_fast.train.warmup import current_checkpoints
+
+    cfg = _copy_run(finished_run, tmp_path / "run")
+    ckpt = os.path.basename(current_checkpoints(os.path.join(cfg.out, "warmup"))[0])
+    entries = os.path.join(cfg.out, "features", ckpt, "target-count", "entries")
+    os.remove(os.path.join(entries, sorted(os.listdir(entries))[0]))  # as if a job-array task died
+    os.remove(os.path.join(cfg.out, "scores", "task_names.json"))
+    with pytest.raises(RuntimeError, match="target-count .* incomplete"):
+        run_influence(cfg, cfg.out)
+
+
+def test_rerun_warmup_with_other_settings_removes_old_checkpoints(tmp_path, tiny_model_dir, demo):
+    from icons_fast.train.warmup import current_checkpoints, run_warmup
+
+    cfg = _cfg(tiny_model_dir, demo, str(tmp_path / "run"))
+    cfg.warmup.num_checkpoints = 2
+    first = run_warmup(cfg, cfg.out)
+    cfg.warmup.num_checkpoints = 1
+    cfg.warmup.fraction = 0.2
+    second = run_warmup(cfg, cfg.out)
+    assert len(first) == 2 and len(second) == 1
+    assert current_checkpoints(os.path.join(cfg.out, "warmup")) == second
+    left = sorted(d for d in os.listdir(os.path.join(cfg.out, "warmup")) if d.startswith("checkpoint-"))
+    assert left == [os.path.basename(second[0])]

@@ -249,6 +249,10 @@ def _fake_run(root: str, n: int = 30, k: int = 12, lrs=(2e-4, 5e-5)):
             store.write_shard(0, m, idx, [f"s{i}" if split == "train" else f"{split}{i}" for i in idx],
                               torch.tensor(feats), norms.astype(np.float32))
             raw[(c, split)] = (idx, p)
+    from icons_fast.train.warmup import DONE_FILE
+
+    with open(os.path.join(root, "warmup", DONE_FILE), "w") as f:  # the finished warmup lists its checkpoints
+        json.dump({"fingerprint": "test", "checkpoints": [f"checkpoint-{10 * (c + 1)}" for c in range(len(lrs))]}, f)
     from icons_fast.data import ErrorLog
     from icons_fast.data.errors import SampleError
 

@@ -81,6 +81,14 @@ def _resolve(path: str) -> str:
     return path if path.endswith(".jsonl") else os.path.join(path, "errors.jsonl")
 
 
+def _drop_partial_last_line(path: str) -> None:
+    """Truncate ``path`` after its last newline (a line cut short by a crash is dropped)."""
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 class ErrorLog:
     """Append-only, de-duplicated log of :class:`SampleError` (one json line each).
 
@@ -98,6 +106,7 @@ class ErrorLog:
         self._errors: dict[tuple[int, str], SampleError] = {}
         if self.path is not None:
             if os.path.exists(self.path):
+                _drop_partial_last_line(self.path)  # a crash mid-write must not poison later appends
                 for e in self.read(self.path):
                     self._errors[(e.index, e.stage)] = e
             else:

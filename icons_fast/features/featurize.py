@@ -15,7 +15,6 @@ made them.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 
 from icons_fast.config import Config
 from icons_fast.distributed import barrier, device_for_rank, is_main, parse_shard, process_share
+from icons_fast.fileio import file_sha256
 from icons_fast.rundir import RunLayout
 
 
@@ -43,14 +43,6 @@ class StageTimer:
         total = sum(self.seconds.values()) or 1.0
         rows = [f"  {k:<22s} {v:9.2f} s  {100 * v / total:5.1f}%" for k, v in self.seconds.items()]
         return "\n".join(["[featurize] time by stage:"] + rows)
-
-
-def file_sha256(path: str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -122,7 +114,12 @@ def featurize_split(
     from icons_fast.features.store import FeatureStore, normalize_rows, shard_ranges
     from icons_fast.model.loading import load_model
     from icons_fast.model.lora import lora_fingerprint
-    from icons_fast.train.checkpoint import load_checkpoint_state, load_lora_checkpoint, load_moments
+    from icons_fast.train.checkpoint import (
+        checkpoint_sha256,
+        load_checkpoint_state,
+        load_lora_checkpoint,
+        load_moments,
+    )
 
     layout = RunLayout(run_dir)
     ckpt_name = os.path.basename(os.path.normpath(ckpt_dir))
@@ -144,6 +141,9 @@ def featurize_split(
         "lora": lora_fingerprint(model),
         "checkpoint": ckpt_name,
         "checkpoint_step": state["step"],
+        "checkpoint_sha256": checkpoint_sha256(ckpt_dir),  # a retrained warmup never reuses old features
+        "dtype": cfg.model.dtype,
+        "image_folder": os.path.abspath(image_folder or cfg.data.image_folder or ""),
         "seed": cfg.features.seed,
         "proj_dim": cfg.features.proj_dim,
         "mode": mode,

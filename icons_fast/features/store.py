@@ -39,7 +39,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-from icons_fast.fileio import atomic_write_bytes, fsync_dir
+from icons_fast.fileio import atomic_write_bytes, file_sha256, fsync_dir
 
 FORMAT = "icons-fast-features"
 FORMAT_VERSION = 1
@@ -143,14 +143,6 @@ def quantize_int8(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
-
-
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def entry_indices(e: dict) -> np.ndarray:
@@ -472,7 +464,7 @@ class FeatureStore:
             raise CorruptShard(f"shard {path} has a manifest entry but no file; delete "
                                f"{self.entry_path(e['start'], e['end'])} and rerun featurize")
         if verify:
-            digest = _file_sha256(path)
+            digest = file_sha256(path)
             if digest != e["sha256"]:
                 raise CorruptShard(
                     f"shard {path} fails its checksum (sha256 {digest[:16]}..., manifest says {e['sha256'][:16]}...): "

@@ -40,9 +40,10 @@ def target_splits(cfg: Config) -> dict[str, dict[str | None, str]]:
 
 
 def _checkpoints(layout: RunLayout) -> list[tuple[str, float]]:
-    from icons_fast.train.checkpoint import list_checkpoints, load_checkpoint_state
+    from icons_fast.train.checkpoint import load_checkpoint_state
+    from icons_fast.train.warmup import current_checkpoints
 
-    ckpts = list_checkpoints(layout.warmup)
+    ckpts = current_checkpoints(layout.warmup)
     if not ckpts:
         raise FileNotFoundError(f"no warmup checkpoint in {layout.warmup}; run `icons-fast warmup` first")
     return [(os.path.basename(c), float(load_checkpoint_state(c)["lr"])) for c in ckpts]
@@ -54,6 +55,33 @@ def _open_store(path: str):
     if not os.path.exists(os.path.join(path, "manifest.json")):
         raise FileNotFoundError(f"no features in {path}; run `icons-fast featurize` for this split first")
     return FeatureStore.open(path)
+
+
+def _score_paths(layout: RunLayout) -> dict:
+    return {
+        "scores": os.path.join(layout.scores, "scores.npy"),
+        "valid": os.path.join(layout.scores, "valid.npy"),
+        "task_names": os.path.join(layout.scores, "task_names.json"),
+    }
+
+
+def _stored_inputs(layout: RunLayout) -> str | None:
+    """The inputs fingerprint the scores on disk were made from (None when there are none)."""
+    paths = _score_paths(layout)
+    if not all(os.path.exists(p) for p in paths.values()):
+        return None
+    with open(paths["task_names"]) as f:
+        return json.load(f).get("inputs_fingerprint")
+
+
+def _scores_inputs(cfg: Config, layout: RunLayout):
+    """(checkpoints with lrs, {task: {subtask: split}}, fingerprint of everything the scores depend on)."""
+    ckpts = _checkpoints(layout)
+    tasks = target_splits(cfg)
+    if not tasks:
+        raise ValueError("no target task: pass --target NAME=FILE.json (repeatable)")
+    splits = ["train"] + [split for subs in tasks.values() for split in subs.values()]
+    return ckpts, tasks, _inputs_fingerprint(layout, ckpts, splits, cfg.select.aggregate, list(cfg.data.targets))
 
 
 def _inputs_fingerprint(layout: RunLayout, ckpts, splits: list[str], aggregate: str, target_names: list) -> str:
@@ -96,7 +124,9 @@ def _target_features(layout: RunLayout, ckpt: str, split: str) -> torch.Tensor:
     from icons_fast.select.neighbors import target_vectors
 
     path = layout.features(ckpt, split)
-    if sum(e["rows"] for e in _open_store(path).entries()) == 0:
+    store = _open_store(path)
+    check_complete(store, int(store.fingerprint["n_samples"]), layout.errors(split), f"{split} @ {ckpt}")
+    if sum(e["rows"] for e in store.entries()) == 0:
         raise ValueError(
             f"target split {split!r} has no usable sample under {ckpt}: every one was excluded "
             f"(see {layout.errors(split)}); fix the target file or its image folder (--target-image-folder)"
@@ -157,22 +187,11 @@ def run_influence(cfg: Config, run_dir: str | None = None, block_size: int = 819
     from icons_fast.select.influence import checkpoint_weights_normalised, stream_task_influence
 
     layout = RunLayout(run_dir or cfg.out)
-    ckpts = _checkpoints(layout)
-    tasks = target_splits(cfg)
-    if not tasks:
-        raise ValueError("no target task: pass --target NAME=FILE.json (repeatable)")
-    paths = {
-        "scores": os.path.join(layout.scores, "scores.npy"),
-        "valid": os.path.join(layout.scores, "valid.npy"),
-        "task_names": os.path.join(layout.scores, "task_names.json"),
-    }
-    splits = ["train"] + [split for subs in tasks.values() for split in subs.values()]
-    inputs = _inputs_fingerprint(layout, ckpts, splits, cfg.select.aggregate, list(cfg.data.targets))
-    if all(os.path.exists(p) for p in paths.values()):
-        with open(paths["task_names"]) as f:
-            if json.load(f).get("inputs_fingerprint") == inputs:
-                print(f"[influence] scores in {layout.scores} are up to date")
-                return paths
+    ckpts, tasks, inputs = _scores_inputs(cfg, layout)
+    paths = _score_paths(layout)
+    if _stored_inputs(layout) == inputs:
+        print(f"[influence] scores in {layout.scores} are up to date")
+        return paths
     targets_per_ckpt = []
     for ckpt, _ in ckpts:
         targets = {}
@@ -220,6 +239,11 @@ def run_select(cfg: Config, run_dir: str | None = None, task: str | None = None)
     from icons_fast.select.voting import consensus_select, specialist_select, vote_counts
 
     layout = RunLayout(run_dir or cfg.out)
+    if _stored_inputs(layout) != _scores_inputs(cfg, layout)[2]:
+        raise RuntimeError(
+            f"the scores in {layout.scores} are missing or were made from other features, targets or aggregate "
+            f"than this config asks for; run `icons-fast influence` (same flags) first"
+        )
     scores, names, valid = load_scores(layout.root)
     budget = cfg.select.budget
     budget = int(budget) if budget >= 1 else budget

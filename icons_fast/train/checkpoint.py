@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import torch
@@ -70,8 +71,12 @@ def save_lora_checkpoint(
         **(extra or {}),
     }
     atomic_json(os.path.join(tmp, STATE_FILE), state, sort_keys=True)
-    shutil.rmtree(final, ignore_errors=True)
+    old = final + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):  # keep the previous one until the new one is in place
+        os.replace(final, old)
     os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -100,9 +105,21 @@ def list_checkpoints(warmup_dir: str) -> list[str]:
     found = []
     for entry in os.listdir(warmup_dir):
         path = os.path.join(warmup_dir, entry)
-        if entry.startswith("checkpoint-") and not entry.endswith(".tmp") and os.path.exists(os.path.join(path, STATE_FILE)):
-            found.append((int(entry.split("-")[1]), path))
+        m = re.fullmatch(r"checkpoint-(\d+)", entry)  # not .tmp / .old leftovers
+        if m and os.path.exists(os.path.join(path, STATE_FILE)):
+            found.append((int(m.group(1)), path))
     return [p for _, p in sorted(found)]
+
+
+def checkpoint_sha256(ckpt_dir: str) -> str:
+    """sha256 over the adapter weights and the optimizer moments: what featurize depends on."""
+    import hashlib
+
+    from icons_fast.fileio import file_sha256
+
+    parts = [file_sha256(os.path.join(ckpt_dir, "adapter", "adapter_model.safetensors")),
+             file_sha256(os.path.join(ckpt_dir, MOMENTS_FILE))]
+    return hashlib.sha256("".join(parts).encode()).hexdigest()
 
 
 def load_lora_checkpoint(base_model, ckpt_dir: str):

@@ -6,13 +6,15 @@ A finished warmup made under the same settings is reused, not redone.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 
 import numpy as np
 
 from icons_fast.config import Config
-from icons_fast.fileio import atomic_json
+from icons_fast.fileio import atomic_json, atomic_write, file_sha256
 from icons_fast.rundir import RunLayout
 from icons_fast.train.checkpoint import list_checkpoints, save_lora_checkpoint
 
@@ -28,7 +30,34 @@ def warmup_subset(n_pool: int, fraction: float, seed: int) -> np.ndarray:
 
 
 def warmup_fingerprint(cfg: Config) -> str:
-    return cfg.fingerprint("data", "model", "warmup") + f"-seed{cfg.seed}"
+    """What the warmup depends on: the pool (path and content), its images, max_length, model, warmup, seed.
+
+    Target sets are left out on purpose: adding a target task must not retrain the warmup.
+    """
+    d = cfg.to_dict()
+    key = {
+        "train_data": os.path.abspath(cfg.data.train_data) if cfg.data.train_data else None,
+        "train_sha256": file_sha256(cfg.data.train_data) if cfg.data.train_data else None,
+        "image_folder": cfg.data.image_folder,
+        "max_length": cfg.data.max_length,
+        "model": d["model"],
+        "warmup": d["warmup"],
+        "seed": cfg.seed,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def current_checkpoints(warmup_dir: str) -> list[str]:
+    """The checkpoints of the finished warmup recorded in ``warmup_done.json`` (leftovers of earlier runs excluded)."""
+    path = os.path.join(warmup_dir, DONE_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no finished warmup in {warmup_dir} ({DONE_FILE} is missing); run `icons-fast warmup`")
+    with open(path) as f:
+        ckpts = [os.path.join(warmup_dir, name) for name in json.load(f)["checkpoints"]]
+    missing = [c for c in ckpts if not os.path.isdir(c)]
+    if missing:
+        raise FileNotFoundError(f"warmup checkpoints {missing} listed in {path} are gone; rerun `icons-fast warmup`")
+    return ckpts
 
 
 def run_warmup(cfg: Config, run_dir: str | None = None) -> list[str]:
@@ -45,15 +74,25 @@ def run_warmup(cfg: Config, run_dir: str | None = None) -> list[str]:
     if os.path.exists(done_path):
         with open(done_path) as f:
             done = json.load(f)
-        if done.get("fingerprint") == fp and all(os.path.isdir(c) for c in done["checkpoints"]):
-            print(f"[warmup] reusing {len(done['checkpoints'])} checkpoint(s) in {layout.warmup}")
-            return done["checkpoints"]
+        if done.get("fingerprint") == fp:
+            try:
+                ckpts = current_checkpoints(layout.warmup)
+            except FileNotFoundError:
+                ckpts = None
+            if ckpts:
+                print(f"[warmup] reusing {len(ckpts)} checkpoint(s) in {layout.warmup}")
+                return ckpts
     if not cfg.data.train_data:
         raise ValueError("warmup needs the training pool: --train-data FILE.json")
     os.makedirs(layout.warmup, exist_ok=True)
+    # A new warmup: the old record and checkpoints (other settings) must not be mistaken for this run's.
+    if os.path.exists(done_path):
+        os.remove(done_path)
+    for old in list_checkpoints(layout.warmup):
+        shutil.rmtree(old)
     records = load_records(cfg.data.train_data)
     subset = warmup_subset(len(records), cfg.warmup.fraction, cfg.seed)
-    np.savetxt(os.path.join(layout.warmup, "subset.txt"), subset, fmt="%d")
+    atomic_write(os.path.join(layout.warmup, "subset.txt"), lambda f: np.savetxt(f, subset, fmt="%d"))
 
     lm = load_model(cfg.model.model, cfg.model.dtype, cfg.resolved_device(), seed=cfg.seed)
     model = attach_lora(lm.model, cfg.model)
@@ -86,7 +125,9 @@ def run_warmup(cfg: Config, run_dir: str | None = None) -> list[str]:
         desc="warmup",
     )
     checkpoints = [c for c in list_checkpoints(layout.warmup) if c in saved]
-    atomic_json(done_path, {"fingerprint": fp, "checkpoints": checkpoints, "summary": summary})
+    # names, not paths: a run directory can be moved or copied
+    names = [os.path.basename(c) for c in checkpoints]
+    atomic_json(done_path, {"fingerprint": fp, "checkpoints": names, "summary": summary})
     print(
         f"[warmup] {summary['steps']} steps, {summary['samples_per_s']:.1f} samples/s, "
         f"{len(summary['excluded'])} sample(s) excluded (see {layout.errors('train')})"
