@@ -10,6 +10,7 @@ writes the merged manifest; job arrays need no communication at all.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 
@@ -27,11 +28,14 @@ def init_distributed() -> bool:
     if size <= 1 or "MASTER_ADDR" not in os.environ:
         return False
     if not dist.is_initialized():
+        # Ranks wait in barriers while rank 0 runs the warmup or finishes its last shards,
+        # which at LLaVA scale takes hours: the default 30-minute collective timeout is too short.
+        timeout = timedelta(hours=float(os.environ.get("ICONS_FAST_DIST_TIMEOUT_HOURS", "48")))
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl")
+            dist.init_process_group("nccl", timeout=timeout)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=timeout)
     return True
 
 

@@ -421,6 +421,11 @@ class FeatureStore:
         """The ranges of ``ranges`` that are not done (to be (re)featurised)."""
         return [(int(s), int(e)) for s, e in ranges if not self.is_done(s, e)]
 
+    def digest(self) -> str:
+        """sha256 (16 hex) of the fingerprint and every committed shard's checksum: changes when any row does."""
+        parts = [self.fingerprint_id] + sorted(e["sha256"] for e in self.entries())
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
     def sample_ids(self) -> dict[int, str]:
         """``{sample index: id}`` of every stored row, from the entries (no shard is read)."""
         return {int(i): sid for e in self.entries() for i, sid in zip(entry_indices(e), e["ids"])}

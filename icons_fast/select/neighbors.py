@@ -13,7 +13,6 @@ gradient features, i.e. single-checkpoint influence.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -35,17 +34,12 @@ def have_faiss() -> bool:
     return True
 
 
-def _store_digest(store: FeatureStore) -> str:
-    parts = [store.fingerprint_id] + sorted(e["sha256"] for e in store.entries())
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
-
-
 def target_index(feature_dir: str):
     """The split's FAISS index (built and saved on first use or when its features changed)."""
     from icons_fast.select.faiss_index import build_target_index, load_index, save_index
 
     store = FeatureStore.open(feature_dir)
-    digest = _store_digest(store)
+    digest = store.digest()
     path, meta = os.path.join(feature_dir, INDEX_FILE), os.path.join(feature_dir, INDEX_META)
     if os.path.exists(path) and os.path.exists(meta):
         with open(meta) as f:

@@ -91,8 +91,7 @@ def _inputs_fingerprint(layout: RunLayout, ckpts, splits: list[str], aggregate: 
     parts = [aggregate, target_names, [list(c) for c in ckpts]]
     for ckpt, _ in ckpts:
         for split in splits:
-            store = _open_store(layout.features(ckpt, split))
-            parts.append([store.fingerprint_id] + sorted(e["sha256"] for e in store.entries()))
+            parts.append(_open_store(layout.features(ckpt, split)).digest())
     errors = layout.errors("train")
     parts.append(os.path.getsize(errors) if os.path.exists(errors) else 0)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
