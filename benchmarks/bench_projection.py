@@ -26,26 +26,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from icons_fast.bench.timing import cpu_name  # noqa: E402
 from icons_fast.ops.backend import has_cpu_ext  # noqa: E402
 from icons_fast.ops.project import project_param  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def timed_interleaved(providers, repeats: int) -> list[list[float]]:
