@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import sys
 
 LLAVA7B_LAYER = [  # (module, d_in, d_out)
@@ -47,21 +46,10 @@ def proj_flops(n, r, d_in, d_out, k):
 
 
 def timeit(fn, sync, repeats: int, warmup: int = 2):
-    """Median, p20, p80 milliseconds of ``fn`` (synchronised)."""
-    import time
+    """Median, p20, p80 milliseconds of ``fn`` (synchronised; icons_fast.bench.timing)."""
+    from icons_fast.bench.timing import measure, quantiles
 
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
-    return statistics.median(times), q(0.2), q(0.8)
+    return tuple(1e3 * t for t in quantiles(measure(fn, repeats, warmup=warmup, sync=sync)))
 
 
 def make_module(n, t, d_in, d_out, r, dtype, device, seed):
