@@ -189,7 +189,7 @@ def _composition_section(run: dict, fd: FigureData, out_dir: str) -> str:
             series.append((label, shares, colours[label]))
             rows.append([label] + [f"{int(flags[k].sum())} ({s:.1f}%)" for k, s in zip(kinds, shares)])
         plots.bar_chart(os.path.join(out_dir, "demo_quality.png"), kinds, series,
-                        "demo ground truth: noisy and near-duplicate records", "record flag", "% of samples",
+                        "demo ground truth: noisy / near-duplicate", "record flag", "% of samples",
                         value_format="{:.1f}", size=plots.SMALL_BAR_SIZE)
         out += ["<h3>Demo ground truth</h3>", _img("demo_quality.png", "noisy and duplicate shares"),
                 _table(["", "noisy", "near-duplicate"], rows)]

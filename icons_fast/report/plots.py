@@ -22,7 +22,7 @@ from matplotlib.ticker import MaxNLocator
 log = logging.getLogger(__name__)
 
 DPI = 100
-HIST_SIZE = (640, 400)  # (width, height) in pixels
+HIST_SIZE = (560, 360)  # (width, height) in pixels; two fit side by side in the page
 BAR_SIZE = (800, 480)
 SMALL_BAR_SIZE = (520, 400)
 HEATMAP_SIZE = (640, 560)
@@ -32,6 +32,8 @@ SELECTED_COLOR = "#ff7f00"  # orange: the selected subset
 THRESHOLD_COLOR = "#dc143c"  # crimson: vote thresholds
 SERIES_COLORS = matplotlib.colormaps["tab10"].colors  # further series (one per error-log split)
 HEATMAP_CMAP = matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9")  # grey: empty top set (NaN row)
+CHAR_PX = 7  # width of one tick-label character at the default 10 pt, in pixels
+MAX_LABEL_CHARS = 24
 ANNOTATE_CELLS = 12  # heatmap cells carry their value up to this many tasks
 
 
@@ -47,14 +49,22 @@ def _save(fig: Figure, path: str) -> str:
     return path
 
 
+def _short(label: str) -> str:
+    """A tick label cut to :data:`MAX_LABEL_CHARS` characters (the page's tables carry the full names)."""
+    return label if len(label) <= MAX_LABEL_CHARS else label[: MAX_LABEL_CHARS - 1] + "…"
+
+
 def _category_ticks(ax, positions: Sequence[float], labels: Sequence[str], axis: str = "x") -> None:
-    """Category labels, slanted when they would not fit side by side."""
-    crowded = sum(len(s) for s in labels) > 60 or max((len(s) for s in labels), default=0) > 12
-    if axis == "x":
-        ax.set_xticks(positions, labels, rotation=35 if crowded else 0, ha="right" if crowded else "center",
-                      rotation_mode="anchor")
-    else:
+    """Category labels: level when the longest fits its slot of the axes' width, slanted, or upright when crowded."""
+    labels = [_short(str(s)) for s in labels]
+    if axis == "y":
         ax.set_yticks(positions, labels)
+        return
+    slot_px = 0.8 * ax.figure.get_figwidth() * DPI / max(len(labels), 1)  # the axes take about 80% of the width
+    need_px = max((len(s) for s in labels), default=0) * CHAR_PX
+    rotation = 0 if need_px <= slot_px else 35 if need_px <= 3 * slot_px else 90
+    ax.set_xticks(positions, labels, rotation=rotation, ha="center" if rotation == 0 else "right",
+                  rotation_mode="anchor")
 
 
 def score_histogram(path: str, task: str, edges: np.ndarray, pool: np.ndarray, selected: np.ndarray,
@@ -71,7 +81,7 @@ def score_histogram(path: str, task: str, edges: np.ndarray, pool: np.ndarray, s
     ax.set_ylabel("samples")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize="small", loc="upper left")
+    fig.legend(fontsize="small", loc="outside lower center", ncols=3)  # below the axes: never over a bar
     return _save(fig, path)
 
 
@@ -91,11 +101,11 @@ def bar_chart(path: str, categories: Sequence[str], series: Sequence[tuple[str, 
     ax.set_ylabel(ylabel)
     if integer:
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.margins(y=0.12)  # room for the value labels above the tallest bar
+    ax.margins(y=0.1)  # room above the tallest bar for its value label
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     if len(series) > 1:
-        ax.legend(fontsize="small")
+        fig.legend(fontsize="small", loc="outside lower center", ncols=len(series))  # below: never over a bar
     return _save(fig, path)
 
 
