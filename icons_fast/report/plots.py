@@ -33,7 +33,7 @@ THRESHOLD_COLOR = "#dc143c"  # crimson: vote thresholds
 SERIES_COLORS = matplotlib.colormaps["tab10"].colors  # further series (one per error-log split)
 HEATMAP_CMAP = matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9")  # grey: empty top set (NaN row)
 CHAR_PX = 7  # width of one tick-label character at the default 10 pt, in pixels
-MAX_LABEL_CHARS = 24
+MAX_LABEL_CHARS = 24  # longer category names are cut in the figure (the tables keep them whole)
 ANNOTATE_CELLS = 12  # heatmap cells carry their value up to this many tasks
 
 
