@@ -165,6 +165,7 @@ setup(
         "numpy",
         "safetensors",
         "pillow",
+        "matplotlib",
         "pyyaml",
         "tqdm",
     ],
