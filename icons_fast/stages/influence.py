@@ -17,6 +17,9 @@ bad sample) gets NaN scores and ``valid = False``.
 
 ``run_tracin_scores`` computes TracIn scores the same way, in the
 unnormalised mode (for ``icons-fast select --rule tracin``); it writes nothing.
+
+The math is ``icons_fast.select.influence`` (arrays in, scores out), on top of
+the segment-reduce op; this module is the same concept one level up: files.
 """
 from __future__ import annotations
 
