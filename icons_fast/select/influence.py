@@ -411,11 +411,11 @@ def task_influence_ref(train, targets, aggregate: str = "mean", checkpoint_weigh
 # --------------------------------------------------------------------------- TracIn: the unnormalised mode
 
 
-def raw_projections(features, norms) -> torch.Tensor:
-    """``p = n * f``: float32 ``[n, k]`` from unit features ``[n, k]`` (any float dtype) and norms ``[n]``."""
-    f = torch.as_tensor(features)
-    n = torch.as_tensor(np.asarray(norms, dtype=np.float32)).reshape(-1).to(f.device)
-    return f.float() * n[:, None]
+def raw_projections(features, norms, dtype=torch.float32) -> torch.Tensor:
+    """``p = n * f`` in ``dtype``, ``[n, k]``, from unit features ``[n, k]`` (any float dtype) and norms ``[n]``."""
+    f = torch.as_tensor(features).detach()
+    n = torch.as_tensor(np.asarray(norms, dtype=np.float64)).reshape(-1).to(f.device, dtype)
+    return f.to(dtype) * n[:, None]
 
 
 def _pair(pair, what: str) -> tuple[torch.Tensor, np.ndarray]:
@@ -437,7 +437,7 @@ def _raw_targets(targets, dtype) -> list[dict]:
         for task, value in d.items():
             subs = value if isinstance(value, Mapping) else {None: value}
             pairs = {sub: _pair(pair, f"target task {task!r}") for sub, pair in subs.items()}
-            rows = {sub: f.to(dtype) * torch.as_tensor(n, dtype=dtype)[:, None] for sub, (f, n) in pairs.items()}
+            rows = {sub: raw_projections(f, n, dtype) for sub, (f, n) in pairs.items()}
             raw[task] = rows if isinstance(value, Mapping) else rows[None]
         out.append(raw)
     return out
@@ -472,7 +472,7 @@ def tracin_scores(train, train_norms, targets, checkpoint_weights=None, block_si
             or a list of such dicts, one per checkpoint.
         checkpoint_weights: ``w_c`` (learning rates), renormalised; uniform if None.
     Return:
-        (``ndarray[N, T]`` computed in float32, returned as float64 as before; task names).
+        (float64 ``ndarray[N, T]`` of sums taken in float32 like every influence score, task names).
     """
     raw_targets = _raw_targets(targets, torch.float32)
     trains, norms = _train_pairs(train, train_norms, len(raw_targets))
@@ -494,7 +494,7 @@ def tracin_scores_ref(train, train_norms, targets, checkpoint_weights=None) -> t
     """Float64 brute force of ``tracin_scores``: ``p = n * f`` in float64, every ``<p(i), p(v)>`` (tests only)."""
     raw_targets = _raw_targets(targets, torch.float64)
     trains, norms = _train_pairs(train, train_norms, len(raw_targets))
-    raw = [x.double() * torch.as_tensor(nrm)[:, None] for x, nrm in zip(trains, norms)]
+    raw = [raw_projections(x, nrm, torch.float64) for x, nrm in zip(trains, norms)]
     scores, names = task_influence_ref(raw, raw_targets if len(raw) > 1 else raw_targets[0], "mean",
                                        checkpoint_weights, normalise=False)
     return scores.numpy(), names
