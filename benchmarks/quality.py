@@ -34,7 +34,7 @@ CONDITIONS = ("full", "random", "icons", "less", "mean", "max")
 def selection_for(rule: str, run_dir: str, budget: float, seed: int) -> np.ndarray:
     """Indices chosen by ``rule`` from the run's influence scores (``random``: seeded uniform over valid samples)."""
     from icons_fast.select.rules import select_by_rule
-    from icons_fast.select.stage import load_scores
+    from icons_fast.stages.influence import load_scores
 
     scores, names, valid = load_scores(run_dir)
     return np.sort(np.asarray(select_by_rule(rule, scores, names, budget, valid, seed, run_dir=run_dir)))
@@ -57,7 +57,7 @@ def train_and_eval(base: str, data: dict, subset: list, out: str, seed: int, epo
 
 def run_seed(seed: int, out: str, data: dict, base: str, epochs: int, budget: float) -> dict:
     from icons_fast.demo import demo_config
-    from icons_fast.pipeline import run
+    from icons_fast.stages.pipeline import run
 
     run_dir = os.path.join(out, f"seed{seed}", "select")
     cfg = demo_config(None, data, run_dir)

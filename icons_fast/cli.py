@@ -8,7 +8,6 @@ directory.
 from __future__ import annotations
 
 import argparse
-import os
 import logging
 import sys
 
@@ -107,7 +106,7 @@ def cmd_warmup(args):
 
 def cmd_featurize(args):
     from icons_fast.distributed import init_distributed, is_main
-    from icons_fast.pipeline import featurize_all
+    from icons_fast.stages.pipeline import featurize_all
 
     cfg = build_config(args)
     init_distributed()
@@ -117,21 +116,21 @@ def cmd_featurize(args):
 
 
 def cmd_influence(args):
-    from icons_fast.select.stage import run_influence
+    from icons_fast.stages.influence import run_influence
 
     cfg = build_config(args)
     run_influence(cfg, cfg.out)
 
 
 def cmd_select(args):
-    from icons_fast.select.stage import run_select
+    from icons_fast.stages.select import run_select
 
     cfg = build_config(args)
     run_select(cfg, cfg.out, task=args.task)
 
 
 def cmd_run(args):
-    from icons_fast.pipeline import run
+    from icons_fast.stages.pipeline import run
 
     run(build_config(args))
 
@@ -164,32 +163,13 @@ def cmd_evaluate(args):
 def cmd_neighbors(args):
     import json as _json
 
-    from icons_fast.rundir import RunLayout
-    from icons_fast.select.neighbors import neighbors
-    from icons_fast.select.stage import target_splits
-    from icons_fast.train.warmup import current_checkpoints
+    from icons_fast.stages.neighbors import run_neighbors
 
     cfg = build_config(args)
-    layout = RunLayout(cfg.out)
-    ckpts = current_checkpoints(layout.warmup)
-    if not ckpts:
-        raise SystemExit(f"no warmup checkpoint in {layout.warmup}: run the pipeline first")
-    ckpt = os.path.basename(ckpts[-1])
-    result = {}
-    for task, subs in target_splits(cfg).items():
-        if args.task and task != args.task:
-            continue
-        for sub, split in subs.items():
-            name = task if sub is None else f"{task}/{sub}"
-            result[name] = neighbors(layout.features(ckpt, "train"), layout.features(ckpt, split), m=args.m,
-                                     train_rows=args.train_index or None)
-    text = _json.dumps({"checkpoint": ckpt, "m": args.m, "tasks": result}, indent=1)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text)
-        print(f"[neighbors] wrote {args.json}")
-    else:
-        print(text)
+    result = run_neighbors(cfg, cfg.out, m=args.m, task=args.task, train_rows=args.train_index or None,
+                           json_out=args.json)
+    if not args.json:
+        print(_json.dumps(result, indent=1))
 
 
 def cmd_demo(args):

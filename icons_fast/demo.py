@@ -69,7 +69,7 @@ def pretrained_demo_base(size: str = "tiny", n_samples: int = 800, epochs: int =
 def run_demo(cfg: Config | None = None, quick: bool = False) -> dict:
     """Generate the demo data under ``<out>/data``, pre-train the base (cached), run the pipeline into ``<out>``."""
     from icons_fast.data.demo import make_demo_data
-    from icons_fast.pipeline import run
+    from icons_fast.stages.pipeline import run
 
     out = cfg.out if cfg is not None and cfg.out != Config().out else "runs/demo"
     data = make_demo_data(os.path.join(out, "data"), n_train=120 if quick else 600, seed=0)

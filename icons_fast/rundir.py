@@ -4,6 +4,7 @@
 
     RUN/config.json                       resolved config + fingerprint
     RUN/warmup/checkpoint-<step>/         adapter, optimizer moments, state.json
+    RUN/warmup/warmup_done.json           the finished warmup: fingerprint, its checkpoints' names
     RUN/warmup/subset.txt                 pool indices used for warmup
     RUN/features/<ckpt>/<split>/          FeatureStore (manifest.json + shards)
     RUN/errors/<split>.jsonl              bad samples: index, id, stage, reason
@@ -12,32 +13,59 @@
     RUN/report/                           plots and index.html
 
 ``split`` is ``train`` for the pool and ``target-<task>`` (``target-<task>--<subtask>``
-for subtasks) for target sets.
+for subtasks) for target sets; a target's config name is ``task`` or ``task/subtask``.
+
+Layer: above the file formats it opens (``features.store``, ``train.checkpoint``),
+below the stages that use it (``stages/``, ``features.featurize``, ``train.warmup``).
 """
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from typing import Iterable
+
+WARMUP_DONE = "warmup_done.json"
 
 
 def target_split(task: str, subtask: str | None = None) -> str:
+    """The split name of a target task (or subtask): ``target-<task>[--<subtask>]``."""
     return f"target-{task}" if subtask is None else f"target-{task}--{subtask}"
 
 
-@dataclass(frozen=True)
+def parse_target_name(name: str) -> tuple[str, str | None]:
+    """``"mme/existence"`` -> ("mme", "existence"); ``"vqa"`` -> ("vqa", None)."""
+    if "/" in name:
+        task, sub = name.split("/", 1)
+        return task, sub
+    return name, None
+
+
+def target_splits(target_names: Iterable[str]) -> dict[str, dict[str | None, str]]:
+    """``{task: {subtask or None: split name}}`` for the config's target names, in their order."""
+    out: dict[str, dict[str | None, str]] = {}
+    for name in target_names:
+        task, sub = parse_target_name(name)
+        out.setdefault(task, {})[sub] = target_split(task, sub)
+    return out
+
+
 class RunLayout:
-    root: str
+    """The paths of one run directory, and the few reads every stage needs from it."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.config = self.path("config.json")
+        self.warmup = self.path("warmup")
+        self.warmup_done = self.path("warmup", WARMUP_DONE)
+        self.scores = self.path("scores")
+        self.selection = self.path("selection")
+        self.report = self.path("report")
+
+    def __repr__(self) -> str:
+        return f"RunLayout({self.root!r})"
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.root, *parts)
-
-    @property
-    def config(self) -> str:
-        return self.path("config.json")
-
-    @property
-    def warmup(self) -> str:
-        return self.path("warmup")
 
     def features(self, ckpt_name: str, split: str) -> str:
         return self.path("features", ckpt_name, split)
@@ -45,14 +73,38 @@ class RunLayout:
     def errors(self, split: str) -> str:
         return self.path("errors", f"{split}.jsonl")
 
-    @property
-    def scores(self) -> str:
-        return self.path("scores")
+    def warmup_checkpoints(self) -> list[str]:
+        """Directories of the finished warmup's checkpoints, as ``warmup_done.json`` lists them, by step.
 
-    @property
-    def selection(self) -> str:
-        return self.path("selection")
+        Leftovers of earlier warmups are not listed. Raises ``FileNotFoundError``
+        (with the fix) when there is no finished warmup or a listed checkpoint is gone.
+        """
+        if not os.path.exists(self.warmup_done):
+            raise FileNotFoundError(
+                f"no finished warmup in {self.warmup} ({WARMUP_DONE} is missing); run `icons-fast warmup` first"
+            )
+        with open(self.warmup_done) as f:
+            ckpts = [os.path.join(self.warmup, name) for name in json.load(f)["checkpoints"]]
+        missing = [c for c in ckpts if not os.path.isdir(c)]
+        if missing:
+            raise FileNotFoundError(
+                f"warmup checkpoints {missing} listed in {self.warmup_done} are gone; rerun `icons-fast warmup`"
+            )
+        if not ckpts:
+            raise FileNotFoundError(f"no warmup checkpoint in {self.warmup}; run `icons-fast warmup` first")
+        return ckpts
 
-    @property
-    def report(self) -> str:
-        return self.path("report")
+    def checkpoint_lrs(self) -> list[tuple[str, float]]:
+        """``[(checkpoint name, learning rate)]`` of the finished warmup: the influence's checkpoint weights."""
+        from icons_fast.train.checkpoint import load_checkpoint_state
+
+        return [(os.path.basename(c), float(load_checkpoint_state(c)["lr"])) for c in self.warmup_checkpoints()]
+
+    def feature_store(self, ckpt_name: str, split: str):
+        """The ``FeatureStore`` of ``split`` under checkpoint ``ckpt_name``; raises with the fix when absent."""
+        from icons_fast.features.store import FeatureStore
+
+        path = self.features(ckpt_name, split)
+        if not os.path.exists(os.path.join(path, "manifest.json")):
+            raise FileNotFoundError(f"no features in {path}; run `icons-fast featurize` for this split first")
+        return FeatureStore.open(path)

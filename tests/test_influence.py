@@ -228,3 +228,44 @@ def test_native_backend_equals_torch_reference(aggregate):
     ref, names_ref = task_influence(train, targets, aggregate=aggregate, backend="torch", block_size=16)
     assert names == names_ref
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("aggregate", AGGREGATES)
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_unnormalised_mode_matches_raw_brute_force(aggregate, backend):
+    """normalise=False (the TracIn mode) takes rows as given, through the same op: numpy on raw rows."""
+    trains = [_feats(N, K, 21) * 3.0, _feats(N, K, 22) * 0.5]
+    targets = [{"a": _feats(4, K, 23) * 2.0, "b": {"s1": _feats(3, K, 24), "s2": _feats(6, K, 25) * 4.0}},
+               {"a": _feats(4, K, 26), "b": {"s1": _feats(3, K, 27) * 0.1, "s2": _feats(6, K, 28)}}]
+    lrs = [2e-4, 6e-5]
+    got, names = task_influence(trains, targets, aggregate, lrs, block_size=8, backend=backend, normalise=False)
+    w = np.array(lrs) / sum(lrs)
+
+    def agg(x, v):
+        sims = x.double().numpy() @ v.double().numpy().T
+        if aggregate == "mean":
+            return sims.mean(axis=1)
+        if aggregate == "max":
+            return sims.max(axis=1)
+        return np.sort(sims, axis=1)[:, ::-1][:, :3].mean(axis=1)
+
+    want_a = sum(w[c] * agg(trains[c], targets[c]["a"]) for c in range(2))
+    want_b = np.maximum(*[sum(w[c] * agg(trains[c], targets[c]["b"][s]) for c in range(2)) for s in ("s1", "s2")])
+    want = np.column_stack([want_a, want_b])
+    assert names == ["a", "b"]
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    ref, _ = task_influence_ref(trains, targets, aggregate, lrs, normalise=False)
+    np.testing.assert_allclose(ref.numpy(), want, rtol=1e-12, atol=1e-12)
+    cos, _ = task_influence(trains, targets, aggregate, lrs)  # the default mode really normalises
+    assert np.abs(cos.numpy()).max() <= 1 + 1e-5 < np.abs(got.numpy()).max()
+
+
+def test_unnormalised_mode_names_a_non_finite_row():
+    train = _feats(N, K, 31)
+    train[9, 2] = float("inf")
+    with pytest.raises(ValueError, match="row 9"):
+        task_influence(train, {"t": _feats(3, K, 32)}, normalise=False)
+    zero = _feats(N, K, 33)
+    zero[4] = 0.0  # a zero raw row scores 0 instead of failing the normalisation
+    got, _ = task_influence(zero, {"t": _feats(3, K, 34)}, normalise=False)
+    assert float(got[4, 0]) == 0.0

@@ -1,5 +1,6 @@
 """The whole loop on tiny data: run (warmup -> featurize -> influence -> select), resume, bad samples, train + evaluate."""
 import json
+import logging
 import os
 
 import numpy as np
@@ -29,7 +30,7 @@ def demo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_model_dir, demo):
-    from icons_fast.pipeline import run
+    from icons_fast.stages.pipeline import run
 
     out = str(tmp_path_factory.mktemp("run"))
     cfg = _cfg(tiny_model_dir, demo, out, targets={k: demo["targets"][k] for k in ("color", "count", "arithmetic")})
@@ -54,14 +55,15 @@ def test_run_end_to_end_writes_a_selection(finished_run, demo):
     assert votes.shape == (40,) and votes[indices].min() >= np.delete(votes, indices).max()
 
 
-def test_rerun_skips_finished_stages(finished_run, capsys):
-    from icons_fast.pipeline import run
+def test_rerun_skips_finished_stages(finished_run, capsys, caplog):
+    from icons_fast.stages.pipeline import run
 
+    caplog.set_level(logging.INFO, logger="icons_fast")
     shard = os.path.join(finished_run.out, "features")
     before = {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
               for d, _, fs in os.walk(shard) for f in fs if f.endswith(".safetensors")}
     run(finished_run)
-    out = capsys.readouterr().out
+    out = capsys.readouterr().out + caplog.text  # progress lines: printed or logged
     assert "reusing 1 checkpoint" in out and "0 of 3 shard(s) to do" in out
     assert "scores in" in out and "up to date" in out
     after = {p: os.path.getmtime(p) for p in before}
@@ -70,7 +72,7 @@ def test_rerun_skips_finished_stages(finished_run, capsys):
 
 def test_changed_projection_is_refused(finished_run):
     from icons_fast.features.store import FingerprintMismatch
-    from icons_fast.pipeline import featurize_all
+    from icons_fast.stages.pipeline import featurize_all
 
     cfg = Config.from_dict(finished_run.to_dict())
     cfg.features.seed = 7
@@ -79,7 +81,7 @@ def test_changed_projection_is_refused(finished_run):
 
 
 def test_bad_samples_are_recorded_excluded_and_never_shift(tmp_path, tiny_model_dir, demo):
-    from icons_fast.pipeline import run
+    from icons_fast.stages.pipeline import run
 
     bad = make_bad_samples(str(tmp_path / "bad"))
     data = {"train": bad["json"], "image_folder": bad["image_folder"], "targets": demo["targets"]}
@@ -182,11 +184,11 @@ def _copy_run(finished_run, dest):
 
 def test_retrained_checkpoint_invalidates_features(finished_run, tmp_path):
     from icons_fast.features.store import FingerprintMismatch
-    from icons_fast.pipeline import featurize_all
-    from icons_fast.train.warmup import current_checkpoints
+    from icons_fast.rundir import RunLayout
+    from icons_fast.stages.pipeline import featurize_all
 
     cfg = _copy_run(finished_run, tmp_path / "run")
-    adapter = os.path.join(current_checkpoints(os.path.join(cfg.out, "warmup"))[0], "adapter", "adapter_model.safetensors")
+    adapter = os.path.join(RunLayout(cfg.out).warmup_checkpoints()[0], "adapter", "adapter_model.safetensors")
     with open(adapter, "r+b") as f:  # same checkpoint name and step, other weights
         f.seek(-1, os.SEEK_END)
         last = f.read(1)
@@ -197,7 +199,8 @@ def test_retrained_checkpoint_invalidates_features(finished_run, tmp_path):
 
 
 def test_new_target_keeps_warmup_and_stale_scores_are_refused(finished_run, tmp_path, demo, capsys):
-    from icons_fast.select.stage import run_influence, run_select
+    from icons_fast.stages.influence import run_influence
+    from icons_fast.stages.select import run_select
     from icons_fast.train.warmup import run_warmup
 
     cfg = _copy_run(finished_run, tmp_path / "run")
@@ -216,11 +219,11 @@ def test_new_target_keeps_warmup_and_stale_scores_are_refused(finished_run, tmp_
 
 
 def test_partial_target_features_are_refused(finished_run, tmp_path):
-    from icons_fast.select.stage import run_influence
-    from icons_fast.train.warmup import current_checkpoints
+    from icons_fast.rundir import RunLayout
+    from icons_fast.stages.influence import run_influence
 
     cfg = _copy_run(finished_run, tmp_path / "run")
-    ckpt = os.path.basename(current_checkpoints(os.path.join(cfg.out, "warmup"))[0])
+    ckpt = os.path.basename(RunLayout(cfg.out).warmup_checkpoints()[0])
     entries = os.path.join(cfg.out, "features", ckpt, "target-count", "entries")
     os.remove(os.path.join(entries, sorted(os.listdir(entries))[0]))  # as if a job-array task died
     os.remove(os.path.join(cfg.out, "scores", "task_names.json"))
@@ -229,7 +232,8 @@ def test_partial_target_features_are_refused(finished_run, tmp_path):
 
 
 def test_rerun_warmup_with_other_settings_removes_old_checkpoints(tmp_path, tiny_model_dir, demo):
-    from icons_fast.train.warmup import current_checkpoints, run_warmup
+    from icons_fast.rundir import RunLayout
+    from icons_fast.train.warmup import run_warmup
 
     cfg = _cfg(tiny_model_dir, demo, str(tmp_path / "run"))
     cfg.warmup.num_checkpoints = 2
@@ -238,6 +242,6 @@ def test_rerun_warmup_with_other_settings_removes_old_checkpoints(tmp_path, tiny
     cfg.warmup.fraction = 0.2
     second = run_warmup(cfg, cfg.out)
     assert len(first) == 2 and len(second) == 1
-    assert current_checkpoints(os.path.join(cfg.out, "warmup")) == second
+    assert RunLayout(cfg.out).warmup_checkpoints() == second
     left = sorted(d for d in os.listdir(os.path.join(cfg.out, "warmup")) if d.startswith("checkpoint-"))
     assert left == [os.path.basename(second[0])]

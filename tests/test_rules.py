@@ -6,14 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from icons_fast.select.rules import (
-    RULES,
-    combine_scores,
-    select_by_rule,
-    top_budget,
-    tracin_scores,
-    tracin_scores_ref,
-)
+from icons_fast.select.influence import tracin_scores, tracin_scores_ref
+from icons_fast.select.rules import RULES, combine_scores, select_by_rule, top_budget
 
 SCORE_RULES = ["less", "tracin", "mean", "max", "rank", "znorm"]
 
@@ -187,7 +181,9 @@ def test_tracin_scores_equal_raw_inner_products():
     targets = [{"vqa": _unit(t["vqa"]), "mme": {s: _unit(t["mme"][s]) for s in ("a", "b")}} for t in raw_t]
     got, names = tracin_scores([torch.tensor(f) for f in feats], list(norms), targets, lrs, block_size=8)
     assert names == ["vqa", "mme"]
-    np.testing.assert_allclose(got, np.column_stack([want_vqa, want_mme]), rtol=1e-10, atol=1e-12)
+    want = np.column_stack([want_vqa, want_mme])
+    # computed in float32 like every influence score: fp32 rounding of k-term sums
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -199,7 +195,7 @@ def test_tracin_scores_match_ref_on_stored_dtypes(dtype):
     targets = {"t1": (torch.tensor(tf).to(dtype), tn), "t2": (torch.tensor(tf[:3]).to(dtype), tn[:3] * 2)}
     got, _ = tracin_scores(train, n.astype(np.float32), targets, block_size=16)
     ref, _ = tracin_scores_ref(train, n.astype(np.float32), targets)
-    np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())  # float32 against float64
 
 
 def test_tracin_with_unit_norms_is_the_mean_cosine_influence():
@@ -249,9 +245,9 @@ def _fake_run(root: str, n: int = 30, k: int = 12, lrs=(2e-4, 5e-5)):
             store.write_shard(0, m, idx, [f"s{i}" if split == "train" else f"{split}{i}" for i in idx],
                               torch.tensor(feats), norms.astype(np.float32))
             raw[(c, split)] = (idx, p)
-    from icons_fast.train.warmup import DONE_FILE
+    from icons_fast.rundir import RunLayout
 
-    with open(os.path.join(root, "warmup", DONE_FILE), "w") as f:  # the finished warmup lists its checkpoints
+    with open(RunLayout(root).warmup_done, "w") as f:  # the finished warmup lists its checkpoints
         json.dump({"fingerprint": "test", "checkpoints": [f"checkpoint-{10 * (c + 1)}" for c in range(len(lrs))]}, f)
     from icons_fast.data import ErrorLog
     from icons_fast.data.errors import SampleError

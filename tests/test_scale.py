@@ -90,7 +90,7 @@ def test_torchrun_two_processes_equal_one(warm_run, reference, tmp_path):
 
 
 def test_job_array_shards_equal_one_process_and_partial_is_refused(warm_run, reference, tmp_path):
-    from icons_fast.select.stage import run_influence
+    from icons_fast.stages.influence import run_influence
 
     run_dir = _copy(warm_run, tmp_path / "run")
     subprocess.run(_featurize_cmd(run_dir, "--shard", "1/3"), check=True, env=_env(), capture_output=True)

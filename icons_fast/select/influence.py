@@ -19,15 +19,27 @@ Non-linear aggregates need the ``n x M`` similarity block, so train rows are
 processed in blocks of ``block_size`` rows and no larger product is formed.
 Everything runs in float32 (fp16/bf16 features are upcast one block at a time).
 
-One code path: ``task_influence`` (in-memory tensors) and
-``stream_task_influence`` (an iterable of blocks read from feature shards) both
-call ``_block_scores``, which calls ``_reduce_block`` once per checkpoint.
-``_reduce_block`` is the hook the native (C++/CUDA) influence op replaces.
-``task_influence_ref`` is the float64 brute force the tests compare against.
+The unnormalised mode (``normalise=False``) takes the rows as given. Fed the
+raw projected gradients ``p = n * f`` (stored norms times stored unit
+features), it is TracIn's checkpoint-weighted inner product (``tracin_scores``)::
+
+    A_s(i) = sum_c w_c * mean_{v in V_s} <p_c(i), p_c(v)>     (~ <g_c(i), g_c(v)> by JL)
+
+One code path: ``task_influence`` (in-memory tensors), ``stream_task_influence``
+(an iterable of blocks read from feature shards) and ``tracin_scores`` all run
+``_block_scores``, which calls ``_reduce_block`` once per checkpoint;
+``_reduce_block`` calls the segment-reduce op (``icons_fast.ops.influence``,
+C++/CUDA or torch). ``task_influence_ref`` / ``tracin_scores_ref`` are the
+float64 brute force the tests compare against.
+
+Influence at three levels, one concept: ``icons_fast.ops.influence`` reduces
+one block against concatenated targets; this module turns tasks, subtasks and
+checkpoints into those calls (arrays in, scores out); ``icons_fast.stages.influence``
+reads the run directory's feature stores and writes ``scores/``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -123,19 +135,25 @@ def _structure(targets: Mapping, c: int) -> list[tuple[str, list[tuple[str, torc
 # --------------------------------------------------------------------------- normalisation
 
 
-def _normalise_rows(x: torch.Tensor, what: str, row_ids=None, dtype=torch.float32) -> torch.Tensor:
-    """``x / ||x||`` row-wise in ``dtype``; a zero or non-finite norm raises naming the row."""
+def _rows(x: torch.Tensor, what: str, row_ids=None, dtype=torch.float32, normalise: bool = True) -> torch.Tensor:
+    """``x / ||x||`` row-wise in ``dtype`` (``x`` itself when not ``normalise``).
+
+    A non-finite row (or, when normalising, an all-zero row) raises naming the row.
+    """
     x = x.to(dtype)
     norms = torch.linalg.vector_norm(x, dim=1)
-    bad = ~(torch.isfinite(norms) & (norms > 0))
+    bad = ~torch.isfinite(norms)
+    if normalise:
+        bad |= norms <= 0
     if bool(bad.any()):
         j = int(torch.nonzero(bad)[0, 0])
         row = int(row_ids[j]) if row_ids is not None else j
+        cannot = "cosine-normalised" if normalise else "scored"
         raise ValueError(
             f"{what} row {row} has L2 norm {float(norms[j])}: an all-zero or non-finite feature cannot be "
-            "cosine-normalised; re-featurize that sample or mark it invalid and drop it"
+            f"{cannot}; re-featurize that sample or mark it invalid and drop it"
         )
-    return x / norms[:, None]
+    return x / norms[:, None] if normalise else x
 
 
 # --------------------------------------------------------------------------- prepared targets
@@ -160,6 +178,7 @@ class PreparedTargets:
     task_names: list[str]
     k: int
     backend: str = "auto"  # influence backend for the non-linear aggregates (icons_fast.ops.backend)
+    normalise: bool = True  # False: rows are raw projections (TracIn), used as given
 
     def task_ranges(self) -> list[tuple[int, int]]:
         """``[(first_segment, last_segment + 1), ...]`` per task."""
@@ -172,16 +191,14 @@ class PreparedTargets:
     def to(self, device) -> "PreparedTargets":
         if all(t.device == torch.device(device) for t in self.target_cat):
             return self
-        moved = [t.to(device) for t in self.target_cat]
-        return PreparedTargets(
-            self.aggregate, self.weights, moved, self.segments, self.seg_task, self.task_names, self.k, self.backend
-        )
+        return replace(self, target_cat=[t.to(device) for t in self.target_cat])
 
 
 def prepare_targets(
-    targets, n_ckpt: int, aggregate: str = "mean", checkpoint_weights=None, backend: str = "auto"
+    targets, n_ckpt: int, aggregate: str = "mean", checkpoint_weights=None, backend: str = "auto",
+    normalise: bool = True,
 ) -> PreparedTargets:
-    """Normalise, (for "mean") average and concatenate the target features once.
+    """Normalise (unless not ``normalise``), for "mean" average, and concatenate the target features once.
 
     ``targets``: task -> ``Tensor[M_t, k]``, task -> {subtask: Tensor}, or a list of
     such dicts, one per checkpoint (task and subtask names must agree across them).
@@ -206,7 +223,7 @@ def prepare_targets(
                         f"target features of task {task!r} subtask {sub!r} (checkpoint {c}) have k={x.shape[1]}, "
                         f"expected k={k}"
                     )
-                f = _normalise_rows(x, f"target task {task!r} subtask {sub!r} (checkpoint {c})")
+                f = _rows(x, f"target task {task!r} subtask {sub!r} (checkpoint {c})", normalise=normalise)
                 if kind == "mean":
                     f = f.mean(dim=0, keepdim=True)  # <f(i), mean_v f(v)> = mean_v <f(i), f(v)>
                 rows.append(f)
@@ -214,7 +231,8 @@ def prepare_targets(
                 start += f.shape[0]
         target_cat.append(torch.cat(rows).contiguous())
         segments.append(segs)
-    return PreparedTargets(aggregate, weights, target_cat, segments, seg_task, [t for t, _ in names0], k, backend)
+    return PreparedTargets(aggregate, weights, target_cat, segments, seg_task, [t for t, _ in names0], k, backend,
+                           normalise)
 
 
 # --------------------------------------------------------------------------- the per-block kernel
@@ -226,7 +244,7 @@ def _reduce_block(
     """Per-segment aggregate of one block of train rows against one checkpoint's targets.
 
     Arguments:
-        train_block: float32 ``[n, k]``, rows already L2-normalised.
+        train_block: float32 ``[n, k]``, rows already L2-normalised (raw rows in the unnormalised mode).
         target_cat: float32 ``[M, k]``, every subtask's (normalised) targets concatenated.
         segments: ``[(start, stop), ...]`` one per subtask, contiguous rows of ``target_cat`` from 0.
         aggregate: "mean" | "max" | "topm:<m>".
@@ -258,7 +276,7 @@ def _block_scores(train_blocks: Sequence[torch.Tensor], prep: PreparedTargets, r
                 f"train block for checkpoint {c} has shape {tuple(x.shape)}; expected ({n}, {prep.k}) "
                 "(same rows for every checkpoint, k as the targets)"
             )
-        f = _normalise_rows(x, f"train (checkpoint {c})", row_ids)  # fp16/bf16 upcast here, per block
+        f = _rows(x, f"train (checkpoint {c})", row_ids, normalise=prep.normalise)  # fp16/bf16 upcast here, per block
         target = prep.target_cat[c].to(f.device)
         seg = _reduce_block(f, target, prep.segments[c], prep.aggregate, prep.backend) * prep.weights[c]
         acc = seg if acc is None else acc + seg  # (n, S): sum_c w_c agg_v
@@ -278,6 +296,7 @@ def task_influence(
     block_size: int = DEFAULT_BLOCK_SIZE,
     progress: bool | None = None,
     backend: str = "auto",
+    normalise: bool = True,
 ) -> tuple[torch.Tensor, list[str]]:
     """Influence of every train sample on every target task.
 
@@ -291,6 +310,8 @@ def task_influence(
         progress: tqdm bar over blocks; default on when there are more than 8 blocks.
         backend: influence backend for "max" / "topm:<m>" ("auto": the C++/CUDA
             extension when built, else torch; "torch": the reference path).
+        normalise: True (cosine influence) L2-normalises every row; False uses the
+            rows as given (raw projected gradients: the TracIn mode).
     Return:
         (float32 ``Tensor[N, T]`` on the train features' device, task names in dict order).
     """
@@ -301,7 +322,7 @@ def task_influence(
             raise ValueError(f"train features for checkpoint {c} have shape {tuple(x.shape)}; expected ({n}, k)")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    prep = prepare_targets(targets, len(trains), aggregate, checkpoint_weights, backend).to(trains[0].device)
+    prep = prepare_targets(targets, len(trains), aggregate, checkpoint_weights, backend, normalise).to(trains[0].device)
     starts = range(0, n, block_size)
     if progress is None:
         progress = len(starts) > 8
@@ -321,13 +342,14 @@ def stream_task_influence(
     checkpoint_weights=None,
     progress: bool = False,
     backend: str = "auto",
+    normalise: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Streaming form of ``task_influence`` over blocks read from feature shards.
 
     Arguments:
         blocks: iterable of ``(row_indices: ndarray[int64] [n], features: list of
             Tensor[n, k], one per checkpoint)``; a bare tensor is taken as one checkpoint.
-        targets, aggregate, checkpoint_weights: as in ``task_influence``.
+        targets, aggregate, checkpoint_weights, backend, normalise: as in ``task_influence``.
     Return:
         (float32 ``ndarray[N_rows, T]`` in the order the blocks came, int64 row
         indices ``ndarray[N_rows]``, task names). Targets are prepared once.
@@ -340,22 +362,24 @@ def stream_task_influence(
         if row_idx.shape[0] != feats[0].shape[0]:
             raise ValueError(f"a block has {row_idx.shape[0]} row indices but {feats[0].shape[0]} feature rows")
         if prep is None:
-            prep = prepare_targets(targets, len(feats), aggregate, checkpoint_weights, backend)
+            prep = prepare_targets(targets, len(feats), aggregate, checkpoint_weights, backend, normalise)
         prep = prep.to(feats[0].device)
         scores.append(_block_scores(feats, prep, row_ids=row_idx).cpu().numpy())
         rows.append(row_idx)
     if prep is None:  # no blocks: still validate targets to return the task names
         n_ckpt = 1 if isinstance(targets, Mapping) else len(list(targets))
-        prep = prepare_targets(targets, n_ckpt, aggregate, checkpoint_weights)
+        prep = prepare_targets(targets, n_ckpt, aggregate, checkpoint_weights, backend, normalise)
         return np.empty((0, len(prep.task_names)), np.float32), np.empty(0, np.int64), prep.task_names
     return np.concatenate(scores).astype(np.float32, copy=False), np.concatenate(rows), prep.task_names
 
 
-def task_influence_ref(train, targets, aggregate: str = "mean", checkpoint_weights=None) -> tuple[torch.Tensor, list[str]]:
+def task_influence_ref(train, targets, aggregate: str = "mean", checkpoint_weights=None,
+                       normalise: bool = True) -> tuple[torch.Tensor, list[str]]:
     """Float64 brute force: full ``N x M`` product per checkpoint, then reduce (tests only).
 
     ``A_s(i) = sum_c w_c agg_{v in s} <f_c(i), f_c(v)>``, ``I_t(i) = max_{s in t} A_s(i)``,
-    with ``f`` normalised in float64 and "mean" taken over the products (not over the targets).
+    with ``f`` normalised in float64 (as given when not ``normalise``) and "mean"
+    taken over the products (not over the targets).
     Return: (float64 ``Tensor[N, T]``, task names).
     """
     kind, m = parse_aggregate(aggregate)
@@ -363,14 +387,14 @@ def task_influence_ref(train, targets, aggregate: str = "mean", checkpoint_weigh
     weights = checkpoint_weights_normalised(checkpoint_weights, len(trains))
     per_ckpt = [_structure(d, c) for c, d in enumerate(_per_checkpoint_targets(targets, len(trains)))]
     names = [task for task, _ in per_ckpt[0]]
-    f_train = [_normalise_rows(x, "train", dtype=torch.float64) for x in trains]
+    f_train = [_rows(x, "train", dtype=torch.float64, normalise=normalise) for x in trains]
     columns = []
     for t, (task, subs) in enumerate(per_ckpt[0]):
         sub_scores = []
         for s in range(len(subs)):
             total = 0.0
             for c, fi in enumerate(f_train):
-                fv = _normalise_rows(per_ckpt[c][t][1][s][1], "target", dtype=torch.float64)
+                fv = _rows(per_ckpt[c][t][1][s][1], "target", dtype=torch.float64, normalise=normalise)
                 sims = fi @ fv.T  # (N, M_s), the full product
                 if kind == "mean":
                     agg = sims.mean(dim=1)
@@ -382,3 +406,95 @@ def task_influence_ref(train, targets, aggregate: str = "mean", checkpoint_weigh
             sub_scores.append(total)
         columns.append(torch.stack(sub_scores, dim=1).max(dim=1).values)
     return torch.stack(columns, dim=1), names
+
+
+# --------------------------------------------------------------------------- TracIn: the unnormalised mode
+
+
+def raw_projections(features, norms, dtype=torch.float32) -> torch.Tensor:
+    """``p = n * f`` in ``dtype``, ``[n, k]``, from unit features ``[n, k]`` (any float dtype) and norms ``[n]``."""
+    f = torch.as_tensor(features).detach()
+    n = torch.as_tensor(np.asarray(norms, dtype=np.float64)).reshape(-1).to(f.device, dtype)
+    return f.to(dtype) * n[:, None]
+
+
+def _pair(pair, what: str) -> tuple[torch.Tensor, np.ndarray]:
+    """``(features [M, k], norms [M])`` checked; features as given, norms float64."""
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise TypeError(f"{what}: expected a (features Tensor[M, k], norms [M]) pair, got {type(pair).__name__}")
+    feats = torch.as_tensor(pair[0]).detach()
+    norms = np.asarray(pair[1], dtype=np.float64).reshape(-1)
+    if feats.ndim != 2 or feats.shape[0] == 0 or norms.shape[0] != feats.shape[0]:
+        raise ValueError(f"{what}: features {tuple(feats.shape)} and norms {tuple(norms.shape)} do not match")
+    return feats, norms
+
+
+def _raw_targets(targets, dtype) -> list[dict]:
+    """task -> pair (or {subtask: pair}) dicts -> the same dicts of raw projections in ``dtype``, one per checkpoint."""
+    out = []
+    for d in [targets] if isinstance(targets, Mapping) else list(targets):
+        raw = {}
+        for task, value in d.items():
+            subs = value if isinstance(value, Mapping) else {None: value}
+            pairs = {sub: _pair(pair, f"target task {task!r}") for sub, pair in subs.items()}
+            rows = {sub: raw_projections(f, n, dtype) for sub, (f, n) in pairs.items()}
+            raw[task] = rows if isinstance(value, Mapping) else rows[None]
+        out.append(raw)
+    return out
+
+
+def _train_pairs(train, train_norms, n_targets: int) -> tuple[list[torch.Tensor], list[np.ndarray]]:
+    """One (unit features, norms) per checkpoint, rows matching."""
+    trains = _as_list(train)
+    norms = [np.asarray(x, dtype=np.float64).reshape(-1)
+             for x in (train_norms if isinstance(train_norms, (list, tuple)) else [train_norms])]
+    if not (len(trains) == len(norms) == n_targets):
+        raise ValueError(f"{len(trains)} train feature sets, {len(norms)} norm sets and {n_targets} target dicts: "
+                         "give one of each per checkpoint")
+    for c, (x, nrm) in enumerate(zip(trains, norms)):
+        if x.ndim != 2 or x.shape[0] != nrm.shape[0] or x.shape[0] != trains[0].shape[0]:
+            raise ValueError(f"train features {tuple(x.shape)} / norms {nrm.shape} (checkpoint {c}) do not match "
+                             f"each other or the {trains[0].shape[0]} rows of checkpoint 0")
+    return trains, norms
+
+
+def tracin_scores(train, train_norms, targets, checkpoint_weights=None, block_size: int = DEFAULT_BLOCK_SIZE,
+                  progress: bool = False, backend: str = "auto") -> tuple[np.ndarray, list[str]]:
+    """TracIn scores ``[N, T]``: the unnormalised mode of ``stream_task_influence`` with the "mean" aggregate.
+
+    ``A_s(i) = sum_c w_c * mean_{v in V_s} <p_c(i), p_c(v)>``, ``I_t(i) = max_{s in t} A_s(i)``
+    with ``p = n * f`` rebuilt one block of ``block_size`` rows at a time.
+
+    Arguments:
+        train: ``Tensor[N, k]`` unit features (any float dtype) or a list, one per checkpoint.
+        train_norms: ``[N]`` norms of the projected gradients, or a list per checkpoint.
+        targets: task -> ``(features [M, k], norms [M])`` or task -> {subtask: pair};
+            or a list of such dicts, one per checkpoint.
+        checkpoint_weights: ``w_c`` (learning rates), renormalised; uniform if None.
+    Return:
+        (float64 ``ndarray[N, T]`` of sums taken in float32 like every influence score, task names).
+    """
+    raw_targets = _raw_targets(targets, torch.float32)
+    trains, norms = _train_pairs(train, train_norms, len(raw_targets))
+    n = trains[0].shape[0]
+
+    def blocks():
+        for s in range(0, n, block_size):
+            e = min(s + block_size, n)
+            yield np.arange(s, e), [raw_projections(x[s:e], nrm[s:e]) for x, nrm in zip(trains, norms)]
+
+    scores, _, names = stream_task_influence(
+        blocks(), raw_targets if len(raw_targets) > 1 else raw_targets[0], "mean", checkpoint_weights,
+        progress=progress, backend=backend, normalise=False,
+    )
+    return scores.astype(np.float64), names
+
+
+def tracin_scores_ref(train, train_norms, targets, checkpoint_weights=None) -> tuple[np.ndarray, list[str]]:
+    """Float64 brute force of ``tracin_scores``: ``p = n * f`` in float64, every ``<p(i), p(v)>`` (tests only)."""
+    raw_targets = _raw_targets(targets, torch.float64)
+    trains, norms = _train_pairs(train, train_norms, len(raw_targets))
+    raw = [raw_projections(x, nrm, torch.float64) for x, nrm in zip(trains, norms)]
+    scores, names = task_influence_ref(raw, raw_targets if len(raw) > 1 else raw_targets[0], "mean",
+                                       checkpoint_weights, normalise=False)
+    return scores.numpy(), names

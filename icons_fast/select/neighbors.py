@@ -1,109 +1,68 @@
-"""FAISS-indexed target features in a run directory, and ``icons-fast neighbors``.
+"""Nearest-neighbour influence retrieval, with rows named by sample index and id.
 
-Each target split's features get an ``IndexFlatIP`` saved beside them
-(``features/<ckpt>/<split>/faiss.index``, rebuilt when the features change).
-The influence stage reads its target side from these indexes; retrieval
-answers, per checkpoint:
+For one checkpoint, with a FAISS target index (``faiss_index.build_target_index``)
+over target features ``t`` and train features ``x`` (both taken unit-norm)::
 
-- for a target sample, the train samples with the largest influence on it;
-- for a train sample, the target samples it serves most.
+    score(i, j) = <x_i / ||x_i||, t_j / ||t_j||>       (single-checkpoint cosine influence)
 
-Scores are cosine similarities of the stored (projected, preconditioned)
-gradient features, i.e. single-checkpoint influence.
+- ``train_for_targets``: for each target sample, the ``m`` train samples with the
+  largest score (the train side streamed in blocks, ``faiss_index.top_train_for_targets``);
+- ``targets_for_train``: for given train samples, the ``m`` targets they serve most.
+
+Rows are named by the sample indices and ids passed with them, never by
+position, so the answer stays right when samples were excluded. Arrays in,
+records out: reading the feature stores is ``icons_fast.stages.neighbors``.
 """
 from __future__ import annotations
 
-import json
-import os
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from icons_fast.features.store import FeatureStore
-from icons_fast.fileio import atomic_json
 
-INDEX_FILE = "faiss.index"
-INDEX_META = "faiss.index.json"
-
-
-def have_faiss() -> bool:
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _named(scores: Sequence[float], rows: Sequence[int], indices, ids) -> list[dict]:
+    """``[{index, id, score}]`` for the ``rows`` of a side named by ``indices`` / ``ids``."""
+    return [{"index": int(indices[r]), "id": ids[r], "score": float(s)} for s, r in zip(scores, rows)]
 
 
-def target_index(feature_dir: str):
-    """The split's FAISS index (built and saved on first use or when its features changed)."""
-    from icons_fast.select.faiss_index import build_target_index, load_index, save_index
+def train_for_targets(index, target_indices, target_ids: Sequence, blocks: Iterable, m: int) -> list[dict]:
+    """Per target row of ``index``: ``{index, id, neighbors: [{index, id, score}] * m}``, best first.
 
-    store = FeatureStore.open(feature_dir)
-    digest = store.digest()
-    path, meta = os.path.join(feature_dir, INDEX_FILE), os.path.join(feature_dir, INDEX_META)
-    if os.path.exists(path) and os.path.exists(meta):
-        with open(meta) as f:
-            if json.load(f).get("features") == digest:
-                return load_index(path), store
-    indices, ids, feats, _ = store.load()
-    index = build_target_index(feats)
-    save_index(index, path)
-    atomic_json(meta, {"features": digest, "indices": indices.tolist(), "ids": ids}, indent=None)
-    return index, store
-
-
-def target_vectors(feature_dir: str) -> torch.Tensor:
-    """``[M, k]`` fp32 target features: from the FAISS index when faiss is installed, else from the store."""
-    if have_faiss():
-        from icons_fast.select.faiss_index import index_vectors
-
-        return index_vectors(target_index(feature_dir)[0])
-    return FeatureStore.open(feature_dir).load()[2].float()
-
-
-def neighbors(train_dir: str, target_dir: str, m: int = 10, block_size: int = 65536,
-              train_rows: list[int] | None = None) -> dict:
-    """Top-m retrieval both ways between one checkpoint's train and target features.
-
-    Returns ``{"per_target": [{index, id, neighbors: [{index, id, score}]}],
-    "per_train": [...]}`` (``per_train`` only for the sample indices in ``train_rows``).
-    Sample indices and ids come from the stores, never from row positions.
+    Arguments:
+        index: FAISS target index, rows in the order of ``target_indices`` / ``target_ids``.
+        blocks: iterable of ``(sample indices [n], ids [n], features Tensor[n, k])`` train blocks.
+        m: neighbours per target.
     """
-    from icons_fast.select.faiss_index import top_targets_for_train, top_train_for_targets
+    from icons_fast.select.faiss_index import top_train_for_targets
 
-    index, tstore = target_index(target_dir)
-    t_idx, t_ids, _, _ = tstore.load(verify=False)
-    train = FeatureStore.open(train_dir)
     row_index, row_ids = [], []
 
-    def blocks():
-        for idx, ids, feats, _ in train.iter_blocks(block_size):
-            row_index.append(idx)
+    def feats():
+        for idx, ids, x in blocks:
+            row_index.append(np.asarray(idx))
             row_ids.extend(ids)
-            yield feats
+            yield x
 
-    scores, rows = top_train_for_targets(blocks(), index, m)
+    scores, rows = top_train_for_targets(feats(), index, m)
     all_idx = np.concatenate(row_index)
-    out = {"per_target": [], "per_train": []}
-    for j in range(len(t_idx)):
-        out["per_target"].append({
-            "index": int(t_idx[j]), "id": t_ids[j],
-            "neighbors": [{"index": int(all_idx[r]), "id": row_ids[r], "score": float(s)}
-                          for s, r in zip(scores[j].tolist(), rows[j].tolist())],
-        })
-    if train_rows:
-        wanted = set(int(i) for i in train_rows)
-        found = {}  # sample index -> (id, feature row), gathered block by block (never the whole pool)
-        for idx, ids, feats, _ in train.iter_blocks(block_size, verify=False):
-            for p in np.flatnonzero(np.isin(idx, list(wanted))):
-                found[int(idx[p])] = (ids[p], feats[p])
-        missing = [i for i in train_rows if int(i) not in found]
-        if missing:
-            raise ValueError(f"train samples {missing[:5]} have no features (excluded as bad samples?)")
-        s2, r2 = top_targets_for_train(torch.stack([found[int(i)][1] for i in train_rows]), index, m)
-        for i, srow, rrow in zip(train_rows, s2.tolist(), r2.tolist()):
-            out["per_train"].append({
-                "index": int(i), "id": found[int(i)][0],
-                "neighbors": [{"index": int(t_idx[r]), "id": t_ids[r], "score": float(s)} for s, r in zip(srow, rrow)],
-            })
-    return out
+    return [
+        {"index": int(target_indices[j]), "id": target_ids[j],
+         "neighbors": _named(scores[j].tolist(), rows[j].tolist(), all_idx, row_ids)}
+        for j in range(len(target_indices))
+    ]
+
+
+def targets_for_train(index, target_indices, target_ids: Sequence, train_indices: Sequence[int],
+                      train_ids: Sequence, train_feats: torch.Tensor, m: int) -> list[dict]:
+    """Per given train sample: ``{index, id, neighbors: [{index, id, score}] * m}`` over the targets, best first.
+
+    ``train_feats``: ``[q, k]``, row ``r`` the features of ``train_indices[r]`` / ``train_ids[r]``.
+    """
+    from icons_fast.select.faiss_index import top_targets_for_train
+
+    scores, rows = top_targets_for_train(train_feats, index, m)
+    return [
+        {"index": int(i), "id": sid, "neighbors": _named(srow, rrow, target_indices, target_ids)}
+        for i, sid, srow, rrow in zip(train_indices, train_ids, scores.tolist(), rows.tolist())
+    ]

@@ -25,8 +25,8 @@ The rules (``I_t(i)`` = column ``t`` of ``scores``; ``V`` = valid samples):
   ``icons-fast select --task NAME``). Numerically the same as ``max`` below;
   it exists to name the convention and to check the scores' aggregate.
 - ``tracin``: the checkpoint-weighted *unnormalised* inner product, computed by
-  ``tracin_scores`` from the stored unit features ``f`` and norms ``n``
-  (``p = n * f`` is the projected gradient)::
+  ``icons_fast.select.influence.tracin_scores`` from the stored unit features
+  ``f`` and norms ``n`` (``p = n * f`` is the projected gradient)::
 
       A_s(i) = sum_c w_c * n_c(i) * < f_c(i), mean_{v in s} n_c(v) f_c(v) >
              = sum_c w_c * mean_{v in s} < p_c(i), p_c(v) >     (~ <g_c(i), g_c(v)> by JL)
@@ -49,41 +49,17 @@ Top budget: descending ``s(i)`` over valid samples, ties broken by lower index
 """
 from __future__ import annotations
 
-import os
-from typing import Callable, Mapping, Sequence
+from typing import Callable
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
-from icons_fast.select.influence import checkpoint_weights_normalised
-from icons_fast.select.voting import (
-    _budget_count,
-    _to_numpy,
-    _valid_mask,
-    consensus_select,
-    percentile_ranks,
-)
+from icons_fast.select.inputs import budget_count, checked_scores, score_matrix, valid_mask
+from icons_fast.select.voting import consensus_select, percentile_ranks
 
 COMBINES = ("mean", "max", "rank", "znorm")
 
 
 # --------------------------------------------------------------------------- combining tasks
-
-
-def _checked(scores, valid) -> tuple[np.ndarray, np.ndarray]:
-    """``(float64 [N, T], bool [N])`` with every valid score finite (invalid rows may be anything)."""
-    s = _to_numpy(scores).astype(np.float64)
-    v = _valid_mask(valid, s.shape[0])
-    if not v.any():
-        raise ValueError("no valid samples: every sample is marked invalid")
-    bad = ~np.isfinite(s) & v[:, None]
-    if bad.any():
-        i, t = np.argwhere(bad)[0]
-        raise ValueError(
-            f"score of sample {i} for task {t} is {s[i, t]}; mark the sample invalid or recompute its features"
-        )
-    return s, v
 
 
 def combine_scores(scores, how: str, valid=None) -> np.ndarray:
@@ -94,7 +70,7 @@ def combine_scores(scores, how: str, valid=None) -> np.ndarray:
     valid samples, population std; sigma_t = 0 contributes 0).
     Return: float64 ``ndarray[N]``; NaN on invalid samples.
     """
-    s, v = _checked(scores, valid)
+    s, v = checked_scores(scores, valid)
     sv = s[v]
     if how == "mean":
         out_v = sv.mean(axis=1)
@@ -119,9 +95,9 @@ def top_budget(score, budget, valid=None, return_info: bool = False):
     ``score``: ``[N]``; ``budget`` as in ``consensus_select``. With ``return_info``
     also ``{"budget", "n_valid", "cut_score", "tied_at_cut", "taken_at_cut"}``.
     """
-    s, v = _checked(np.asarray(score, dtype=np.float64).reshape(-1), valid)
+    s, v = checked_scores(np.asarray(score, dtype=np.float64).reshape(-1), valid)
     s = s[:, 0]
-    count, _ = _budget_count(budget, int(v.sum()))
+    count, _ = budget_count(budget, int(v.sum()))
     idx = np.flatnonzero(v)
     order = np.lexsort((idx, -s[idx]))  # primary: score descending; then index ascending
     chosen = idx[order[:count]]
@@ -164,9 +140,9 @@ tracin_rule.__name__ = "tracin_rule"
 
 def random_rule(scores, task_names, budget, valid=None, seed=0, **_):
     """``count`` valid samples drawn without replacement with ``numpy.random.default_rng(seed)``."""
-    n = _to_numpy(scores).shape[0]
-    v = _valid_mask(valid, n)
-    count, _ = _budget_count(budget, int(v.sum()))
+    n = score_matrix(scores).shape[0]
+    v = valid_mask(valid, n)
+    count, _ = budget_count(budget, int(v.sum()))
     pick = np.random.default_rng(seed).choice(np.flatnonzero(v), size=count, replace=False)
     return np.sort(pick).astype(np.int64)
 
@@ -196,7 +172,7 @@ def select_by_rule(name: str, scores, task_names=None, budget=0.2, valid=None, s
     """
     if name not in RULES:
         raise ValueError(f"unknown selection rule {name!r}; use one of {sorted(RULES)}")
-    s = _to_numpy(scores)
+    s = score_matrix(scores)
     if task_names is not None and len(task_names) != s.shape[1]:
         raise ValueError(f"scores have {s.shape[1]} task columns but {len(task_names)} task names were given")
     if not return_info:
@@ -207,189 +183,9 @@ def select_by_rule(name: str, scores, task_names=None, budget=0.2, valid=None, s
                                          return_info=True)
     elif name == "random":
         indices = random_rule(s, task_names, budget, valid=valid, seed=seed)
-        v = _valid_mask(valid, s.shape[0])
+        v = valid_mask(valid, s.shape[0])
         info = {"budget": int(indices.shape[0]), "n_valid": int(v.sum()), "n_samples": int(s.shape[0]), "seed": seed}
     else:
         indices, info = top_budget(combine_scores(s, _RULE_COMBINE[name], valid), budget, valid, return_info=True)
         info["combine"] = _RULE_COMBINE[name]
     return indices, {"rule": name, **info}
-
-
-# --------------------------------------------------------------------------- TracIn scores
-
-
-def _target_means(targets: Mapping) -> tuple[torch.Tensor, list[int], list[str]]:
-    """Per subtask ``mean_v n(v) f(v)`` (float64 ``[S, k]``), task index per subtask, task names.
-
-    ``targets``: task -> (features [M, k], norms [M]) or task -> {subtask: (features, norms)}.
-    """
-    rows, seg_task, names = [], [], []
-    for t, (task, value) in enumerate(targets.items()):
-        subs = value.values() if isinstance(value, Mapping) else [value]
-        names.append(str(task))
-        for pair in subs:
-            feats, norms = _pair(pair, f"target task {task!r}")
-            rows.append((feats * norms[:, None]).mean(dim=0))
-            seg_task.append(t)
-    if not rows:
-        raise ValueError("targets is empty; give at least one task")
-    return torch.stack(rows), seg_task, names
-
-
-def _pair(pair, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(features, norms)`` -> float64 tensors with matching rows, checked."""
-    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-        raise TypeError(f"{what}: expected a (features Tensor[M, k], norms [M]) pair, got {type(pair).__name__}")
-    feats = torch.as_tensor(pair[0]).detach().to("cpu", torch.float64)
-    norms = torch.as_tensor(np.asarray(pair[1], dtype=np.float64)).reshape(-1)
-    if feats.ndim != 2 or feats.shape[0] == 0 or norms.shape[0] != feats.shape[0]:
-        raise ValueError(f"{what}: features {tuple(feats.shape)} and norms {tuple(norms.shape)} do not match")
-    return feats, norms
-
-
-def _task_max(acc: np.ndarray, seg_task: Sequence[int], n_tasks: int) -> np.ndarray:
-    """``[N, S]`` subtask scores -> ``[N, T]`` max over each task's subtasks."""
-    seg_task = np.asarray(seg_task)
-    return np.stack([acc[:, seg_task == t].max(axis=1) for t in range(n_tasks)], axis=1)
-
-
-def tracin_scores(train, train_norms, targets, checkpoint_weights=None, block_size: int = 8192,
-                  progress: bool = False) -> tuple[np.ndarray, list[str]]:
-    """TracIn-style scores ``[N, T]`` from unit features and their norms (formula in the module doc).
-
-    Arguments:
-        train: ``Tensor[N, k]`` unit features (any float dtype) or a list, one per checkpoint.
-        train_norms: ``[N]`` norms of the projected gradients, or a list per checkpoint.
-        targets: task -> ``(features [M, k], norms [M])`` or task -> {subtask: pair};
-            or a list of such dicts, one per checkpoint.
-        checkpoint_weights: ``w_c`` (learning rates), renormalised; uniform if None.
-    Return:
-        (float64 ``ndarray[N, T]``, task names). Memory: one ``block_size x k`` block.
-    """
-    trains = list(train) if isinstance(train, (list, tuple)) else [train]
-    norms = list(train_norms) if isinstance(train_norms, (list, tuple)) else [train_norms]
-    per_ckpt = [targets] if isinstance(targets, Mapping) else list(targets)
-    if not (len(trains) == len(norms) == len(per_ckpt)):
-        raise ValueError(f"{len(trains)} train feature sets, {len(norms)} norm sets and {len(per_ckpt)} target dicts: "
-                         "give one of each per checkpoint")
-    weights = checkpoint_weights_normalised(checkpoint_weights, len(trains))
-    acc, seg_task, names = None, None, None
-    for c, (x, nrm, tg) in enumerate(zip(trains, norms, per_ckpt)):
-        means, seg, nm = _target_means(tg)
-        if names is not None and (nm != names or seg != seg_task):
-            raise ValueError(f"targets for checkpoint {c} have tasks {nm}; checkpoint 0 has {names}")
-        names, seg_task = nm, seg
-        x = torch.as_tensor(x)
-        nrm = np.asarray(nrm, dtype=np.float64).reshape(-1)
-        if x.ndim != 2 or x.shape[0] != nrm.shape[0] or x.shape[1] != means.shape[1]:
-            raise ValueError(f"train features {tuple(x.shape)} / norms {nrm.shape} (checkpoint {c}) do not match "
-                             f"each other or k={means.shape[1]} of the targets")
-        if acc is None:
-            acc = np.zeros((x.shape[0], means.shape[0]))
-        elif acc.shape[0] != x.shape[0]:
-            raise ValueError(f"checkpoint {c} has {x.shape[0]} train rows, checkpoint 0 has {acc.shape[0]}")
-        starts = range(0, x.shape[0], block_size)
-        for s in tqdm(starts, desc=f"tracin ckpt {c}", unit="block", disable=not progress):
-            acc[s:s + block_size] += weights[c] * tracin_block(x[s:s + block_size], nrm[s:s + block_size], means)
-    return _task_max(acc, seg_task, len(names)), names
-
-
-def tracin_block(feats: torch.Tensor, norms: np.ndarray, target_means: torch.Tensor) -> np.ndarray:
-    """``n(i) * <f(i), m_s>`` for one block: float64 ``[n, S]`` (``target_means``: ``[S, k]``)."""
-    f = torch.as_tensor(feats).detach().to("cpu", torch.float64)
-    return (f @ target_means.T).numpy() * np.asarray(norms, dtype=np.float64)[:, None]
-
-
-def tracin_scores_ref(train, train_norms, targets, checkpoint_weights=None) -> tuple[np.ndarray, list[str]]:
-    """Float64 brute force of ``tracin_scores``: rebuild ``p = n * f`` and take every ``<p(i), p(v)>``."""
-    trains = list(train) if isinstance(train, (list, tuple)) else [train]
-    norms = list(train_norms) if isinstance(train_norms, (list, tuple)) else [train_norms]
-    per_ckpt = [targets] if isinstance(targets, Mapping) else list(targets)
-    w = checkpoint_weights_normalised(checkpoint_weights, len(trains))
-    cols, names = [], list(per_ckpt[0])
-    for task in names:
-        subs = per_ckpt[0][task]
-        sub_keys = list(subs) if isinstance(subs, Mapping) else [None]
-        sub_scores = []
-        for key in sub_keys:
-            total = 0.0
-            for c in range(len(trains)):
-                pair = per_ckpt[c][task] if key is None else per_ckpt[c][task][key]
-                pv = np.asarray(torch.as_tensor(pair[0]).double()) * np.asarray(pair[1], np.float64)[:, None]
-                pi = np.asarray(torch.as_tensor(trains[c]).double()) * np.asarray(norms[c], np.float64)[:, None]
-                total = total + w[c] * (pi @ pv.T).mean(axis=1)  # full N x M product
-            sub_scores.append(total)
-        cols.append(np.max(np.stack(sub_scores, axis=1), axis=1))
-    return np.stack(cols, axis=1), [str(t) for t in names]
-
-
-# --------------------------------------------------------------------------- run directories
-
-
-def run_tracin_scores(cfg, run_dir: str, block_size: int = 8192) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """TracIn scores ``[N, T]`` (NaN where invalid), task names and ``valid`` from a run's feature stores.
-
-    Each checkpoint's train store is streamed on its own: the checkpoint sum is
-    linear, so per-subtask sums accumulate into an ``[N, S]`` array and the max
-    over subtasks is taken at the end. ``valid``: rows present under every checkpoint.
-    """
-    from icons_fast.rundir import RunLayout
-    from icons_fast.select.stage import _checkpoints, _open_store, target_splits  # run-dir glue only
-
-    layout = RunLayout(run_dir)
-    ckpts = _checkpoints(layout)
-    tasks = target_splits(cfg)
-    if not tasks:
-        raise ValueError("no target task: pass --target NAME=FILE.json (repeatable)")
-    weights = checkpoint_weights_normalised([lr for _, lr in ckpts], len(ckpts))
-    stores = [_open_store(layout.features(ckpt, "train")) for ckpt, _ in ckpts]
-    n = int(stores[0].fingerprint["n_samples"])
-    valid = np.logical_and.reduce([s.coverage(n) for s in stores])
-    acc = seg_task = names = None
-    for (ckpt, _), store, w in zip(ckpts, stores, weights):
-        targets = {}
-        for task, subs in tasks.items():
-            pairs = {}
-            for sub, split in subs.items():
-                _, _, feats, norms = _open_store(layout.features(ckpt, split)).load()
-                if len(feats) == 0:
-                    raise ValueError(f"target split {split!r} has no usable sample under {ckpt}")
-                pairs[sub] = (feats, norms)
-            targets[task] = pairs[None] if list(pairs) == [None] else pairs
-        means, seg_task, names = _target_means(targets)
-        if acc is None:
-            acc = np.zeros((n, means.shape[0]))
-        for idx, _ids, feats, norms in tqdm(store.iter_blocks(block_size), desc=f"tracin {ckpt}", unit="block"):
-            keep = valid[idx]
-            acc[idx[keep]] += w * tracin_block(feats[torch.from_numpy(keep)], norms[keep], means)
-    out = _task_max(acc, seg_task, len(names))
-    out[~valid] = np.nan
-    return out, names, valid
-
-
-def run_rule(cfg, run_dir: str, rule: str, scores, task_names, valid) -> tuple[np.ndarray, dict, np.ndarray, list[str]]:
-    """Select with ``rule`` in a run directory (the dispatch behind ``icons-fast select --rule``).
-
-    ``scores``/``task_names``/``valid`` are the run's ``scores/`` (mean/max/topm
-    cosine influence). "tracin" recomputes its scores from the feature stores
-    (norms included); "less" needs the "mean" aggregate. Return
-    ``(indices, info, scores used, task names)``.
-    """
-    import json
-
-    if rule not in RULES:
-        raise ValueError(f"unknown selection rule {rule!r}; use one of {sorted(RULES)}")
-    if rule == "tracin":
-        scores, task_names, valid = run_tracin_scores(cfg, run_dir)
-    if rule == "less":
-        with open(os.path.join(run_dir, "scores", "task_names.json")) as f:
-            aggregate = json.load(f).get("aggregate", "mean")
-        if aggregate != "mean":
-            raise ValueError(f"the LESS rule needs mean-aggregated scores but {run_dir}/scores used {aggregate!r}; "
-                             "rerun `icons-fast influence --aggregate mean`")
-    budget = cfg.select.budget
-    budget = int(budget) if budget >= 1 else budget
-    extra = {"top_percent": cfg.select.top_percent, "tie_break": cfg.select.tie_break} if rule == "icons" else {}
-    indices, info = select_by_rule(rule, scores, task_names, budget, valid=valid, seed=cfg.seed,
-                                   return_info=True, **extra)
-    return indices, info, scores, list(task_names)

@@ -21,60 +21,22 @@ full pool. Everything is vectorised numpy: no Python loop over samples.
 """
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
-import torch
+
+from icons_fast.select.inputs import budget_count, check_finite, score_matrix, valid_mask
 
 TIE_BREAKS = ("mean_rank", "index", "random")
 
 
-def _to_numpy(scores) -> np.ndarray:
-    """Scores as a 2-D numpy array ``[N, T]`` (a 1-D input is one task)."""
-    if isinstance(scores, torch.Tensor):
-        scores = scores.detach().cpu()
-        if scores.dtype in (torch.bfloat16, torch.float16):
-            scores = scores.float()  # numpy has no bfloat16
-        scores = scores.numpy()
-    scores = np.asarray(scores)
-    if scores.ndim == 1:
-        scores = scores[:, None]
-    if scores.ndim != 2:
-        raise ValueError(f"scores have shape {scores.shape}; expected [N, T] (or [N] for one task)")
-    return scores
-
-
-def _valid_mask(valid, n: int) -> np.ndarray:
-    """Boolean ``[N]`` mask (all True when ``valid`` is None)."""
-    if valid is None:
-        return np.ones(n, dtype=bool)
-    if isinstance(valid, torch.Tensor):
-        valid = valid.detach().cpu().numpy()
-    valid = np.asarray(valid)
-    if valid.shape != (n,) or valid.dtype != bool:
-        raise ValueError(f"valid must be a boolean mask of shape ({n},), got dtype {valid.dtype} shape {valid.shape}")
-    return valid
-
-
-def _check_finite(scores: np.ndarray, valid: np.ndarray) -> None:
-    ok = np.isfinite(scores) | ~valid[:, None]
-    if not ok.all():
-        i, t = np.argwhere(~ok)[0]
-        raise ValueError(
-            f"score of sample {i} for task {t} is {scores[i, t]}; non-finite scores break the percentiles "
-            "(mark the sample invalid or recompute its features)"
-        )
-
-
 def vote_thresholds(scores, top_percent: float = 20.0, valid=None) -> np.ndarray:
     """Per-task thresholds ``[T]``: the ``(100 - top_percent)``-th percentile over valid samples."""
-    s = _to_numpy(scores)
-    v = _valid_mask(valid, s.shape[0])
+    s = score_matrix(scores)
+    v = valid_mask(valid, s.shape[0])
     if not 0 < float(top_percent) <= 100:
         raise ValueError(f"top_percent must be in (0, 100], got {top_percent}")
     if not v.any():
         raise ValueError("no valid samples: every sample is marked invalid")
-    _check_finite(s, v)
+    check_finite(s, v)
     sv = np.ascontiguousarray((s if v.all() else s[v]).T)  # (T, N_valid): each task contiguous
     return np.percentile(sv, 100.0 - float(top_percent), axis=1)
 
@@ -89,8 +51,8 @@ def vote_counts(scores, top_percent: float = 20.0, valid=None) -> np.ndarray:
     Return:
         int64 ``ndarray[N]`` in ``[0, T]``.
     """
-    s = _to_numpy(scores)
-    v = _valid_mask(valid, s.shape[0])
+    s = score_matrix(scores)
+    v = valid_mask(valid, s.shape[0])
     thresholds = vote_thresholds(s, top_percent, v)
     votes = (s >= thresholds[None, :]).sum(axis=1, dtype=np.int64)
     votes[~v] = 0
@@ -120,8 +82,8 @@ def percentile_ranks(scores, valid=None, rows=None) -> np.ndarray:
     samples, still ranked against the whole valid pool. Invalid samples get NaN.
     Return: float64 ``ndarray[len(rows) or N, T]``.
     """
-    s = _to_numpy(scores)
-    v = _valid_mask(valid, s.shape[0])
+    s = score_matrix(scores)
+    v = valid_mask(valid, s.shape[0])
     if not v.any():
         raise ValueError("no valid samples: every sample is marked invalid")
     rows = np.arange(s.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
@@ -134,21 +96,6 @@ def percentile_ranks(scores, valid=None, rows=None) -> np.ndarray:
         out[:, t] = ranks / (n_valid - 1) if n_valid > 1 else 0.5
     out[~v[rows]] = np.nan
     return out
-
-
-def _budget_count(budget, n_valid: int) -> tuple[int, bool]:
-    """``budget`` -> (sample count, was a fraction). Fraction: ``int(budget * n_valid)`` as ICONS."""
-    if isinstance(budget, bool):
-        raise TypeError("budget must be a fraction in (0, 1) or an integer count, not a bool")
-    if isinstance(budget, numbers.Integral):
-        count, fraction = int(budget), False
-    elif isinstance(budget, numbers.Real) and 0 < float(budget) < 1:
-        count, fraction = int(float(budget) * n_valid), True
-    else:
-        raise ValueError(f"budget {budget!r} must be a fraction in (0, 1) or an integer count >= 1")
-    if count < 1 or count > n_valid:
-        raise ValueError(f"budget {budget!r} selects {count} samples; it must select between 1 and {n_valid} (the valid samples)")
-    return count, fraction
 
 
 def _take_ties(tied: np.ndarray, need: int, scores: np.ndarray, valid: np.ndarray, tie_break: str, seed) -> np.ndarray:
@@ -192,12 +139,12 @@ def consensus_select(
     """
     if tie_break not in TIE_BREAKS:
         raise ValueError(f"unknown tie_break {tie_break!r}; use one of {TIE_BREAKS}")
-    s = _to_numpy(scores)
-    v = _valid_mask(valid, s.shape[0])
+    s = score_matrix(scores)
+    v = valid_mask(valid, s.shape[0])
     n_valid = int(v.sum())
     if n_valid == 0:
         raise ValueError("no valid samples: every sample is marked invalid")
-    count, fraction = _budget_count(budget, n_valid)
+    count, fraction = budget_count(budget, n_valid)
     if top_percent is None:
         top_percent = float(budget) * 100.0 if fraction else 100.0 * count / n_valid
     votes = vote_counts(s, top_percent, v)
@@ -237,13 +184,13 @@ def specialist_select(scores, task_index: int, budget, valid=None) -> np.ndarray
 
     ``budget`` as in ``consensus_select``; invalid samples are never selected.
     """
-    s = _to_numpy(scores)
-    v = _valid_mask(valid, s.shape[0])
+    s = score_matrix(scores)
+    v = valid_mask(valid, s.shape[0])
     if not -s.shape[1] <= task_index < s.shape[1]:
         raise IndexError(f"task_index {task_index} out of range for {s.shape[1]} tasks")
-    count, _ = _budget_count(budget, int(v.sum()))
+    count, _ = budget_count(budget, int(v.sum()))
     idx = np.flatnonzero(v)
     col = s[idx, task_index]
-    _check_finite(col[:, None], np.ones(col.shape[0], dtype=bool))
+    check_finite(col[:, None], np.ones(col.shape[0], dtype=bool))
     order = np.argsort(-col.astype(np.float64), kind="stable")  # stable: ties keep ascending index order
     return np.sort(idx[order[:count]]).astype(np.int64)

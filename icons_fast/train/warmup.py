@@ -18,8 +18,6 @@ from icons_fast.fileio import atomic_json, atomic_write, file_sha256
 from icons_fast.rundir import RunLayout
 from icons_fast.train.checkpoint import list_checkpoints, save_lora_checkpoint
 
-DONE_FILE = "warmup_done.json"
-
 
 def warmup_subset(n_pool: int, fraction: float, seed: int) -> np.ndarray:
     """Sorted pool indices of the seeded random warmup subset (at least one sample)."""
@@ -47,19 +45,6 @@ def warmup_fingerprint(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def current_checkpoints(warmup_dir: str) -> list[str]:
-    """The checkpoints of the finished warmup recorded in ``warmup_done.json`` (leftovers of earlier runs excluded)."""
-    path = os.path.join(warmup_dir, DONE_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no finished warmup in {warmup_dir} ({DONE_FILE} is missing); run `icons-fast warmup`")
-    with open(path) as f:
-        ckpts = [os.path.join(warmup_dir, name) for name in json.load(f)["checkpoints"]]
-    missing = [c for c in ckpts if not os.path.isdir(c)]
-    if missing:
-        raise FileNotFoundError(f"warmup checkpoints {missing} listed in {path} are gone; rerun `icons-fast warmup`")
-    return ckpts
-
-
 def run_warmup(cfg: Config, run_dir: str | None = None) -> list[str]:
     """Train LoRA on the warmup subset; return the checkpoint directories (by step)."""
     from icons_fast.data import ErrorLog, load_records
@@ -69,14 +54,14 @@ def run_warmup(cfg: Config, run_dir: str | None = None) -> list[str]:
     from icons_fast.train.loop import train_model
 
     layout = RunLayout(run_dir or cfg.out)
-    done_path = os.path.join(layout.warmup, DONE_FILE)
+    done_path = layout.warmup_done
     fp = warmup_fingerprint(cfg)
     if os.path.exists(done_path):
         with open(done_path) as f:
             done = json.load(f)
         if done.get("fingerprint") == fp:
             try:
-                ckpts = current_checkpoints(layout.warmup)
+                ckpts = layout.warmup_checkpoints()
             except FileNotFoundError:
                 ckpts = None
             if ckpts:

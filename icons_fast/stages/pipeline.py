@@ -1,31 +1,33 @@
 """The whole ICONS selection: warmup -> featurize (pool + targets) -> influence -> select.
 
+Reads the pool and target files named in the config; writes a whole run
+directory (``config.json``, ``warmup/``, ``features/``, ``errors/``,
+``scores/``, ``selection/``; see ``icons_fast.rundir``) through the stages:
+``train.warmup``, ``features.featurize``, ``stages.influence``, ``stages.select``.
 Each stage reads the previous stage's files and is skipped (or resumed) when
 its outputs are complete and were made under the same settings, so a killed
 run is rerun with the same command.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 
 from icons_fast.config import Config
-from icons_fast.rundir import RunLayout
+from icons_fast.rundir import RunLayout, target_splits
+
+log = logging.getLogger(__name__)
 
 
 def featurize_all(cfg: Config, run_dir: str, shard: str | None = None, splits: list[str] | None = None) -> None:
-    """Featurize the pool and every target set under every warmup checkpoint."""
+    """Featurize the pool and every target set (or only ``splits``) under every warmup checkpoint."""
     from icons_fast.features.featurize import featurize_split
-    from icons_fast.select.stage import target_splits
-    from icons_fast.train.warmup import current_checkpoints
 
-    layout = RunLayout(run_dir)
-    ckpts = current_checkpoints(layout.warmup)
-    if not ckpts:
-        raise FileNotFoundError(f"no warmup checkpoint in {layout.warmup}; run `icons-fast warmup` first")
+    ckpts = RunLayout(run_dir).warmup_checkpoints()
     target_images = cfg.data.target_image_folder or cfg.data.image_folder
     jobs = [("train", cfg.data.train_data, cfg.features.train_mode, cfg.data.image_folder)]
-    for task, subs in target_splits(cfg).items():
+    for task, subs in target_splits(cfg.data.targets).items():
         for sub, split in subs.items():
             name = task if sub is None else f"{task}/{sub}"
             jobs.append((split, cfg.data.targets[name], cfg.features.target_mode, target_images))
@@ -39,11 +41,11 @@ def featurize_all(cfg: Config, run_dir: str, shard: str | None = None, splits: l
 
 
 def run(cfg: Config) -> dict:
-    """Run every stage into ``cfg.out``; return the selection's paths."""
-    from icons_fast.select.stage import run_influence, run_select
-    from icons_fast.train.warmup import run_warmup
-
+    """Run every stage into ``cfg.out``; return the selection's paths (``{}`` on ranks other than 0)."""
     from icons_fast.distributed import barrier, init_distributed, is_main
+    from icons_fast.stages.influence import run_influence
+    from icons_fast.stages.select import run_select
+    from icons_fast.train.warmup import run_warmup
 
     run_dir = cfg.out
     init_distributed()
@@ -58,5 +60,5 @@ def run(cfg: Config) -> dict:
         return {}
     run_influence(cfg, run_dir)
     paths = run_select(cfg, run_dir)
-    print(f"[run] done in {time.perf_counter() - t0:.1f} s: {RunLayout(run_dir).selection}")
+    log.info("[run] done in %.1f s: %s", time.perf_counter() - t0, RunLayout(run_dir).selection)
     return paths
