@@ -222,6 +222,5 @@ class GradientExtractor:
         with torch.no_grad():
             for site in self.sites:
                 x, d = captured.pop(site.name)  # free the activations as we go
-                with record_function("lora_grad"):
-                    lora_grad_project(x, d, site.params(), spec, mask, self._adam(site), out, backend=self.backend)
+                lora_grad_project(x, d, site.params(), spec, mask, self._adam(site), out, backend=self.backend)
         return out

@@ -70,16 +70,8 @@ def adam_precondition_ref(g: torch.Tensor, adam: AdamMoments) -> torch.Tensor:
     return (b1 * m + (1 - b1) * g) / torch.sqrt(b2 * v + (1 - b2) * g * g + adam.eps)
 
 
-def project_param_ref(
-    g: torch.Tensor,
-    pid: str | int,
-    seed: int,
-    k: int,
-    row_start: int = 0,
-    adam: AdamMoments | None = None,
-    out: torch.Tensor | None = None,
-    chunk_rows: int = 4096,
-) -> torch.Tensor:
+def project_param_ref(g: torch.Tensor, pid: str | int, seed: int, k: int, row_start: int = 0,
+                      adam: AdamMoments | None = None, out=None, chunk_rows: int = 4096) -> torch.Tensor:
     """Plain-torch ``project_param``: Adam in g's dtype, then ``G' @ R`` with R from
     ``rademacher_signs_ref`` in g's dtype, ``chunk_rows`` rows of R at a time.
 

@@ -190,7 +190,8 @@ def segment_reduce(
 def _segment_reduce_torch(train, targets_cat, offs, reduction, m, threshold, weight, out, scale, rows, num_threads):
     for i in range(0, train.shape[0], rows):
         sc = None if scale is None else scale[i : i + rows]
-        out[i : i + rows] += weight * segment_reduce_ref(train[i : i + rows], targets_cat, offs, reduction, m, threshold, sc)
+        block = segment_reduce_ref(train[i : i + rows], targets_cat, offs, reduction, m, threshold, sc)
+        out[i : i + rows] += weight * block
 
 
 def _native_args(ext, train, targets_cat, reduction, m, threshold, weight, out, scale):
@@ -201,7 +202,8 @@ def _native_args(ext, train, targets_cat, reduction, m, threshold, weight, out, 
         0 if scale is None else scale.data_ptr(),
         targets_cat.data_ptr(), codes[TARGET_DTYPES[targets_cat.dtype]], targets_cat.shape[0],
     )
-    tail = (codes[reduction], int(m or 0), float(threshold if threshold is not None else 0.0), float(weight), out.data_ptr())
+    thr = float(threshold if threshold is not None else 0.0)
+    tail = (codes[reduction], int(m or 0), thr, float(weight), out.data_ptr())
     return head, tail
 
 
