@@ -57,7 +57,7 @@ def make_inputs(n: int, k: int, m: int, tasks: int, device: str):
 
 def run_provider(args) -> dict:
     """Time one provider in this process; returns its row."""
-    from icons_fast.ops.influence import segment_reduce
+    from icons_fast.ops.segment_reduce import segment_reduce
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -73,8 +73,10 @@ def run_gpu(args) -> None:
     import torch
     import triton
 
-    from icons_fast.kernels.lora_project import lora_grad_project, lora_grads
-    from icons_fast.kernels.project import adam_precondition_ref, rademacher_project
+    from icons_fast.contract import AdamMoments, ProjectionSpec
+    from icons_fast.kernels.project import rademacher_project
+    from icons_fast.ops.lora_grad import LoraParams, lora_grad_project, lora_grads
+    from icons_fast.ops.project import adam_precondition_ref
 
     dev = "cuda"
     n, t, r, k = args.batch, args.tokens, args.rank, args.proj_dim
@@ -95,18 +97,21 @@ def run_gpu(args) -> None:
     total_flops = {"full": 0, "proj": 0}
     for i, (mod, d_in, d_out) in enumerate(LLAVA7B_LAYER):
         inputs, adam_A, adam_B = make_module(n, t, d_in, d_out, r, dtype, dev, seed=i)
-        kw = dict(scale=2.0, a_name=f"layers.0.{mod}.lora_A.default.weight",
-                  b_name=f"layers.0.{mod}.lora_B.default.weight", seed=0, proj_dim=k)
+        adam_A, adam_B = AdamMoments(*adam_A), AdamMoments(*adam_B)
+        site = LoraParams(inputs["A"], inputs["B"], 2.0, f"layers.0.{mod}.lora_A.default.weight",
+                          f"layers.0.{mod}.lora_B.default.weight")
+        spec = ProjectionSpec(seed=0, proj_dim=k)
         out = torch.zeros(n, k, device=dev)
         gA, gB = lora_grads(**inputs, scale=2.0)
         gA, gB = gA.reshape(n, -1), gB.reshape(n, -1)
 
         def ours():
-            lora_grad_project(**inputs, **kw, adam_A=adam_A, adam_B=adam_B, out=out)
+            lora_grad_project(inputs["X"], inputs["D"], site, spec, inputs["mask"], (adam_A, adam_B), out,
+                              backend="triton")
 
         def ours_proj():
-            rademacher_project(gA, kw["a_name"], 0, k, adam=adam_A, out=out)
-            rademacher_project(gB, kw["b_name"], 0, k, adam=adam_B, out=out)
+            rademacher_project(gA, site.a_name, 0, k, adam=adam_A, out=out)
+            rademacher_project(gB, site.b_name, 0, k, adam=adam_B, out=out)
 
         def cublas_proj(a=gA, b=gB):
             out.add_(a.to(dtype) @ R[: a.shape[1]])
@@ -114,8 +119,8 @@ def run_gpu(args) -> None:
 
         def cublas():
             a, b = lora_grads(**inputs, scale=2.0)
-            a = adam_precondition_ref(a.reshape(n, -1), adam_A[0].reshape(1, -1), adam_A[1].reshape(1, -1))
-            b = adam_precondition_ref(b.reshape(n, -1), adam_B[0].reshape(1, -1), adam_B[1].reshape(1, -1))
+            a = adam_precondition_ref(a.reshape(n, -1), adam_A)
+            b = adam_precondition_ref(b.reshape(n, -1), adam_B)
             cublas_proj(a, b)
 
         fl_proj = proj_flops(n, r, d_in, d_out, k)
@@ -143,17 +148,20 @@ def run_smoke() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
 
-    from icons_fast.kernels.lora_project import lora_grad_project, lora_grad_project_ref
+    from icons_fast.contract import AdamMoments, ProjectionSpec
+    from icons_fast.ops.lora_grad import LoraParams, lora_grad_project, lora_grad_project_ref
 
     print("# smoke: TRITON_INTERPRET=1 on CPU, tiny shapes; correctness only, CPU times mean nothing")
     for mod, d_in, d_out in (("q_proj", 24, 24), ("gate_proj", 24, 40), ("down_proj", 40, 24)):
         inputs, adam_A, adam_B = make_module(3, 9, d_in, d_out, 4, torch.float32, "cpu", seed=d_in + d_out)
-        kw = dict(scale=2.0, a_name=f"{mod}.lora_A.default.weight", b_name=f"{mod}.lora_B.default.weight",
-                  seed=0, proj_dim=70)
-        got = lora_grad_project(**inputs, **kw, adam_A=adam_A, adam_B=adam_B)
-        ref = lora_grad_project_ref(**{a: (v.double() if v.is_floating_point() else v) for a, v in inputs.items()},
-                                    **kw, adam_A=tuple(x.double() for x in adam_A),
-                                    adam_B=tuple(x.double() for x in adam_B))
+        names = f"{mod}.lora_A.default.weight", f"{mod}.lora_B.default.weight"
+        spec = ProjectionSpec(seed=0, proj_dim=70)
+        site = LoraParams(inputs["A"], inputs["B"], 2.0, *names)
+        got = lora_grad_project(inputs["X"], inputs["D"], site, spec, inputs["mask"],
+                                (AdamMoments(*adam_A), AdamMoments(*adam_B)), backend="triton")
+        site64 = LoraParams(inputs["A"].double(), inputs["B"].double(), 2.0, *names)
+        ref = lora_grad_project_ref(inputs["X"].double(), inputs["D"].double(), site64, spec, inputs["mask"],
+                                    tuple(AdamMoments(*(x.double() for x in a)) for a in (adam_A, adam_B)))
         err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
         print(f"{mod:<10} d_in={d_in:<3} d_out={d_out:<3} rel err vs fp64 ref {err:.2e}")
         if not err < 1e-4:

@@ -1,11 +1,14 @@
-"""Triton kernels, installed as ``icons_fast.kernels``.
+"""Triton kernels, installed as ``icons_fast.kernels``: the bottom of each op's column.
 
 - ``rademacher``: on-chip generator of the projection contract's sign tiles
-  (bit-identical to ``icons_fast.features.rademacher.rademacher_signs_ref``).
+  (bit-identical to ``icons_fast.contract.rademacher_signs_ref``).
 - ``project``: ``out[b] += R^T G'[b]`` for one parameter's per-sample gradients,
   optional Adam (LESS) applied on the fly, R never stored.
-- ``lora_project``: per-sample LoRA gradients of one module (batched GEMMs)
-  followed by the projection of both LoRA parameters.
+
+Kernels import only ``icons_fast.contract``; input checks, backend dispatch
+and the plain-torch references live one layer up in ``icons_fast.ops``
+(``ops.project`` calls ``project.rademacher_project``; ``ops.lora_grad``
+reaches it through ``ops.project``).
 
 Importing this package imports neither torch nor triton; the names below load
 their module on first use. On the CPU the kernels run only under
@@ -16,13 +19,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "lora_grad_project": "lora_project",
-    "lora_grad_project_ref": "lora_project",
-    "lora_grads": "lora_project",
-    "lora_grads_ref": "lora_project",
     "rademacher_project": "project",
-    "rademacher_project_ref": "project",
-    "adam_precondition_ref": "project",
     "rademacher_signs": "rademacher",
 }
 

@@ -5,12 +5,14 @@ For one parameter with flattened per-sample gradients ``G: [B, P]`` this compute
     out[b, j] += sum_i G'[b, i] * R[row_start + i, j]          (j < k)
 
 where ``R`` is the parameter's block of the projection contract
-(``icons_fast.features.rademacher``) and ``G'`` is ``G`` or, with Adam
+(``icons_fast.contract``) and ``G'`` is ``G`` or, with Adam
 moments ``(m, v)`` of ``P`` elements (LESS preconditioning, no bias correction)::
 
     G' = (b1*m + (1-b1)*G) / sqrt(b2*v + (1-b2)*G**2 + eps)
 
 R is never stored: each program generates its sign tiles in registers.
+The plain-torch reference is ``icons_fast.ops.project.project_param_ref``;
+``icons_fast.ops.project.project_param`` checks inputs and dispatches here.
 
 Work split. Program ``(kk, s, bb)`` owns columns ``[kk*BLOCK_K, +BLOCK_K)``,
 gradient rows ``[s*rows_per_split, +rows_per_split)`` and samples
@@ -41,9 +43,9 @@ import torch
 import triton
 import triton.language as tl
 
-from icons_fast.features.rademacher import rademacher_signs_ref
+from icons_fast.contract import AdamMoments, param_hash
 
-from .rademacher import check_row_range, param_hash, row_hash, sign_tile
+from .rademacher import check_row_range, row_hash, sign_tile
 
 PRECISIONS = {"bf16": 1, "bf16x2": 2, "bf16x3": 3}
 MAX_BLOCK_B = 64  # samples per program; more samples use more programs (grid axis 2)
@@ -136,16 +138,21 @@ def _num_splits(n_rows: int, n_k_tiles: int, n_b_tiles: int, device: torch.devic
     return max(1, min(splits, -(-n_rows // ROW_ALIGN)))
 
 
+def _adam_scalars(adam: AdamMoments | None) -> tuple[float, float, float]:
+    """``(beta1, beta2, eps)`` for the kernel; unread without Adam."""
+    if adam is None:
+        return 0.9, 0.999, 1e-8
+    return float(adam.beta1), float(adam.beta2), float(adam.eps)
+
+
 def rademacher_project(
     G: torch.Tensor,
     name: str | int,
     seed: int,
     proj_dim: int,
     row_start: int = 0,
-    adam: tuple[torch.Tensor, torch.Tensor] | None = None,
+    adam: AdamMoments | None = None,
     out: torch.Tensor | None = None,
-    adam_betas: tuple[float, float] = (0.9, 0.999),
-    adam_eps: float = 1e-8,
     precision: str = "bf16x2",
     split_p: int | None = None,
 ) -> torch.Tensor:
@@ -156,7 +163,8 @@ def rademacher_project(
             parameter's elements ``row_start .. row_start+P`` in row-major order);
             any float dtype, unit column stride.
         name: parameter name (or its ``fnv1a32`` id); seed: projection seed.
-        proj_dim: k. adam: ``(exp_avg, exp_avg_sq)`` with ``P`` elements each, or None.
+        proj_dim: k. adam: the parameter's ``AdamMoments`` (``P`` elements each, sliced to
+            ``row_start .. row_start+P`` by the caller), or None for plain gradients.
         out: ``[B, k]`` float32 to accumulate into; a new zeroed one when None.
         precision: "bf16x2" (default, ~4e-6 relative), "bf16x3" (~fp32), "bf16" (~2e-3).
         split_p: number of row splits (default: sized to fill the GPU).
@@ -181,10 +189,10 @@ def rademacher_project(
     if n_samples == 0 or n_rows == 0 or proj_dim == 0:
         return out
     if adam is not None:
-        m, v = (t.reshape(-1) for t in adam)
-        if m.numel() != n_rows or v.numel() != n_rows:
-            raise ValueError(f"Adam moments must have {n_rows} elements each, got {m.numel()} and {v.numel()}")
-        m, v = m.to(G.device).contiguous(), v.to(G.device).contiguous()
+        m, v = adam.flat(G.device)
+        if m.numel() != n_rows:
+            raise ValueError(f"Adam moments must have {n_rows} elements each, got {m.numel()}")
+        m, v = m.contiguous(), v.contiguous()
     else:
         m = v = G  # never read (ADAM=False)
 
@@ -199,7 +207,7 @@ def rademacher_project(
 
     args = (
         G, m, v, partial, n_samples, n_rows, proj_dim, rows_per_split, param_hash(name, seed), row_start,
-        G.stride(0), float(adam_betas[0]), float(adam_betas[1]), float(adam_eps), 1.0 / math.sqrt(proj_dim),
+        G.stride(0), *_adam_scalars(adam), 1.0 / math.sqrt(proj_dim),
     )
     meta = dict(ADAM=adam is not None, N_TERMS=PRECISIONS[precision], BLOCK_B=block_b)
     if interpret:
@@ -212,42 +220,4 @@ def rademacher_project(
 
         _project_kernel_tuned[grid](*args, MMA_DTYPE=tl.bfloat16, **meta)
     out += partial.sum(dim=0)
-    return out
-
-
-def adam_precondition_ref(
-    g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
-) -> torch.Tensor:
-    """LESS Adam direction ``(b1*m + (1-b1)*g) / sqrt(b2*v + (1-b2)*g**2 + eps)``; m, v broadcast over g's batch."""
-    b1, b2 = betas
-    m, v = m.to(g.dtype), v.to(g.dtype)
-    return (b1 * m + (1 - b1) * g) / torch.sqrt(b2 * v + (1 - b2) * g * g + eps)
-
-
-def rademacher_project_ref(
-    G: torch.Tensor,
-    name: str | int,
-    seed: int,
-    proj_dim: int,
-    row_start: int = 0,
-    adam: tuple[torch.Tensor, torch.Tensor] | None = None,
-    out: torch.Tensor | None = None,
-    adam_betas: tuple[float, float] = (0.9, 0.999),
-    adam_eps: float = 1e-8,
-    chunk_rows: int = 4096,
-) -> torch.Tensor:
-    """Plain-torch ``rademacher_project``: Adam in G's dtype, then ``G' @ R`` with R from
-    ``rademacher_signs_ref`` in G's dtype, ``chunk_rows`` rows of R at a time. Returns float32 ``[B, k]``."""
-    n_samples, n_rows = G.shape
-    if adam is not None:
-        G = adam_precondition_ref(G, adam[0].reshape(1, -1).to(G.device), adam[1].reshape(1, -1).to(G.device),
-                                  adam_betas, adam_eps)
-    result = torch.zeros(n_samples, proj_dim, dtype=G.dtype, device=G.device)
-    for r0 in range(0, n_rows, chunk_rows):
-        n = min(chunk_rows, n_rows - r0)
-        R = rademacher_signs_ref(name, seed, row_start + r0, n, proj_dim, dtype=G.dtype).to(G.device)
-        result += G[:, r0:r0 + n] @ R
-    if out is None:
-        return result.float()
-    out += result.float()
     return out

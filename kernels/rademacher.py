@@ -1,11 +1,11 @@
 """Triton generator of the projection contract's Rademacher signs, on chip.
 
-The contract (``icons_fast.features.rademacher``, torch reference
+The contract (``icons_fast.contract``, torch oracle
 ``rademacher_signs_ref``): for parameter id ``pid = fnv1a32(name)``, element
 index ``i`` (row-major inside the parameter, ``i < 2**32`` here) and column
 ``j``::
 
-    h1 = fmix32(seed ^ pid)                       # one scalar per parameter (host side)
+    h1 = fmix32(seed ^ pid)                       # one scalar per parameter (host side, contract.param_hash)
     base_i = fmix32(h1 ^ i)                       # one word per row        [BLOCK_P]
     h = fmix32(base_i ^ (j // 32))                # one word per 32 columns [BLOCK_P, BLOCK_K // 32]
     R[i, j] = (+1 if bit (j % 32) of h == 0 else -1) / sqrt(k)
@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from icons_fast.features.rademacher import MASK32, fmix32_int, fnv1a32
+from icons_fast.contract import param_hash
 
 FMIX_C1 = tl.constexpr(0x85EBCA6B)
 FMIX_C2 = tl.constexpr(0xC2B2AE35)
@@ -98,18 +98,12 @@ def _signs_kernel(
     tl.store(ptrs, signs, mask=(offs_p[:, None] < n_rows) & (offs_k[None, :] < proj_dim))
 
 
-def param_hash(name: str | int, seed: int) -> int:
-    """``h1 = fmix32((seed mod 2**32) ^ pid)`` for a parameter name or its fnv1a32 id."""
-    pid = fnv1a32(name) if isinstance(name, str) else int(name)
-    return fmix32_int((int(seed) & MASK32) ^ (pid & MASK32))
-
-
 def check_row_range(row_start: int, n_rows: int) -> None:
     """The Triton path hashes element indices as uint32: refuse indices >= 2**32."""
     if row_start < 0 or n_rows < 0 or row_start + n_rows > 2**32:
         raise ValueError(
             f"element indices {row_start}..{row_start + n_rows} leave [0, 2**32); the Triton kernels "
-            "hash indices as uint32 (use icons_fast.features.rademacher for larger parameters)"
+            "hash indices as uint32 (use the C++ or torch project backend for larger parameters)"
         )
 
 

@@ -123,7 +123,7 @@ def test_retrieval_input_errors():
 
 def test_index_vectors_feed_the_influence_op():
     """The influence op reads its target side from the index: same scores as brute force."""
-    from icons_fast.ops.influence import segment_reduce
+    from icons_fast.ops.segment_reduce import segment_reduce
 
     train, targets = make_data(n=37, m=12, seed=4)
     tv = index_vectors(build_target_index(targets, use_gpu=False))

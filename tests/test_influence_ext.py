@@ -1,4 +1,4 @@
-"""The influence op (icons_fast.ops.influence + csrc/influence*.{cpp,cu}) against float64 brute force."""
+"""The influence op (icons_fast.ops.segment_reduce + csrc/influence*.{cpp,cu}) against float64 brute force."""
 import os
 import shutil
 import subprocess
@@ -8,7 +8,7 @@ import torch
 
 from icons_fast.ops import backend as backend_mod
 from icons_fast.ops.backend import BackendUnavailable, has_cpu_ext, has_cuda_ext
-from icons_fast.ops.influence import REDUCTIONS, offsets_from_sizes, segment_reduce, segment_reduce_ref
+from icons_fast.ops.segment_reduce import REDUCTIONS, offsets_from_sizes, segment_reduce, segment_reduce_ref
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_ext = pytest.mark.skipif(not has_cpu_ext(), reason="icons_fast._C is not built")

@@ -13,15 +13,17 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from icons_fast.features.rademacher import rademacher_signs_ref  # noqa: E402
-from icons_fast.kernels.lora_project import (  # noqa: E402
+from icons_fast.contract import AdamMoments, ProjectionSpec, rademacher_signs_ref  # noqa: E402
+from icons_fast.kernels.project import rademacher_project  # noqa: E402
+from icons_fast.kernels.rademacher import rademacher_signs  # noqa: E402
+from icons_fast.ops.lora_grad import (  # noqa: E402
+    LoraParams,
     lora_grad_project,
     lora_grad_project_ref,
     lora_grads,
     lora_grads_ref,
 )
-from icons_fast.kernels.project import adam_precondition_ref, rademacher_project, rademacher_project_ref  # noqa: E402
-from icons_fast.kernels.rademacher import rademacher_signs  # noqa: E402
+from icons_fast.ops.project import adam_precondition_ref, project_param_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 A_NAME = "base_model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
@@ -53,6 +55,23 @@ def make_module_inputs(n=3, t=5, d_in=20, d_out=12, r=3, dtype=torch.float32, se
 
 def to64(inputs: dict) -> dict:
     return {k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()}
+
+
+def _site_call(op, X, D, A, B, scale, a_name, b_name, seed, proj_dim, mask=None, adam_A=None, adam_B=None, **rest):
+    """Call a lora_grad op with the site, spec and moments built from flat test arguments."""
+    adam = None if adam_A is None else (AdamMoments(*adam_A), AdamMoments(*adam_B))
+    return op(X, D, LoraParams(A, B, scale, a_name, b_name), ProjectionSpec(seed, proj_dim), mask=mask, adam=adam,
+              **rest)
+
+
+def lora_fast(*args, **kwargs):
+    """``lora_grad_project`` (auto backend: Triton here) on flat test arguments."""
+    return _site_call(lora_grad_project, *args, **kwargs)
+
+
+def lora_ref(*args, **kwargs):
+    """``lora_grad_project_ref`` on flat test arguments."""
+    return _site_call(lora_grad_project_ref, *args, **kwargs)
 
 
 # ------------------------------------------------------------------ signs
@@ -97,26 +116,26 @@ def test_project_matches_ref(n, p, k, adam, split_p, row_start):
     out = start.clone().to(DEVICE)
     got = rademacher_project(
         G.to(DEVICE), A_NAME, 9, k, row_start=row_start, split_p=split_p,
-        adam=None if moments is None else tuple(m.to(DEVICE) for m in moments), out=out,
+        adam=None if moments is None else AdamMoments(*(m.to(DEVICE) for m in moments)), out=out,
     )
     assert got is out
-    ref = rademacher_project_ref(
+    expected = project_param_ref(
         G.double(), A_NAME, 9, k, row_start=row_start,
-        adam=None if moments is None else tuple(m.double() for m in moments),
+        adam=None if moments is None else AdamMoments(*(m.double() for m in moments)),
     )
-    assert rel_err(got.cpu() - start, ref) < 1e-5
+    assert rel_err(got.cpu() - start, expected) < 1e-5
 
 
 @pytest.mark.parametrize("precision, tol", [("bf16", 3e-3), ("bf16x2", 1e-5), ("bf16x3", 1e-6)])
 def test_project_precision_modes(precision, tol):
     G = torch.randn(4, 200, generator=torch.Generator().manual_seed(1))
     got = rademacher_project(G.to(DEVICE), B_NAME, 1, 45, precision=precision)
-    assert rel_err(got, rademacher_project_ref(G.double(), B_NAME, 1, 45)) < tol
+    assert rel_err(got, project_param_ref(G.double(), B_NAME, 1, 45)) < tol
 
 
 def test_adam_ref_formula():
     g, m, v = torch.randn(3, 7).double(), torch.randn(7).double(), torch.rand(7).double()
-    got = adam_precondition_ref(g, m, v)
+    got = adam_precondition_ref(g, AdamMoments(m, v))
     m1 = 0.9 * m + 0.1 * g
     v1 = 0.999 * v + 0.001 * g**2
     assert torch.allclose(got, m1 / (v1 + 1e-8).sqrt(), rtol=1e-12, atol=0)
@@ -130,12 +149,12 @@ def test_lora_grad_project_fp32(shape, use_adam):
     inputs, adam_A, adam_B = make_module_inputs(n, t, d_in, d_out, r)
     kw = dict(scale=1.7, a_name=A_NAME, b_name=B_NAME, seed=3, proj_dim=k)
     adam = dict(adam_A=adam_A, adam_B=adam_B) if use_adam else {}
-    got = lora_grad_project(**inputs, **kw, **{a: tuple(x.to(DEVICE) for x in v) for a, v in adam.items()})
+    got = lora_fast(**inputs, **kw, **{a: tuple(x.to(DEVICE) for x in v) for a, v in adam.items()})
     assert got.shape == (n, k) and got.dtype == torch.float32 and torch.isfinite(got).all()
-    ref = lora_grad_project_ref(**to64(inputs), **kw, **{a: tuple(x.double() for x in v) for a, v in adam.items()})
+    ref = lora_ref(**to64(inputs), **kw, **{a: tuple(x.double() for x in v) for a, v in adam.items()})
     assert rel_err(got, ref) < 1e-4
     # accumulation: a second module's call adds into the same buffer
-    twice = lora_grad_project(**inputs, **kw, **{a: tuple(x.to(DEVICE) for x in v) for a, v in adam.items()},
+    twice = lora_fast(**inputs, **kw, **{a: tuple(x.to(DEVICE) for x in v) for a, v in adam.items()},
                               out=got.clone())
     assert rel_err(twice, 2 * ref) < 1e-4
 
@@ -144,10 +163,10 @@ def test_padding_does_not_leak():
     """A padded batch gives, sample by sample, what each sample alone gives."""
     inputs, adam_A, adam_B = make_module_inputs(3, 6, 11, 8, 2, seed=5)
     kw = dict(scale=2.0, a_name=A_NAME, b_name=B_NAME, seed=4, proj_dim=40)
-    batched = lora_grad_project(**inputs, **kw)
+    batched = lora_fast(**inputs, **kw)
     for b in range(3):
         n_tok = int(inputs["mask"][b].sum())
-        alone = lora_grad_project(inputs["X"][b:b + 1, :n_tok], inputs["D"][b:b + 1, :n_tok], inputs["A"],
+        alone = lora_fast(inputs["X"][b:b + 1, :n_tok], inputs["D"][b:b + 1, :n_tok], inputs["A"],
                                   inputs["B"], **kw)
         assert rel_err(batched[b:b + 1], alone) < 1e-5
 
@@ -165,8 +184,8 @@ def test_mixed_dtypes_compute_in_the_wider_one():
     inputs, _, _ = make_module_inputs(2, 4, 9, 6, 2, seed=7)
     inputs["X"] = inputs["X"].bfloat16()
     kw = dict(scale=1.5, a_name=A_NAME, b_name=B_NAME, seed=2, proj_dim=40)
-    got = lora_grad_project(**inputs, **kw)
-    assert rel_err(got, lora_grad_project_ref(**to64(inputs), **kw)) < 1e-5
+    got = lora_fast(**inputs, **kw)
+    assert rel_err(got, lora_ref(**to64(inputs), **kw)) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -176,9 +195,9 @@ def test_lora_grad_project_low_precision(dtype, use_adam):
     inputs, adam_A, adam_B = make_module_inputs(3, 7, 24, 14, 4, dtype=dtype, seed=11)
     kw = dict(scale=2.0, a_name=A_NAME, b_name=B_NAME, seed=8, proj_dim=70)
     adam = dict(adam_A=adam_A, adam_B=adam_B) if use_adam else {}
-    got = lora_grad_project(**inputs, **kw, **{a: tuple(x.to(DEVICE) for x in v) for a, v in adam.items()})
-    exact = lora_grad_project_ref(**to64(inputs), **kw, **{a: tuple(x.double() for x in v) for a, v in adam.items()})
-    torch_dtype = lora_grad_project_ref(
+    got = lora_fast(**inputs, **kw, **{a: tuple(x.to(DEVICE) for x in v) for a, v in adam.items()})
+    exact = lora_ref(**to64(inputs), **kw, **{a: tuple(x.double() for x in v) for a, v in adam.items()})
+    torch_dtype = lora_ref(
         **{k: v.cpu() for k, v in inputs.items()}, **kw, **{a: tuple(x.to(dtype) for x in v) for a, v in adam.items()}
     )
     assert torch.isfinite(got).all()
@@ -189,11 +208,11 @@ def test_input_errors_name_the_problem():
     inputs, _, _ = make_module_inputs()
     kw = dict(scale=1.0, a_name=A_NAME, b_name=B_NAME, seed=0, proj_dim=8)
     with pytest.raises(ValueError, match="LoRA shapes"):
-        lora_grad_project(inputs["X"], inputs["D"], inputs["A"][:, 1:], inputs["B"], **kw)
+        lora_fast(inputs["X"], inputs["D"], inputs["A"][:, 1:], inputs["B"], **kw)
     with pytest.raises(ValueError, match="mask"):
-        lora_grad_project(**{**inputs, "mask": inputs["mask"][:, 1:]}, **kw)
+        lora_fast(**{**inputs, "mask": inputs["mask"][:, 1:]}, **kw)
     with pytest.raises(ValueError, match="out must be float32"):
-        lora_grad_project(**inputs, **kw, out=torch.zeros(3, 9, device=DEVICE))
+        lora_fast(**inputs, **kw, out=torch.zeros(3, 9, device=DEVICE))
 
 
 # ------------------------------------------------- the reference vs autograd
@@ -246,13 +265,11 @@ def test_reference_matches_peft_autograd():
         gA, gB = torch.autograd.grad(loss_fn(model(X[b:b + 1, :n_tok]), targets[b:b + 1, :n_tok]), [A, B])
         rA, rB = lora_grads_ref(Xp[b:b + 1], Dp[b:b + 1], A.detach(), B.detach(), scale, mask[b:b + 1])
         assert torch.allclose(rA[0], gA, rtol=1e-10, atol=1e-12) and torch.allclose(rB[0], gB, rtol=1e-10, atol=1e-12)
-        GA = adam_precondition_ref(gA.reshape(1, -1), adam_A[0].reshape(1, -1).double(),
-                                   adam_A[1].reshape(1, -1).double())
-        GB = adam_precondition_ref(gB.reshape(1, -1), adam_B[0].reshape(1, -1).double(),
-                                   adam_B[1].reshape(1, -1).double())
+        GA = adam_precondition_ref(gA.reshape(1, -1), AdamMoments(*(x.double() for x in adam_A)))
+        GB = adam_precondition_ref(gB.reshape(1, -1), AdamMoments(*(x.double() for x in adam_B)))
         feats[b] = (GA @ rademacher_signs_ref(a_name, 6, 0, A.numel(), k, dtype=torch.float64)
                     + GB @ rademacher_signs_ref(b_name, 6, 0, B.numel(), k, dtype=torch.float64))[0]
-    ref = lora_grad_project_ref(
+    ref = lora_ref(
         Xp, Dp, A.detach(), B.detach(), scale, a_name, b_name, 6, k, mask=mask,
         adam_A=tuple(x.double() for x in adam_A), adam_B=tuple(x.double() for x in adam_B),
     )
@@ -268,11 +285,11 @@ def test_lora_grad_project_realistic_shape(dtype):
     inputs, adam_A, adam_B = make_module_inputs(n, t, d, d, r, dtype=dtype, seed=3)
     kw = dict(scale=2.0, a_name=A_NAME, b_name=B_NAME, seed=1, proj_dim=k)
     adam = dict(adam_A=tuple(x.cuda() for x in adam_A), adam_B=tuple(x.cuda() for x in adam_B))
-    got = lora_grad_project(**inputs, **kw, **adam)
+    got = lora_fast(**inputs, **kw, **adam)
     gA, gB = lora_grads(**inputs, scale=2.0)  # step 1 is cuBLAS; check the projection of exactly these
     ref = torch.zeros(n, k, dtype=torch.float64, device="cuda")
     for g, name, (m, v) in ((gA, A_NAME, adam["adam_A"]), (gB, B_NAME, adam["adam_B"])):
-        G = adam_precondition_ref(g.reshape(n, -1).double(), m.reshape(1, -1).double(), v.reshape(1, -1).double())
+        G = adam_precondition_ref(g.reshape(n, -1).double(), AdamMoments(m.double(), v.double()))
         for r0 in range(0, G.shape[1], 65536):  # R in fp64 from the signs kernel (bit-identical, tested above)
             R = rademacher_signs(name, 1, r0, min(65536, G.shape[1] - r0), k, device="cuda", dtype=torch.float64)
             ref += G[:, r0:r0 + R.shape[0]] @ R

@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-from icons_fast.features import rademacher as rad
+from icons_fast import contract as rad
 from icons_fast.features.projection import RademacherProjector, effective_seed, project_ref
 from icons_fast.ops import backend as backend_mod
 from icons_fast.ops.backend import BackendUnavailable, has_cpu_ext
-from icons_fast.ops.project import project_param, signs_tile, signs_tile_torch
+from icons_fast.ops.project import project_param, signs_tile
 
 needs_cpp = pytest.mark.skipif(not has_cpu_ext(), reason="icons_fast._C is not built")
 CPU_BACKENDS = ["torch", pytest.param("cpp", marks=needs_cpp)]
@@ -57,7 +57,7 @@ def test_cpp_and_torch_tiles_bit_identical_to_ref(name, seed, row_start, n_rows,
     ref = rad.rademacher_signs_ref(name, seed, row_start, n_rows, k)
     assert torch.equal(bits(signs_tile(name, seed, row_start, n_rows, k, backend="cpp")), bits(ref))
     pid = rad.fnv1a32(name)
-    assert torch.equal(bits(signs_tile_torch(pid, seed % 2**32, row_start, n_rows, k)), bits(ref))
+    assert torch.equal(bits(signs_tile(pid, seed % 2**32, row_start, n_rows, k, backend="torch")), bits(ref))
     assert torch.equal(bits(signs_tile(pid, seed, row_start, n_rows, k, backend="torch")), bits(ref))
 
 

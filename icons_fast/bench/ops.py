@@ -6,7 +6,7 @@
   TRAK's projector when ``trak`` is importable (``BasicProjector``, or
   ``CudaProjector`` where ``fast_jl`` exists). FLOPs ``2 B P k``.
 - influence: per-task max over target segments of ``train [N, k] fp16`` against
-  ``targets [M, k]``: ours (``icons_fast.ops.influence.segment_reduce``, blocked,
+  ``targets [M, k]``: ours (``icons_fast.ops.segment_reduce.segment_reduce``, blocked,
   never forms ``N x M``) vs torch materialise-then-reduce. FLOPs ``2 N M k``.
 - voting: ``vote_counts`` and ``consensus_select`` on ``[N, T]`` scores.
 
@@ -73,7 +73,7 @@ def projection_providers(B: int, P: int, k: int, device: str | torch.device = "c
 
 def influence_providers(n: int, k: int, m: int, tasks: int, device: str | torch.device = "cpu") -> list[dict]:
     """Per-task max influence of ``n`` fp16 train rows against ``m`` fp32 targets in ``tasks`` segments."""
-    from icons_fast.ops.influence import offsets_from_sizes, segment_reduce
+    from icons_fast.ops.segment_reduce import offsets_from_sizes, segment_reduce
 
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(0)

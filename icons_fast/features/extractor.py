@@ -1,28 +1,21 @@
-"""Exact batched per-sample LoRA gradients, Adam preconditioning and projection.
+"""Hooks and a loop over LoRA sites: exact batched per-sample LoRA gradients, projected.
 
 For a PEFT LoRA linear layer ``y = W x + s * B(A x)`` (``s = alpha / r``) the
 per-sample gradients come from quantities one batched forward/backward pass
 already has: the layer input ``x_t`` and the output gradient ``d_t = dL/dy_t``
-at every token ``t``::
-
-    grad_B[b] = s * sum_t d_t (A x_t)^T        [d_out, r]
-    grad_A[b] = s * sum_t (B^T d_t) x_t^T      [r, d_in]
+at every token ``t`` (the formulas live in ``icons_fast.ops.lora_grad``).
 
 Forward hooks record ``x`` and ``y`` of every LoRA layer; one
 ``torch.autograd.grad(sum_b loss_b, ys)`` gives every ``d`` without touching
 the parameters' ``.grad``. Because ``loss_b`` (mean cross-entropy over sample
-b's own answer tokens) depends only on sample b, and padding is on the right
-and masked, row b equals the gradient a batch holding only sample b would
-give. Modules are processed one at a time, so at most one module's per-sample
-gradients exist at once; the whole model's ``[B, P]`` is never formed unless
-raw gradients are asked for (``proj_dim=None``).
-
-Preconditioning (LESS), with the warmup checkpoint's Adam moments ``m, v``::
-
-    G = (b1 m + (1 - b1) g) / sqrt(b2 v + (1 - b2) g^2 + eps)
-
-Projection: ``f = R^T G`` with the counter-hash Rademacher matrix of
-``icons_fast.features.rademacher`` (never stored).
+b's own answer tokens, ``icons_fast.model.inputs.per_sample_losses``) depends
+only on sample b, and padding is on the right and masked, row b equals the
+gradient a batch holding only sample b would give. Sites are processed one at
+a time by the ``lora_grad`` op (gradient, optional LESS Adam preconditioning
+with the warmup checkpoint's moments, projection ``f = R^T G`` with the
+contract's matrix), so at most one site's per-sample gradients exist at once;
+the whole model's ``[B, P]`` is never formed unless raw gradients are asked
+for (``proj_dim=None``).
 """
 from __future__ import annotations
 
@@ -30,19 +23,18 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import record_function
 
-from icons_fast.features.rademacher import fnv1a32
+from icons_fast.contract import AdamMoments, ProjectionSpec
+from icons_fast.model.inputs import MODEL_INPUT_KEYS, per_sample_losses
 from icons_fast.model.lora import lora_modules, trainable_parameters
 from icons_fast.ops.backend import resolve_backend
-
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "position_ids")
+from icons_fast.ops.lora_grad import LoraParams, lora_grad_project, per_sample_lora_grads
 
 
 @dataclass
 class _LoraSite:
-    """One LoRA layer: its parameters and the parameter names used by the projection."""
+    """One LoRA layer: its module, adapter and the parameter names used by the projection."""
 
     name: str
     module: torch.nn.Module
@@ -50,36 +42,15 @@ class _LoraSite:
     a_name: str
     b_name: str
 
-    @property
-    def A(self) -> torch.Tensor:  # [r, d_in]
-        return self.module.lora_A[self.adapter].weight
-
-    @property
-    def B(self) -> torch.Tensor:  # [d_out, r]
-        return self.module.lora_B[self.adapter].weight
-
-    @property
-    def scale(self) -> float:
-        return float(self.module.scaling[self.adapter])
-
-
-def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy per sample over its unmasked label tokens.
-
-    logits: [B, T, V]; labels: [B, T] with -100 for ignored tokens.
-    Returns float32 [B]. A sample with no label token raises (the data layer
-    records such samples before they reach a batch).
-    """
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    tok = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
-    ).view(shift_labels.shape)
-    counts = (shift_labels != -100).sum(dim=1)
-    if bool((counts == 0).any()):
-        bad = (counts == 0).nonzero().flatten().tolist()
-        raise ValueError(f"batch rows {bad} have no label token (every label is -100); exclude them before featurizing")
-    return tok.sum(dim=1) / counts
+    def params(self) -> LoraParams:
+        """The site's current (detached) weights and scale, as the lora_grad op takes them."""
+        return LoraParams(
+            A=self.module.lora_A[self.adapter].weight.detach(),  # [r, d_in]
+            B=self.module.lora_B[self.adapter].weight.detach(),  # [d_out, r]
+            scale=float(self.module.scaling[self.adapter]),
+            a_name=self.a_name,
+            b_name=self.b_name,
+        )
 
 
 class GradientExtractor:
@@ -124,6 +95,7 @@ class GradientExtractor:
         device = next(model.parameters()).device
         self.device = device
         self.backend = resolve_backend("lora_grad", backend, device)
+        # what the torch lora_grad backend projects with (the triton backend projects with Triton)
         self.project_backend = resolve_backend("project", "auto", device) if self.backend == "torch" else None
         self.moments = self._check_moments(optimizer_state) if mode == "adam" else None
 
@@ -150,10 +122,10 @@ class GradientExtractor:
             raise ValueError(f"LoRA parameters {missing[:5]} are frozen; featurize needs them trainable")
         return sites
 
-    def _check_moments(self, state: dict | None) -> dict:
+    def _check_moments(self, state: dict | None) -> dict[str, tuple[AdamMoments, AdamMoments]]:
+        """``{site name: (A's AdamMoments, B's AdamMoments)}`` from the checkpoint's optimizer state."""
         if state is None:
             raise ValueError("mode='adam' needs optimizer_state (the warmup checkpoint's exp_avg / exp_avg_sq)")
-        out = {}
         for key in ("exp_avg", "exp_avg_sq"):
             if key not in state:
                 raise ValueError(f"optimizer_state lacks {key!r}; expected keys exp_avg, exp_avg_sq")
@@ -163,8 +135,13 @@ class GradientExtractor:
                     f"optimizer_state[{key!r}] has no entry for {len(missing)} parameters, e.g. {missing[0]}; "
                     "was the checkpoint made with the same LoRA configuration?"
                 )
-            out[key] = {n: state[key][n].to(self.device, torch.float32) for n in self.param_names}
-        return out
+        b1, b2 = self.adam_betas
+
+        def moments(name: str) -> AdamMoments:
+            m, v = (state[key][name].to(self.device, torch.float32) for key in ("exp_avg", "exp_avg_sq"))
+            return AdamMoments(m, v, beta1=b1, beta2=b2, eps=self.adam_eps)
+
+        return {site.name: (moments(site.a_name), moments(site.b_name)) for site in self.sites}
 
     # -------------------------------------------------------- forward/backward
     @contextlib.contextmanager
@@ -212,31 +189,10 @@ class GradientExtractor:
         return captured, mask.bool()
 
     # ----------------------------------------------------------- gradients
-    @staticmethod
-    def module_grads(x: torch.Tensor, d: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, mask: torch.Tensor):
-        """Per-sample ``grad_A [B, r, d_in]`` and ``grad_B [B, d_out, r]`` of one LoRA layer (fp32).
+    def _adam(self, site: _LoraSite) -> tuple[AdamMoments, AdamMoments] | None:
+        return None if self.moments is None else self.moments[site.name]
 
-        x: [B, T, d_in] layer inputs; d: [B, T, d_out] output gradients;
-        mask: [B, T] bool (False rows are padding and contribute nothing,
-        whatever they hold).
-        """
-        m = mask[..., None]
-        x = torch.where(m, x.float(), 0.0)
-        d = torch.where(m, d.float(), 0.0)
-        a = x @ A.float().t()  # [B, T, r]
-        bd = d @ B.float()  # [B, T, r]
-        grad_B = scale * torch.einsum("bto,btr->bor", d, a)
-        grad_A = scale * torch.einsum("btr,bti->bri", bd, x)
-        return grad_A, grad_B
-
-    def _precondition(self, name: str, g: torch.Tensor) -> torch.Tensor:
-        if self.moments is None:
-            return g
-        b1, b2 = self.adam_betas
-        m = self.moments["exp_avg"][name]
-        v = self.moments["exp_avg_sq"][name]
-        return (b1 * m + (1 - b1) * g) / torch.sqrt(b2 * v + (1 - b2) * g * g + self.adam_eps)
-
+    @torch.no_grad()
     def per_sample_grads(self, batch: dict) -> dict[str, torch.Tensor]:
         """Raw (preconditioned when mode='adam') per-sample gradients {param name: [B, *shape]} fp32.
 
@@ -247,46 +203,10 @@ class GradientExtractor:
         grads = {}
         for site in self.sites:
             x, d = captured.pop(site.name)
-            gA, gB = self.module_grads(x, d, site.A.detach(), site.B.detach(), site.scale, mask)
-            grads[site.a_name] = self._precondition(site.a_name, gA)
-            grads[site.b_name] = self._precondition(site.b_name, gB)
+            grads[site.a_name], grads[site.b_name] = per_sample_lora_grads(x, d, site.params(), mask, self._adam(site))
         return {n: grads[n] for n in self.param_names}
 
     # ------------------------------------------------------------- featurize
-    @torch.no_grad()
-    def _project_torch(self, captured, mask, n_rows: int) -> torch.Tensor:
-        from icons_fast.ops.project import project_param
-
-        out = torch.zeros(n_rows, self.proj_dim, dtype=torch.float32, device=self.device)
-        for site in self.sites:
-            x, d = captured.pop(site.name)  # free the activations as we go
-            with record_function("lora_grads"):
-                gA, gB = self.module_grads(x, d, site.A.detach(), site.B.detach(), site.scale, mask)
-            for name, g in ((site.a_name, gA), (site.b_name, gB)):
-                with record_function("projection"):
-                    g = self._precondition(name, g).reshape(n_rows, -1)
-                    project_param(g, fnv1a32(name), self.seed, self.proj_dim, out=out, backend=self.project_backend)
-        return out
-
-    @torch.no_grad()
-    def _project_triton(self, captured, mask, n_rows: int) -> torch.Tensor:
-        from icons_fast.kernels.lora_project import lora_grad_project
-
-        out = torch.zeros(n_rows, self.proj_dim, dtype=torch.float32, device=self.device)
-        for site in self.sites:
-            x, d = captured.pop(site.name)
-            adam_A = adam_B = None
-            if self.moments is not None:
-                adam_A = (self.moments["exp_avg"][site.a_name], self.moments["exp_avg_sq"][site.a_name])
-                adam_B = (self.moments["exp_avg"][site.b_name], self.moments["exp_avg_sq"][site.b_name])
-            with record_function("lora_grads + projection"):
-                lora_grad_project(
-                    x, d, site.A.detach(), site.B.detach(), site.scale, site.a_name, site.b_name, self.seed,
-                    self.proj_dim, mask=mask, adam_A=adam_A, adam_B=adam_B, out=out,
-                    adam_betas=self.adam_betas, adam_eps=self.adam_eps,
-                )
-        return out
-
     def featurize(self, batch: dict) -> torch.Tensor:
         """Projected per-sample gradients ``Tensor[B, proj_dim]`` float32 (raw ``[B, P]`` if proj_dim is None).
 
@@ -297,7 +217,10 @@ class GradientExtractor:
             grads = self.per_sample_grads(batch)
             return torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
         captured, mask = self._forward_backward(batch)
-        n_rows = batch["labels"].shape[0]
-        if self.backend == "triton":
-            return self._project_triton(captured, mask, n_rows)
-        return self._project_torch(captured, mask, n_rows)
+        spec = ProjectionSpec(self.seed, self.proj_dim)
+        out = torch.zeros(batch["labels"].shape[0], self.proj_dim, dtype=torch.float32, device=self.device)
+        with torch.no_grad():
+            for site in self.sites:
+                x, d = captured.pop(site.name)  # free the activations as we go
+                lora_grad_project(x, d, site.params(), spec, mask, self._adam(site), out, backend=self.backend)
+        return out

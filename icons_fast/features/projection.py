@@ -1,7 +1,7 @@
 """Rademacher projection of per-sample gradients: ``f = G @ R`` with ``R`` never stored.
 
 ``R`` is the ``P x k`` matrix of the projection contract
-(``icons_fast.features.rademacher``): entry ``(i, j)`` of parameter ``p``'s
+(``icons_fast.contract``): entry ``(i, j)`` of parameter ``p``'s
 block is ``+-1/sqrt(k)``, a function of (seed, name of ``p``, element index
 ``i`` inside ``p``, column ``j``) only. So::
 
@@ -17,7 +17,9 @@ size, and a parameter's contribution does not change when others are added.
 ``seed_eff = (seed + 10_000 * model_id) mod 2**32``; ``model_id=0`` uses
 ``seed`` itself (the contract's seed).
 
-``project_ref`` is the float64 brute force (materialises ``R``) for tests.
+``project_ref`` is the float64 brute force of the whole projection for tests:
+the project op's reference (``ops.project.project_param_ref``) summed over
+parameters.
 """
 from __future__ import annotations
 
@@ -26,9 +28,9 @@ from typing import Mapping
 
 import torch
 
-from icons_fast.features.rademacher import MASK32, fnv1a32, rademacher_signs_ref
+from icons_fast.contract import MASK32, fnv1a32
 from icons_fast.ops.backend import resolve_backend
-from icons_fast.ops.project import project_param
+from icons_fast.ops.project import project_param, project_param_ref
 
 MODEL_ID_STRIDE = 10_000
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -191,6 +193,6 @@ def project_ref(grads_dict, proj_dim: int, seed: int = 0) -> torch.Tensor:
     out = None
     for name, t in grads_dict.items():
         g = t.detach().reshape(t.shape[0], -1).to("cpu", torch.float64)
-        r = rademacher_signs_ref(name, seed, 0, g.shape[1], proj_dim, dtype=torch.float64)
-        out = g @ r if out is None else out + g @ r
+        part = project_param_ref(g, name, seed, proj_dim)
+        out = part if out is None else out + part
     return out

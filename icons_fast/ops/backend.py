@@ -1,7 +1,11 @@
 """The one backend factory: which implementation runs each op.
 
-Every op has a plain-torch reference ("torch") and optional fast paths. The
-choice is made here and nowhere else:
+Every op has a plain-torch backend ("torch") and optional fast paths. Each
+op module (``ops/project.py``, ``ops/lora_grad.py``, ``ops/segment_reduce.py``)
+registers its implementations with ``@register(op, backend)``; the table
+``registry(device)`` maps ``(op, backend) -> (available, impl)`` and
+``implementation(op, requested, device)`` is the one dispatch every op uses.
+The choice is made here and nowhere else:
 
 - ``resolve_backend(op, "auto", device)`` picks the fastest available backend
   for that device, in the order of ``_PREFERENCE``, and says which one it
@@ -17,11 +21,14 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable
 
 import torch
 
-log = logging.getLogger("icons_fast")
+log = logging.getLogger(__name__)
 
+# "influence" is the segment-reduce op of ops/segment_reduce.py (its public name in
+# backends(), --backend and ICONS_FAST_BACKEND).
 OPS = ("project", "lora_grad", "influence")
 
 # Fastest first; "torch" is the reference and always available.
@@ -96,6 +103,12 @@ def _available(name: str, device_type: str) -> tuple[bool, str]:
     return False, f"unknown backend {name!r}"
 
 
+@functools.lru_cache(maxsize=None)
+def _say_choice(op: str, device_type: str, name: str) -> None:
+    """Log the automatic choice once per (op, device, backend), not at every call of the op."""
+    log.info("icons_fast: %s on %s uses backend %r", op, device_type, name)
+
+
 def backends(device: str | torch.device = "cpu") -> dict[str, list[str]]:
     """Available backends per op for ``device``, fastest first."""
     dt = torch.device(device).type
@@ -121,7 +134,7 @@ def resolve_backend(op: str, requested: str | None = "auto", device: str | torch
     if requested == "auto":
         for name in _PREFERENCE[(op, dt)]:
             if _available(name, dt)[0]:
-                log.info("icons_fast: %s on %s uses backend %r", op, dt, name)
+                _say_choice(op, dt, name)
                 return name
         return "torch"
     ok, why = _available(requested, dt)
@@ -131,3 +144,31 @@ def resolve_backend(op: str, requested: str | None = "auto", device: str | torch
             f"Available here: {[b for b in _PREFERENCE[(op, dt)] if _available(b, dt)[0]]}"
         )
     return requested
+
+
+# ------------------------------------------------------------------ registry
+_IMPLS: dict[tuple[str, str], Callable] = {}
+
+
+def register(op: str, backend: str) -> Callable[[Callable], Callable]:
+    """Decorator: the function runs ``op`` on ``backend`` (called by the op's own module at import)."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; ops: {OPS}")
+
+    def deco(fn: Callable) -> Callable:
+        _IMPLS[(op, backend)] = fn
+        return fn
+
+    return deco
+
+
+def registry(device: str | torch.device = "cpu") -> dict[tuple[str, str], tuple[bool, Callable]]:
+    """The table ``(op, backend) -> (available on device, impl)`` of every registered implementation."""
+    dt = "cuda" if torch.device(device).type == "cuda" else "cpu"
+    return {key: (_available(key[1], dt)[0], fn) for key, fn in _IMPLS.items()}
+
+
+def implementation(op: str, requested: str | None = "auto", device: str | torch.device = "cpu") -> tuple[str, Callable]:
+    """``(backend name, impl)`` that runs ``op`` on ``device`` (``resolve_backend`` picks the name)."""
+    name = resolve_backend(op, requested, device)
+    return name, _IMPLS[(op, name)]

@@ -1,9 +1,15 @@
-"""Thin wrappers over the project op: sign tiles and per-parameter projection.
+"""The project op: ``out += G' @ R_p[row_start:row_start+n, :k]`` for one parameter ``p``.
 
-The matrix is the projection contract of ``icons_fast.features.rademacher``:
+Column: ``kernels/project.py`` (Triton) and ``icons_fast._C`` (C++) below,
+this module (input checks, dispatch through ``ops.backend``'s registry, the
+plain-torch reference ``project_param_ref``) in the middle, callers above
+(``features.projection.RademacherProjector``, ``ops.lora_grad``).
+
+The matrix is the projection contract of ``icons_fast.contract``:
 ``R[i, j] = +-1/sqrt(k)`` from a counter hash of (seed, parameter id, element
-index ``i``, column ``j``), never stored. Backends (chosen by
-``icons_fast.ops.backend.resolve_backend("project", ...)``):
+index ``i``, column ``j``), never stored. ``G'`` is ``G`` or, with the
+parameter's ``AdamMoments``, the LESS direction ``adam_precondition_ref(G)``.
+Backends (registered below, chosen by ``resolve_backend("project", ...)``):
 
 - ``"cpp"`` (CPU tensors): ``icons_fast._C``. ``method="fused"`` runs
   ``project_accumulate`` (a four-Russians product that never materialises
@@ -11,26 +17,27 @@ index ``i``, column ``j``), never stored. Backends (chosen by
   ``method="tile"`` fills a float32 sign tile in C++ and multiplies it with
   ``torch.addmm`` (BLAS), tile by tile. ``"auto"`` is "fused" (measured
   faster on every shape in ``benchmarks/bench_projection.py``).
-- ``"torch"`` (any device): the same hash chain in torch int64 arithmetic on
-  the tensors' device, one tile at a time, multiplied with ``torch.addmm``.
+- ``"torch"`` (any device): the contract's torch sign oracle
+  (``rademacher_signs_ref``) builds each tile on the tensors' device,
+  multiplied with ``torch.addmm``.
 - ``"triton"`` (CUDA, or the CPU under ``TRITON_INTERPRET=1``):
   ``icons_fast.kernels.project.rademacher_project``, sign tiles generated on
-  chip and multiplied on tensor cores.
+  chip, Adam applied on the fly, multiplied on tensor cores.
 
-Every path accumulates in float32; ``project_param`` adds into ``out`` so a
-model's projection is a sum of per-parameter calls.
+Every path accumulates in float32 and adds into ``out``, so a model's
+projection is a sum of per-parameter calls.
 """
+
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
-from icons_fast.features.rademacher import MASK32, fmix32, fnv1a32, row_hash_base
-from icons_fast.ops.backend import cpu_ext, resolve_backend
+from icons_fast.contract import MASK32, AdamMoments, param_id, rademacher_signs_ref, sign_value
+from icons_fast.ops.backend import cpu_ext, implementation, register, resolve_backend
 
-log = logging.getLogger("icons_fast")
+log = logging.getLogger(__name__)
 
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Rows per call of the fused kernel / per sign tile. Chosen by measurement
@@ -40,10 +47,6 @@ _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # 128 rows (2.6 MB, near L2) than at 1024 rows (21 MB).
 DEFAULT_ROWS = {"fused": 32768, "tile": 128, "torch": 1024}
 
-def param_id(name: str | int) -> int:
-    """The parameter id ``pid``: ``fnv1a32(name)`` for a name, an int passes through (mod 2**32)."""
-    return fnv1a32(name) if isinstance(name, str) else int(name) & MASK32
-
 
 def _check_tile_args(row_start: int, n_rows: int, k: int) -> None:
     if k < 1:
@@ -52,42 +55,43 @@ def _check_tile_args(row_start: int, n_rows: int, k: int) -> None:
         raise ValueError(f"rows [{row_start}, {row_start + n_rows}) must lie in [0, 2**64)")
 
 
-def signs_tile_torch(pid: int, seed: int, row_start: int, n_rows: int, k: int, device="cpu") -> torch.Tensor:
-    """``R[row_start:row_start+n_rows, :k]`` (float32, ``+-1/sqrt(k)``) computed with torch on ``device``.
+# ------------------------------------------------------------------ reference
+def adam_precondition_ref(g: torch.Tensor, adam: AdamMoments) -> torch.Tensor:
+    """LESS Adam direction ``(b1*m + (1-b1)*g) / sqrt(b2*v + (1-b2)*g**2 + eps)`` in g's dtype.
 
-    Same values, bit for bit, as ``rademacher_signs_ref`` (which runs on the
-    CPU only); this one builds the tile where it is used.
+    g: ``[B, *shape]`` per-sample gradients of one parameter (``shape`` its
+    own shape, or ``[P]`` flattened); the moments hold ``prod(shape)``
+    elements and broadcast over the batch. The Triton kernel applies the same
+    formula on the fly; this is the one torch form of it.
     """
-    _check_tile_args(row_start, n_rows, k)
-    if row_start + n_rows > 2**63:  # int64 cannot hold the index; the hash only needs i >> 32 and i & mask
-        return _signs_tile_huge(pid, seed, row_start, n_rows, k, device)
-    rows = torch.arange(n_rows, dtype=torch.int64, device=device) + row_start
-    base = row_hash_base(pid, seed, rows)  # [n]
-    words = fmix32(base[:, None] ^ torch.arange((k + 31) // 32, dtype=torch.int64, device=device))  # [n, W]
-    return _expand(words, n_rows, k, device)
+    m = adam.exp_avg.reshape(g.shape[1:]).to(g.device, g.dtype)
+    v = adam.exp_avg_sq.reshape(g.shape[1:]).to(g.device, g.dtype)
+    b1, b2 = adam.beta1, adam.beta2
+    return (b1 * m + (1 - b1) * g) / torch.sqrt(b2 * v + (1 - b2) * g * g + adam.eps)
 
 
-def _signs_tile_huge(pid, seed, row_start, n_rows, k, device) -> torch.Tensor:
-    # Rows past 2**63: hash each row's high word separately (tiny tiles only; tests use it).
-    from icons_fast.features.rademacher import fmix32_int
+def project_param_ref(g: torch.Tensor, pid: str | int, seed: int, k: int, row_start: int = 0,
+                      adam: AdamMoments | None = None, out=None, chunk_rows: int = 4096) -> torch.Tensor:
+    """Plain-torch ``project_param``: Adam in g's dtype, then ``G' @ R`` with R from
+    ``rademacher_signs_ref`` in g's dtype, ``chunk_rows`` rows of R at a time.
 
-    h1 = fmix32_int((seed & MASK32) ^ pid)
-    bases = []
-    for i in range(row_start, row_start + n_rows):
-        h = fmix32_int(h1 ^ (i >> 32)) if i >> 32 else h1
-        bases.append(fmix32_int(h ^ (i & MASK32)))
-    base = torch.tensor(bases, dtype=torch.int64, device=device)
-    words = fmix32(base[:, None] ^ torch.arange((k + 31) // 32, dtype=torch.int64, device=device))
-    return _expand(words, n_rows, k, device)
+    Returns ``[B, k]`` in float32 (float64 for float64 ``g``), added into ``out`` when given.
+    """
+    n_samples, n_rows = g.shape
+    if adam is not None:
+        g = adam_precondition_ref(g, adam)
+    result = torch.zeros(n_samples, k, dtype=g.dtype, device=g.device)
+    for r0 in range(0, n_rows, chunk_rows):
+        n = min(chunk_rows, n_rows - r0)
+        R = rademacher_signs_ref(pid, seed, row_start + r0, n, k, dtype=g.dtype, device=g.device)
+        result += g[:, r0:r0 + n] @ R
+    if out is None:
+        return result.to(torch.promote_types(result.dtype, torch.float32))
+    out += result.to(out.dtype)
+    return out
 
 
-def _expand(words: torch.Tensor, n_rows: int, k: int, device) -> torch.Tensor:
-    bits = torch.arange(32, dtype=torch.int64, device=device)
-    neg = ((words[:, :, None] >> bits) & 1).reshape(n_rows, -1)[:, :k].bool()  # [n, k]
-    value = torch.tensor(1.0 / math.sqrt(k), dtype=torch.float64).to(torch.float32).to(device)
-    return torch.where(neg, -value, value)
-
-
+# ------------------------------------------------------------------ sign tiles
 def signs_tile(
     pid: str | int,
     seed: int,
@@ -101,16 +105,16 @@ def signs_tile(
 
     ``pid`` is the parameter name or its ``fnv1a32`` id; ``seed`` is taken
     mod 2**32; ``row_start`` may exceed 2**32 (element indices of huge
-    parameters). ``backend`` "cpp" fills it in C++ (CPU), "torch" in torch.
-    ``out``, when given, is a CPU float32 ``Tensor[n_rows, >=k]`` with unit
-    column stride to fill in place (cpp only; the tile is ``out[:, :k]``).
+    parameters). ``backend`` "cpp" fills it in C++ (CPU); any other backend
+    builds it with the contract's torch oracle on ``out``'s device. ``out``,
+    when given, is a float32 ``Tensor[n_rows, >=k]`` with unit column stride
+    to fill in place (the tile is ``out[:, :k]``).
     """
     _check_tile_args(row_start, n_rows, k)
     pid, seed = param_id(pid), int(seed) & MASK32
     device = out.device if out is not None else torch.device("cpu")
-    name = resolve_backend("project", backend, device)
-    if name != "cpp":
-        tile = signs_tile_torch(pid, seed, row_start, n_rows, k, device)
+    if resolve_backend("project", backend, device) != "cpp":
+        tile = rademacher_signs_ref(pid, seed, row_start, n_rows, k, device=device)
         if out is not None:
             out[:, :k].copy_(tile)
             return out[:, :k]
@@ -121,8 +125,7 @@ def signs_tile(
     _check_native(out, "out", (n_rows, None))
     if out.shape[1] < k:
         raise ValueError(f"out has {out.shape[1]} columns, needs at least k={k}")
-    scale = float(torch.tensor(1.0 / math.sqrt(k), dtype=torch.float64).to(torch.float32))
-    ext.rademacher_signs(out.data_ptr(), max(out.stride(0), k), pid, seed, row_start, n_rows, k, scale)
+    ext.rademacher_signs(out.data_ptr(), max(out.stride(0), k), pid, seed, row_start, n_rows, k, sign_value(k))
     return out[:, :k]
 
 
@@ -139,6 +142,7 @@ def _check_native(t: torch.Tensor, what: str, shape: tuple) -> None:
             raise ValueError(f"{what} has shape {tuple(t.shape)}, expected {shape}")
 
 
+# ------------------------------------------------------------------ the op
 def project_param(
     g: torch.Tensor,
     pid: str | int,
@@ -149,8 +153,9 @@ def project_param(
     tile_rows: int | None = None,
     row_start: int = 0,
     method: str = "auto",
+    adam: AdamMoments | None = None,
 ) -> torch.Tensor:
-    """``out += g @ R_p[row_start:row_start+n, :k]`` for one parameter ``p``; returns ``out``.
+    """``out += G' @ R_p[row_start:row_start+n, :k]`` for one parameter ``p``; returns ``out``.
 
     Arguments:
         g: ``Tensor[B, n]`` (float32/float16/bfloat16/float64), the parameter's
@@ -164,6 +169,8 @@ def project_param(
         row_start: element index of ``g[:, 0]`` inside the parameter (for
             gradients that arrive in slices).
         method: cpp only: "fused" | "tile" | "auto" (= "fused").
+        adam: the ``AdamMoments`` of exactly ``g``'s ``n`` elements, or None
+            (``G' = G``).
     """
     if g.dim() != 2:
         raise ValueError(f"g must be Tensor[B, n] (one parameter, flattened per sample); got shape {tuple(g.shape)}")
@@ -175,35 +182,47 @@ def project_param(
             f"out must be float32 Tensor[{B}, {k}] on {g.device}; got {out.dtype} {tuple(out.shape)} on {out.device}"
         )
     _check_tile_args(row_start, n, k)
+    if adam is not None and adam.exp_avg.numel() != n:
+        raise ValueError(f"Adam moments have {adam.exp_avg.numel()} elements but g has {n} per sample")
+    if tile_rows and int(tile_rows) < 1:  # None or 0: the method's default
+        raise ValueError(f"tile_rows must be >= 1, got {tile_rows}")
     if B == 0 or n == 0:
         return out
-    pid, seed = param_id(pid), int(seed) & MASK32
-    name = resolve_backend("project", backend, g.device)
-    if name == "triton":
-        from icons_fast.kernels.project import rademacher_project
-
-        rademacher_project(g, pid, seed, k, row_start=row_start, out=out)
-        return out
-    if name == "cpp":
-        if method not in ("auto", "fused", "tile"):
-            raise ValueError(f"method must be 'auto', 'fused' or 'tile', got {method!r}")
-        method = "fused" if method == "auto" else method
-        _check_native(out, "out", (B, k))
-    else:
-        method = "torch"
-    rows = int(tile_rows or DEFAULT_ROWS[method])
-    if rows < 1:
-        raise ValueError(f"tile_rows must be >= 1, got {tile_rows}")
-    if method == "fused":
-        _fused(g, pid, seed, k, out, rows, row_start)
-    elif method == "tile":
-        _tiled_cpp(g, pid, seed, k, out, rows, row_start)
-    else:
-        for r0 in range(0, n, rows):
-            r1 = min(n, r0 + rows)
-            tile = signs_tile_torch(pid, seed, row_start + r0, r1 - r0, k, g.device)
-            out.addmm_(g[:, r0:r1].to(torch.float32), tile)
+    _, impl = implementation("project", backend, g.device)
+    impl(g, param_id(pid), int(seed) & MASK32, k, out, tile_rows=tile_rows, row_start=row_start, method=method,
+         adam=adam)
     return out
+
+
+@register("project", "triton")
+def _project_triton(g, pid, seed, k, out, tile_rows, row_start, method, adam) -> None:
+    from icons_fast.kernels.project import rademacher_project
+
+    rademacher_project(g, pid, seed, k, row_start=row_start, adam=adam, out=out)
+
+
+@register("project", "torch")
+def _project_torch(g, pid, seed, k, out, tile_rows, row_start, method, adam) -> None:
+    if adam is not None:
+        g = adam_precondition_ref(g, adam)
+    rows = int(tile_rows or DEFAULT_ROWS["torch"])
+    n = g.shape[1]
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        tile = rademacher_signs_ref(pid, seed, row_start + r0, r1 - r0, k, device=g.device)
+        out.addmm_(g[:, r0:r1].to(torch.float32), tile)
+
+
+@register("project", "cpp")
+def _project_cpp(g, pid, seed, k, out, tile_rows, row_start, method, adam) -> None:
+    if method not in ("auto", "fused", "tile"):
+        raise ValueError(f"method must be 'auto', 'fused' or 'tile', got {method!r}")
+    method = "fused" if method == "auto" else method
+    _check_native(out, "out", tuple(out.shape))
+    if adam is not None:
+        g = adam_precondition_ref(g, adam)
+    rows = int(tile_rows or DEFAULT_ROWS[method])
+    (_fused if method == "fused" else _tiled_cpp)(g, pid, seed, k, out, rows, row_start)
 
 
 def _as_f32_rows(g: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
@@ -218,8 +237,8 @@ def _as_f32_rows(g: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
 
 def _fused(g, pid, seed, k, out, rows, row_start) -> None:
     ext = cpu_ext()
-    scale = float(torch.tensor(1.0 / math.sqrt(k), dtype=torch.float64).to(torch.float32))
     B, n = g.shape
+    scale = sign_value(k)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         part = _as_f32_rows(g, r0, r1)
@@ -232,8 +251,8 @@ def _fused(g, pid, seed, k, out, rows, row_start) -> None:
 
 def _tiled_cpp(g, pid, seed, k, out, rows, row_start) -> None:
     ext = cpu_ext()
-    scale = float(torch.tensor(1.0 / math.sqrt(k), dtype=torch.float64).to(torch.float32))
     n = g.shape[1]
+    scale = sign_value(k)
     buf = torch.empty(min(rows, n), k, dtype=torch.float32)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)

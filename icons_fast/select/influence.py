@@ -255,7 +255,7 @@ def _reduce_block(
     Return:
         float32 ``[n, S]``: ``agg_{v in segment s} <train_block[i], target_cat[v]>``.
     """
-    from icons_fast.ops.influence import segment_reduce
+    from icons_fast.ops.segment_reduce import segment_reduce
 
     kind, m = parse_aggregate(aggregate)
     offsets = [0] + [stop for _, stop in segments]

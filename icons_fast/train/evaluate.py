@@ -52,7 +52,7 @@ def evaluate_task(lm, records: list, image_folder: str | None, max_length: int, 
     """Accuracy and mean answer loss of ``lm`` on ``records``; bad records are counted, not scored."""
     from icons_fast.data import ErrorLog
     from icons_fast.data.loader import make_dataset
-    from icons_fast.features.extractor import MODEL_INPUT_KEYS, per_sample_losses
+    from icons_fast.model.inputs import MODEL_INPUT_KEYS, per_sample_losses
 
     errors = ErrorLog(None)
     dataset, collate = make_dataset(lm, records, image_folder, max_length, errors, stage="data")

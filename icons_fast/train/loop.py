@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from icons_fast.features.extractor import MODEL_INPUT_KEYS
+from icons_fast.model.inputs import MODEL_INPUT_KEYS
 
 
 def cosine_with_warmup(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:

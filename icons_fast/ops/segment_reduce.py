@@ -1,4 +1,11 @@
-"""Fused per-segment influence reductions: the wrapper over ``icons_fast._C``.
+"""The segment-reduce op (the "influence" op of ``ops.backend``): fused per-segment influence reductions.
+
+Column: ``csrc/influence*.{cpp,cu}`` (``icons_fast._C``) below, this module
+(input checks, dispatch through ``ops.backend``'s registry, the plain-torch
+reference ``segment_reduce_ref``) in the middle, ``select.influence`` above.
+The two levels share the word "influence" but not the job: this op reduces one
+block of dot products per segment; ``select.influence`` builds task scores
+from feature stores on top of it.
 
 For train features ``x`` ``[N, k]`` and target features ``t`` ``[M, k]``
 concatenated over tasks / subtasks, with segment offsets ``o`` ``[S+1]``
@@ -15,7 +22,7 @@ Several checkpoints ``c`` with weights ``w_c`` are several calls into the same
 ``out`` (``weight=w_c``). Int8 train features carry a per-row fp32 ``scale``
 (``x_i = scale_i * q_i``).
 
-Backends (chosen by ``icons_fast.ops.backend.resolve_backend("influence")``):
+Backends (registered below, chosen by ``resolve_backend("influence", ...)``):
 
 - ``"cpp"``: CPU, C++ OpenMP blocked kernel; never forms the ``N x M``
   product (a ``[block_rows, 256]`` tile per thread), memory independent of N.
@@ -35,9 +42,9 @@ from collections.abc import Sequence
 
 import torch
 
-from icons_fast.ops.backend import BackendUnavailable, cpu_ext, resolve_backend
+from icons_fast.ops.backend import BackendUnavailable, cpu_ext, implementation, register
 
-log = logging.getLogger("icons_fast")
+log = logging.getLogger(__name__)
 
 REDUCTIONS = ("mean", "max", "topm", "count")
 TRAIN_DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.int8: "i8"}
@@ -52,48 +59,29 @@ def offsets_from_sizes(sizes: Sequence[int]) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(sizes_t, 0)])
 
 
-def _reduce_segments(prod: torch.Tensor, offsets: list[int], reduction: str, m, threshold) -> torch.Tensor:
-    """``prod`` ``[n, M]`` -> ``[n, S]`` per-segment reduction (see module docstring)."""
-    cols = []
-    for lo, hi in zip(offsets[:-1], offsets[1:]):
-        seg = prod[:, lo:hi]
-        if reduction == "mean":
-            cols.append(seg.mean(1))
-        elif reduction == "max":
-            cols.append(seg.amax(1))
-        elif reduction == "topm":
-            cols.append(seg.topk(min(m, hi - lo), dim=1).values.mean(1))
-        else:  # count
-            cols.append((seg > threshold).sum(1).to(prod.dtype))
-    return torch.stack(cols, 1)
+# R of the module docstring on one segment's scores seg [n, |s|] -> [n]
+_REDUCERS = {
+    "mean": lambda seg, m, threshold: seg.mean(1),
+    "max": lambda seg, m, threshold: seg.amax(1),
+    "topm": lambda seg, m, threshold: seg.topk(min(m, seg.shape[1]), dim=1).values.mean(1),
+    "count": lambda seg, m, threshold: (seg > threshold).sum(1).to(seg.dtype),
+}
 
 
-def segment_reduce_ref(
-    train: torch.Tensor,
-    targets_cat: torch.Tensor,
-    offsets,
-    reduction: str,
-    m: int | None = None,
-    threshold: float | None = None,
-    weight: float = 1.0,
-    out: torch.Tensor | None = None,
-    scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Plain-torch reference: upcast to fp32, materialise ``train @ targets.T``, reduce.
+def segment_reduce_ref(train, targets_cat, offsets, reduction: str, m: int | None = None,
+                       threshold: float | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain-torch reference: upcast to fp32, materialise ``train @ targets_cat.T``, reduce per segment.
 
-    Args: as ``segment_reduce``. Returns ``out`` ``[N, S]`` fp32 (allocated
-    as zeros when None) after ``out += weight * R(train @ targets_cat.T)``.
+    Args: as ``segment_reduce``. Returns ``R(train @ targets_cat.T)`` ``[N, S]`` fp32
+    (``segment_reduce`` adds ``weight`` times it into ``out``).
     """
     offs = [int(v) for v in torch.as_tensor(offsets).tolist()]
     x = train.float()
     if scale is not None:
         x = x * scale.float()[:, None]
     prod = x @ targets_cat.float().T  # [N, M] fp32
-    red = _reduce_segments(prod, offs, reduction, m, threshold)
-    if out is None:
-        out = torch.zeros(train.shape[0], len(offs) - 1, dtype=torch.float32, device=train.device)
-    out += weight * red
-    return out
+    reduce = _REDUCERS[reduction]
+    return torch.stack([reduce(prod[:, lo:hi], m, threshold) for lo, hi in zip(offs[:-1], offs[1:])], 1)
 
 
 def _check(train, targets_cat, offsets, reduction, m, threshold, out, scale):
@@ -183,42 +171,61 @@ def segment_reduce(
     """
     offs, out = _check(train, targets_cat, offsets, reduction, m, threshold, out, scale)
     explicit = backend not in (None, "auto")
-    name = resolve_backend("influence", backend, train.device)
+    name, impl = implementation("influence", backend, train.device)
     if name == "cuda" and reduction == "topm" and int(m) > CUDA_MAX_TOPM:
         if explicit:
             raise BackendUnavailable(f"the CUDA top-m reduction keeps at most m={CUDA_MAX_TOPM}; use backend='torch' for m={m}")
         log.info("icons_fast: influence top-m with m=%d > %d runs on the torch backend", m, CUDA_MAX_TOPM)
-        name = "torch"
+        name, impl = implementation("influence", "torch", train.device)
     if train.shape[0] == 0:
         return out
     rows = int(block_rows or DEFAULT_BLOCK_ROWS[name])
     if rows < 1:
         raise ValueError(f"block_rows must be >= 1; got {block_rows}")
-    if name == "torch":
-        for i in range(0, train.shape[0], rows):
-            sc = None if scale is None else scale[i : i + rows]
-            segment_reduce_ref(train[i : i + rows], targets_cat, offs, reduction, m, threshold, weight, out[i : i + rows], sc)
-        return out
-    ext = cpu_ext()
+    impl(train, targets_cat, offs, reduction, m, threshold, weight, out, scale, rows, num_threads)
+    return out
+
+
+@register("influence", "torch")
+def _segment_reduce_torch(train, targets_cat, offs, reduction, m, threshold, weight, out, scale, rows, num_threads):
+    for i in range(0, train.shape[0], rows):
+        sc = None if scale is None else scale[i : i + rows]
+        block = segment_reduce_ref(train[i : i + rows], targets_cat, offs, reduction, m, threshold, sc)
+        out[i : i + rows] += weight * block
+
+
+def _native_args(ext, train, targets_cat, reduction, m, threshold, weight, out, scale):
+    """The pointer/shape/dtype-code arguments the C++ and CUDA entry points share (before and after offsets)."""
     codes = ext.influence_codes()
-    args = (
+    head = (
         train.data_ptr(), codes[TRAIN_DTYPES[train.dtype]], train.shape[0], train.shape[1],
         0 if scale is None else scale.data_ptr(),
         targets_cat.data_ptr(), codes[TARGET_DTYPES[targets_cat.dtype]], targets_cat.shape[0],
     )
-    tail = (codes[reduction], int(m or 0), float(threshold if threshold is not None else 0.0), float(weight), out.data_ptr())
-    if name == "cpp":
-        ext.influence_segment_reduce_cpu(*args, offs.data_ptr(), offs.numel() - 1, *tail, rows, int(num_threads), False)
-        return out
-    # cuda: offsets on the device, the caller's current stream.
+    thr = float(threshold if threshold is not None else 0.0)
+    tail = (codes[reduction], int(m or 0), thr, float(weight), out.data_ptr())
+    return head, tail
+
+
+@register("influence", "cpp")
+def _segment_reduce_cpp(train, targets_cat, offs, reduction, m, threshold, weight, out, scale, rows, num_threads):
+    ext = cpu_ext()
+    head, tail = _native_args(ext, train, targets_cat, reduction, m, threshold, weight, out, scale)
+    ext.influence_segment_reduce_cpu(*head, offs.data_ptr(), offs.numel() - 1, *tail, rows, int(num_threads), False)
+
+
+@register("influence", "cuda")
+def _segment_reduce_cuda(train, targets_cat, offs, reduction, m, threshold, weight, out, scale, rows, num_threads):
+    # offsets on the device, the caller's current stream
+    ext = cpu_ext()
+    head, tail = _native_args(ext, train, targets_cat, reduction, m, threshold, weight, out, scale)
     try:
         with torch.cuda.device(train.device):  # the kernel launches on the current device
             offs_dev = offs.to(train.device)
             stream = torch.cuda.current_stream(train.device).cuda_stream
-            ext.influence_segment_reduce_cuda(*args, offs_dev.data_ptr(), offs.numel() - 1, *tail, stream)
+            ext.influence_segment_reduce_cuda(*head, offs_dev.data_ptr(), offs.numel() - 1, *tail, stream)
     except (RuntimeError, ValueError) as e:
         raise RuntimeError(
             f"{e}. Advice: check free GPU memory (torch.cuda.mem_get_info()), that the extension was built "
             "for this GPU's architecture (ICONS_FAST_CUDA_ARCHS), or rerun with backend='torch'."
         ) from e
-    return out
