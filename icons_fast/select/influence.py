@@ -28,11 +28,11 @@ features), it is TracIn's checkpoint-weighted inner product (``tracin_scores``):
 One code path: ``task_influence`` (in-memory tensors), ``stream_task_influence``
 (an iterable of blocks read from feature shards) and ``tracin_scores`` all run
 ``_block_scores``, which calls ``_reduce_block`` once per checkpoint;
-``_reduce_block`` calls the segment-reduce op (``icons_fast.ops.influence``,
+``_reduce_block`` calls the segment-reduce op (``icons_fast.ops.segment_reduce``,
 C++/CUDA or torch). ``task_influence_ref`` / ``tracin_scores_ref`` are the
 float64 brute force the tests compare against.
 
-Influence at three levels, one concept: ``icons_fast.ops.influence`` reduces
+Influence at three levels, one concept: ``icons_fast.ops.segment_reduce`` reduces
 one block against concatenated targets; this module turns tasks, subtasks and
 checkpoints into those calls (arrays in, scores out); ``icons_fast.stages.influence``
 reads the run directory's feature stores and writes ``scores/``.
@@ -250,7 +250,7 @@ def _reduce_block(
         aggregate: "mean" | "max" | "topm:<m>".
         backend: influence backend for "max" / "topm" (the C++/CUDA op fuses the
             reduction into a blocked matmul; "torch" materialises the block's
-            product, ``icons_fast.ops.influence.segment_reduce_ref``). "mean" is one
+            product, ``icons_fast.ops.segment_reduce.segment_reduce_ref``). "mean" is one
             BLAS matmul against averaged targets and always runs in torch.
     Return:
         float32 ``[n, S]``: ``agg_{v in segment s} <train_block[i], target_cat[v]>``.
