@@ -56,7 +56,7 @@ def flag_settings(command: str) -> list[Setting]:
 
 
 def _help(s: Setting) -> str:
-    """The field's help text, its choices when they are not listed by the metavar, and its default."""
+    """The field's help text and its default (the field's own, or what a ``None`` default means)."""
     text = s.meta("help")
     if s.meta("default_help"):
         text += f" (default: {s.meta('default_help')})"
@@ -104,7 +104,8 @@ def add_config_arguments(p: argparse.ArgumentParser, command: str) -> None:
             kw.update(action="append", metavar=s.meta("metavar"), type=_name_value(s.meta("metavar")))
         else:
             choices = s.meta("choices")
-            kw.update(type=_value_parser(s), metavar=s.meta("metavar") or ("{" + ",".join(choices) + "}" if choices else None))
+            listed = "{" + ",".join(choices) + "}" if choices else None
+            kw.update(type=_value_parser(s), metavar=s.meta("metavar") or listed)
         g.add_argument(flag, **kw)
 
 
@@ -118,8 +119,7 @@ def build_config(args: argparse.Namespace) -> Config:
     for s in flag_settings(args.command):
         value = getattr(args, _dest(s.meta("flag")), None)
         if s.type is dict and value:
-            section, name = s.key.rsplit(".", 1)
-            value = {**getattr(getattr(cfg, section), name), **dict(value)}
+            value = {**cfg.get(s.key), **dict(value)}
         cfg.override({s.key: value})
     return cfg
 

@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import numbers
 import os
 import re
 import types
@@ -39,7 +40,7 @@ MODEL_DTYPES = ("float32", "bfloat16", "float16")  # icons_fast.model.loading.DT
 STORE_DTYPES = ("float16", "bfloat16", "float32", "int8")  # icons_fast.features.store.DTYPES
 STORE_DTYPE_ALIASES = ("fp16", "half", "bf16", "fp32", "float")  # accepted by features.store.canonical_dtype
 GRADIENT_MODES = ("adam", "sgd")  # icons_fast.features.extractor.GradientExtractor(mode=...)
-BACKENDS = ("auto", "torch", "triton", "cpp", "cuda")  # icons_fast.ops.backend
+BACKENDS = ("auto", "torch", "triton", "cpp")  # names icons_fast.ops.backend.resolve_backend takes for featurize
 TIE_BREAKS = ("mean_rank", "index", "random")  # icons_fast.select.voting.TIE_BREAKS
 RULES = ("icons", "less", "tracin", "mean", "max", "rank", "znorm", "random")  # icons_fast.select.rules.RULES
 AGGREGATES = ("mean", "max", "topm:<m>")  # icons_fast.select.influence.parse_aggregate
@@ -93,14 +94,15 @@ def setting(default: Any = dataclasses.MISSING, *, help: str, flag: str | None =
 
 @dataclass
 class DataConfig:
-    train_data: str | None = setting(None, flag="--train-data", metavar="FILE.json", help="the pool: LLaVA json list of records")
+    train_data: str | None = setting(None, flag="--train-data", metavar="FILE.json",
+                                     help="the pool: LLaVA json list of records")
     image_folder: str | None = setting(None, flag="--image-folder", metavar="DIR",
                                        help="folder the records' image paths are relative to")
     targets: dict[str, str] = setting(
         default_factory=dict, flag="--target", metavar="NAME=FILE.json",
         help="a target task's samples (repeatable); NAME may be task/subtask")
-    target_image_folder: str | None = setting(None, flag="--target-image-folder", metavar="DIR", default_help="--image-folder",
-                                              help="folder of the target sets' images")
+    target_image_folder: str | None = setting(None, flag="--target-image-folder", metavar="DIR",
+                                              default_help="--image-folder", help="folder of the target sets' images")
     max_length: int = setting(2048, flag="--max-length",
                               help="samples longer than this many tokens are recorded and excluded")
 
@@ -229,6 +231,13 @@ class Config:
         return atomic_json(os.path.join(run_dir, "config.json"), payload, sort_keys=True)
 
     # ------------------------------------------------------------ overrides
+    def get(self, key: str) -> Any:
+        """The value of dotted ``key``, e.g. ``cfg.get("features.proj_dim")``."""
+        obj = self
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        return obj
+
     def override(self, updates: dict[str, Any]) -> "Config":
         """Set dotted keys, e.g. ``{"features.proj_dim": 8192, "seed": 1}``; None values are skipped.
 
@@ -311,8 +320,9 @@ def check_value(key: str, f: dataclasses.Field, tp: type, value: Any) -> Any:
     optional = f.default is None
     if value is None and optional:
         return None
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+    if tp in (int, float) and isinstance(value, numbers.Integral if tp is int else numbers.Real) \
+            and not isinstance(value, bool):
+        value = tp(value)  # numpy scalars, and ints for float settings
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{key}: expected {_type_name(tp)}{' or null' if optional else ''}, got {value!r}")
     if tp is dict and not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
