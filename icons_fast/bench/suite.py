@@ -44,8 +44,8 @@ def run_bench(suites=SUITES, config_name: str | None = None, quick: bool = False
               backend: str = "auto") -> list[dict]:
     """Run the chosen suites and return their rows (see ``icons_fast.bench.timing`` for the fields).
 
-    The environment line is logged (INFO) before the first suite; ``format_table`` and
-    ``summary`` turn the rows into what ``icons-fast bench`` prints.
+    The environment line is logged (INFO) before the first suite; ``environment_line``,
+    ``timing.format_table`` and ``summary`` turn the rows into what ``icons-fast bench`` prints.
     """
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
@@ -115,7 +115,8 @@ def cmd_bench(args) -> int:
     rows = run_bench(suites, args.config_name, args.quick, getattr(args, "device", None) or "auto", args.repeats,
                      getattr(args, "batch_size", None), getattr(args, "proj_dim", None), args.layers, args.seq,
                      args.baseline, getattr(args, "backend", None) or "auto")
-    print("\n".join([timing.format_table(rows)] + summary(rows)))
+    header = [f"# icons-fast bench  {environment_line(rows[0])}"] if rows else []  # rows carry env_info's fields
+    print("\n".join(header + [timing.format_table(rows)] + summary(rows)))
     settings = {k: v for k, v in vars(args).items() if k != "func" and isinstance(v, (str, int, float, bool, type(None)))}
     if args.csv:
         timing.write_csv(rows, args.csv)
