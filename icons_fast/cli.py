@@ -1,96 +1,126 @@
 """Command line: ``icons-fast <command>`` (also ``python -m icons_fast``).
 
-Every command builds the one ``Config``: defaults, then ``--config FILE``
-(YAML/JSON), then ``--set section.key=value`` overrides, then the explicit
-flags. The resolved config and its fingerprint are written into the run
-directory.
+Every configured command builds the one ``Config``: defaults, then ``--config
+FILE`` (YAML/JSON), then ``--set section.key=value`` overrides, then the
+explicit flags. The resolved config and its fingerprint are written into the
+run directory.
+
+The configuration flags are generated from the config dataclasses: each field's
+metadata (``icons_fast.config.setting``) holds its flag, help text and allowed
+values, and the default shown by ``--help`` is the field's own. Each command
+adds its flags in one ``<command>_arguments(parser)``.
+
+Errors end the command with one line ``icons-fast: error: <message>`` on
+stderr and exit code 2 (usage or configuration) or 1 (anything else); ``-v``
+also prints the traceback. Log records go to stderr (``icons_fast.logs``), a
+command's result to stdout.
 """
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import sys
+import traceback
+from dataclasses import dataclass
+from typing import Callable
 
-from icons_fast.config import Config
+from icons_fast.config import Config, ConfigError, Setting, check_value, settings
 
-# flag dest -> dotted config key
-_FLAG_KEYS = {
-    "train_data": "data.train_data",
-    "image_folder": "data.image_folder",
-    "target_image_folder": "data.target_image_folder",
-    "max_length": "data.max_length",
-    "model": "model.model",
-    "dtype": "model.dtype",
-    "lora_r": "model.lora_r",
-    "lora_alpha": "model.lora_alpha",
-    "warmup_fraction": "warmup.fraction",
-    "warmup_epochs": "warmup.epochs",
-    "lr": "warmup.lr",
-    "proj_dim": "features.proj_dim",
-    "backend": "features.backend",
-    "batch_size": "features.batch_size",
-    "train_mode": "features.train_mode",
-    "shard_size": "features.shard_size",
-    "budget": "select.budget",
-    "top_percent": "select.top_percent",
-    "aggregate": "select.aggregate",
-    "tie_break": "select.tie_break",
-    "rule": "select.rule",
-    "seed": "seed",
-    "device": "device",
-    "out": "out",
-}
+PROG = "icons-fast"
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+class UsageError(Exception):
+    """A command line that cannot run as given (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors reach ``main`` as ``UsageError`` (one line, no usage dump)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+# ------------------------------------------------------------- config flags
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def flag_settings(command: str) -> list[Setting]:
+    """The config settings that have a flag on ``command``, in config order."""
+    out = []
+    for s in settings():
+        commands = s.meta("commands")
+        if s.meta("flag") and (commands is None or command in commands):
+            out.append(s)
+    return out
+
+
+def _help(s: Setting) -> str:
+    """The field's help text and its default (the field's own, or what a ``None`` default means)."""
+    text = s.meta("help")
+    if s.meta("default_help"):
+        text += f" (default: {s.meta('default_help')})"
+    elif s.type in (int, float, str) and s.default is not None:
+        text += f" (default: {s.default})"
+    return text.replace("%", "%%")  # argparse %-formats help strings
+
+
+def _value_parser(s: Setting) -> Callable[[str], object]:
+    """argparse ``type=``: the config's own parsing and checks, so a flag and ``--set`` fail alike."""
+
+    def parse(text: str):
+        try:
+            return check_value(s.key, s.field, s.type, text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = s.type.__name__
+    return parse
+
+
+def _name_value(form: str) -> Callable[[str], tuple[str, str]]:
+    """argparse ``type=`` for ``NAME=VALUE`` arguments (``form`` names them in the error)."""
+
+    def parse(text: str) -> tuple[str, str]:
+        name, sep, value = text.partition("=")
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(f"takes {form}, got {text!r}")
+        return name.strip(), value
+
+    return parse
+
+
+def add_config_arguments(p: argparse.ArgumentParser, command: str) -> None:
+    """``--config``, ``--set`` and a flag for every config setting that has one on ``command``."""
     g = p.add_argument_group("configuration (flags override --config and --set)")
-    g.add_argument("--config", help="YAML or JSON config file (a run's config.json works too)")
-    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    g.add_argument("--config", metavar="FILE", help="YAML or JSON config file (a run's config.json works too)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=_name_value("KEY=VALUE"),
                    help="override any config key, e.g. --set features.shard_size=2048 (repeatable)")
-    g.add_argument("--out", help="run directory (default runs/icons)")
-    g.add_argument("--train-data", help="the pool: LLaVA json list of records")
-    g.add_argument("--image-folder", help="folder the records' image paths are relative to")
-    g.add_argument("--target-image-folder", help="folder of the target sets' images (default: --image-folder)")
-    g.add_argument("--target", action="append", default=[], metavar="NAME=FILE.json",
-                   help="a target task's samples (repeatable); NAME may be task/subtask")
-    g.add_argument("--max-length", type=int, help="samples longer than this many tokens are recorded and excluded")
-    g.add_argument("--model", help="llava-hf or causal-LM directory, or 'tiny' / 'small' (built-in test model)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--lora-r", type=int)
-    g.add_argument("--lora-alpha", type=int)
-    g.add_argument("--warmup-fraction", type=float, help="fraction of the pool used for warmup (default 0.05)")
-    g.add_argument("--warmup-epochs", type=int)
-    g.add_argument("--lr", type=float, help="warmup learning rate (default 2e-4)")
-    g.add_argument("--proj-dim", type=int, help="projection dimension k (default 5120)")
-    g.add_argument("--backend", help="auto | torch | triton | cpp")
-    g.add_argument("--batch-size", type=int, help="featurize batch size")
-    g.add_argument("--train-mode", choices=["adam", "sgd"], help="pool gradient preconditioning (default adam)")
-    g.add_argument("--shard-size", type=int, help="samples per feature shard")
-    g.add_argument("--budget", type=float, help="fraction (0.2) or count (>= 1) of the pool to select")
-    g.add_argument("--top-percent", type=float, help="per-task vote threshold (default: the budget's percentage)")
-    g.add_argument("--aggregate", help="mean | max | topm:<m>")
-    g.add_argument("--tie-break", choices=["mean_rank", "index", "random"])
-    g.add_argument("--seed", type=int)
-    g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    for s in flag_settings(command):
+        flag, kw = s.meta("flag"), {"dest": _dest(s.meta("flag")), "help": _help(s)}
+        if s.type is bool:
+            kw.update(action="store_true", default=None)
+        elif s.type is dict:
+            kw.update(action="append", metavar=s.meta("metavar"), type=_name_value(s.meta("metavar")))
+        else:
+            choices = s.meta("choices")
+            listed = "{" + ",".join(choices) + "}" if choices else None
+            kw.update(type=_value_parser(s), metavar=s.meta("metavar") or listed)
+        g.add_argument(flag, **kw)
 
 
 def build_config(args: argparse.Namespace) -> Config:
-    cfg = Config.load(args.config) if getattr(args, "config", None) else Config()
-    overrides = {}
-    for item in getattr(args, "set", []) or []:
-        if "=" not in item:
-            raise SystemExit(f"--set takes KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        overrides[k.strip()] = v
-    cfg.override(overrides)
-    cfg.override({key: getattr(args, dest, None) for dest, key in _FLAG_KEYS.items()})
-    targets = dict(cfg.data.targets)
-    for item in getattr(args, "target", []) or []:
-        if "=" not in item:
-            raise SystemExit(f"--target takes NAME=FILE.json, got {item!r}")
-        name, path = item.split("=", 1)
-        targets[name] = path
-    cfg.data.targets = targets
+    """Defaults, then ``--config``, then ``--set``, then the flags (mappings such as ``--target`` are merged)."""
+    path = getattr(args, "config", None)
+    if path and not os.path.exists(path):
+        raise UsageError(f"--config: file {path!r} does not exist")
+    cfg = Config.load(path) if path else Config()
+    cfg.override(dict(getattr(args, "set", None) or []))
+    for s in flag_settings(args.command):
+        value = getattr(args, _dest(s.meta("flag")), None)
+        if s.type is dict and value:
+            value = {**cfg.get(s.key), **dict(value)}
+        cfg.override({s.key: value})
     return cfg
 
 
@@ -139,29 +169,23 @@ def cmd_train(args):
     from icons_fast.train.finetune import run_train
 
     cfg = build_config(args)
-    if args.full_finetune:
-        cfg.train.full_finetune = True
-    if args.epochs is not None:
-        cfg.train.epochs = args.epochs
-    if args.train_lr is not None:
-        cfg.train.lr = args.train_lr
     data = args.data or cfg.data.train_data
     if not data:
-        raise SystemExit("train needs --data SUBSET.json (e.g. RUN/selection/selected.json)")
-    run_train(cfg, data, args.out or cfg.out)
+        raise UsageError("train needs --data SUBSET.json (e.g. RUN/selection/selected.json)")
+    print(run_train(cfg, data, cfg.out))
 
 
 def cmd_evaluate(args):
-    from icons_fast.train.evaluate import run_evaluate
+    from icons_fast.train.evaluate import format_results, run_evaluate
 
     cfg = build_config(args)
     if not cfg.data.targets:
-        raise SystemExit("evaluate needs at least one --target NAME=FILE.json")
-    run_evaluate(cfg, args.model_dir, cfg.data.targets, json_out=args.json)
+        raise UsageError("evaluate needs at least one --target NAME=FILE.json")
+    print(format_results(run_evaluate(cfg, args.model_dir, cfg.data.targets, json_out=args.json)))
 
 
 def cmd_neighbors(args):
-    import json as _json
+    import json
 
     from icons_fast.stages.neighbors import run_neighbors
 
@@ -169,7 +193,7 @@ def cmd_neighbors(args):
     result = run_neighbors(cfg, cfg.out, m=args.m, task=args.task, train_rows=args.train_index or None,
                            json_out=args.json)
     if not args.json:
-        print(_json.dumps(result, indent=1))
+        print(json.dumps(result, indent=1))
 
 
 def cmd_demo(args):
@@ -190,77 +214,157 @@ def cmd_report(args):
     print(write_report(args.run_dir, out_dir=args.out, selection=args.selection))
 
 
-def _not_yet(issue: int):
-    def cmd(args):
-        print(f"this command is not built yet (tracked in issue {issue})", file=sys.stderr)
-        return 2
+# ------------------------------------------------------- flags per command
+def warmup_arguments(p):
+    add_config_arguments(p, "warmup")
 
-    return cmd
+
+def featurize_arguments(p):
+    add_config_arguments(p, "featurize")
+    p.add_argument("--shard", help="i/n: this process's share of the pool (job arrays); torchrun sets it itself")
+    p.add_argument("--split", action="append", help="only this split (train, target-NAME); repeatable")
+
+
+def influence_arguments(p):
+    add_config_arguments(p, "influence")
+
+
+def select_arguments(p):
+    add_config_arguments(p, "select")
+    p.add_argument("--task", help="specialist selection: this task's top budget instead of the vote")
+
+
+def run_arguments(p):
+    add_config_arguments(p, "run")
+
+
+def train_arguments(p):
+    add_config_arguments(p, "train")
+    p.add_argument("--data", help="the subset to train on (LLaVA json), e.g. RUN/selection/selected.json")
+
+
+def evaluate_arguments(p):
+    add_config_arguments(p, "evaluate")
+    p.add_argument("--model-dir", required=True, help="a trained model directory (e.g. OUT/model)")
+    p.add_argument("--json", help="write the per-task results here")
+
+
+def report_arguments(p):
+    # report reads a finished run directory; it needs no configuration
+    p.add_argument("run_dir", help="the run directory to report on")
+    p.add_argument("--out", help="where to write the report (default RUN_DIR/report)")
+    p.add_argument("--selection", help="a folder under RUN_DIR/selection (specialist-TASK, rule-NAME); "
+                                       "default: the vote's")
+
+
+def bench_arguments(p):
+    from icons_fast.bench import add_arguments
+
+    add_config_arguments(p, "bench")  # --batch-size, --proj-dim, --device and --backend are read from these
+    add_arguments(p)
+
+
+def neighbors_arguments(p):
+    add_config_arguments(p, "neighbors")
+    p.add_argument("--m", type=int, default=10, help="neighbours per sample (default %(default)s)")
+    p.add_argument("--task", help="only this task")
+    p.add_argument("--train-index", type=int, action="append",
+                   help="also list targets served by this pool sample (repeatable)")
+    p.add_argument("--json", help="write the result here instead of printing it")
+
+
+def demo_arguments(p):
+    add_config_arguments(p, "demo")
+    p.add_argument("--quick", action="store_true", help="a smaller demo (used by the tests)")
+
+
+@dataclass(frozen=True)
+class Command:
+    run: Callable[[argparse.Namespace], int | None]
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    help: str
 
 
 COMMANDS = {
-    "warmup": (cmd_warmup, "LoRA warmup on a random fraction of the pool; saves checkpoints with Adam moments"),
-    "featurize": (cmd_featurize, "projected per-sample gradients of the pool and the target sets"),
-    "influence": (cmd_influence, "per-task influence scores from the features"),
-    "select": (cmd_select, "consensus vote (or one task's top budget) and export of the subset"),
-    "run": (cmd_run, "warmup, featurize, influence and select in one go (resumable)"),
-    "train": (cmd_train, "fine-tune (LoRA, or every parameter) on a subset; saves OUT/model"),
-    "evaluate": (cmd_evaluate, "per-task accuracy and answer loss of a trained model"),
-    "report": (cmd_report, "plots and an HTML page for a run directory (RUN_DIR/report, or --out DIR)"),
-    "bench": (cmd_bench, "side-by-side throughput benchmarks (featurize eta, baseline, projection, influence, voting)"),
-    "neighbors": (cmd_neighbors, "FAISS retrieval: most influential train samples per target sample, and back"),
-    "demo": (cmd_demo, "generate the demo data and run the pipeline on it with the tiny model"),
+    "warmup": Command(cmd_warmup, warmup_arguments,
+                      "LoRA warmup on a random fraction of the pool; saves checkpoints with Adam moments"),
+    "featurize": Command(cmd_featurize, featurize_arguments,
+                         "projected per-sample gradients of the pool and the target sets"),
+    "influence": Command(cmd_influence, influence_arguments, "per-task influence scores from the features"),
+    "select": Command(cmd_select, select_arguments,
+                      "consensus vote (or one task's top budget) and export of the subset"),
+    "run": Command(cmd_run, run_arguments, "warmup, featurize, influence and select in one go (resumable)"),
+    "train": Command(cmd_train, train_arguments,
+                     "fine-tune (LoRA, or every parameter) on a subset; saves OUT/model"),
+    "evaluate": Command(cmd_evaluate, evaluate_arguments, "per-task accuracy and answer loss of a trained model"),
+    "report": Command(cmd_report, report_arguments,
+                      "plots and an HTML page for a run directory (RUN_DIR/report, or --out DIR)"),
+    "bench": Command(cmd_bench, bench_arguments, "side-by-side throughput benchmarks "
+                     "(featurize eta, baseline, projection, influence, voting)"),
+    "neighbors": Command(cmd_neighbors, neighbors_arguments,
+                         "FAISS retrieval: most influential train samples per target sample, and back"),
+    "demo": Command(cmd_demo, demo_arguments,
+                    "generate the demo data and run the pipeline on it with the tiny model"),
 }
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="icons-fast", description="ICONS gradient-influence data selection engine")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log backend choices and details")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (fn, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if name != "report":  # report reads a finished run directory; it needs no configuration
-            _add_config_args(p)
-        p.set_defaults(func=fn)
-        if name == "featurize":
-            p.add_argument("--shard", help="i/n: this process's share of the pool (job arrays); torchrun sets it itself")
-            p.add_argument("--split", action="append", help="only this split (train, target-NAME); repeatable")
-        if name == "select":
-            p.add_argument("--task", help="specialist selection: this task's top budget instead of the vote")
-            p.add_argument("--rule", help="selection rule: icons (vote, default) | less | tracin | mean | max | rank | "
-                                          "znorm | random; other than icons writes selection/rule-NAME/")
-        if name == "train":
-            p.add_argument("--data", help="the subset to train on (LLaVA json), e.g. RUN/selection/selected.json")
-            p.add_argument("--full-finetune", action="store_true", help="train every parameter instead of LoRA")
-            p.add_argument("--epochs", type=int, help="training epochs (default 1)")
-            p.add_argument("--train-lr", type=float, help="fine-tuning learning rate (default 2e-4)")
-        if name == "evaluate":
-            p.add_argument("--model-dir", required=True, help="a trained model directory (e.g. OUT/model)")
-            p.add_argument("--json", help="write the per-task results here")
-        if name == "bench":
-            from icons_fast.bench import add_arguments
+def _verbosity_arguments(p: argparse.ArgumentParser, default) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="every rank logs, at DEBUG; errors print their traceback")
+    g.add_argument("-q", "--quiet", action="store_true", default=default, help="warnings and errors only")
 
-            add_arguments(p)
-        if name == "neighbors":
-            p.add_argument("--m", type=int, default=10, help="neighbours per sample (default 10)")
-            p.add_argument("--task", help="only this task")
-            p.add_argument("--train-index", type=int, action="append", help="also list targets served by this pool sample (repeatable)")
-            p.add_argument("--json", help="write the result here instead of printing it")
-        if name == "report":
-            p.add_argument("run_dir", help="the run directory to report on")
-            p.add_argument("--out", help="where to write the report (default RUN_DIR/report)")
-            p.add_argument("--selection", help="a folder under RUN_DIR/selection (specialist-TASK, rule-NAME); "
-                                               "default: the vote's")
-        if name == "demo":
-            p.add_argument("--quick", action="store_true", help="a smaller demo (used by the tests)")
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="ICONS gradient-influence data selection engine")
+    _verbosity_arguments(parser, default=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        _verbosity_arguments(p, default=argparse.SUPPRESS)  # -v before or after the command
+        command.add_arguments(p)
+        p.set_defaults(func=command.run)
     return parser
 
 
+# ------------------------------------------------------------------- main
+def _one_line(exc: BaseException) -> str:
+    """The error as one line: our own and the self-explaining builtin errors by message, others with their type."""
+    text = " ".join(str(exc.code if isinstance(exc, SystemExit) else exc).split())
+    if text and isinstance(exc, (UsageError, ConfigError, SystemExit, OSError, ValueError, RuntimeError)):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _fail(exc: BaseException, code: int, verbose: bool) -> int:
+    if verbose:
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    rc = args.func(args)
-    return int(rc or 0)
+    """Run one command; return its exit code (0, 1 on failure, 2 on a usage or configuration error)."""
+    from icons_fast.logs import setup_logging
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = make_parser().parse_args(argv)
+    except UsageError as exc:
+        return _fail(exc, 2, verbose=False)
+    setup_logging(verbose=args.verbose, quiet=args.quiet)
+    try:
+        return int(args.func(args) or 0)
+    except (UsageError, ConfigError) as exc:
+        return _fail(exc, 2, args.verbose)
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            raise
+        return _fail(exc, 1, args.verbose)
+    except KeyboardInterrupt as exc:
+        return _fail(exc, 130, args.verbose)
+    except Exception as exc:  # noqa: BLE001 - the CLI's one place that turns any failure into one line
+        return _fail(exc, 1, args.verbose)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,11 @@ writes the merged manifest; job arrays need no communication at all.
 """
 from __future__ import annotations
 
+# torch is imported inside the functions that need it: ``world()`` and ``is_main()`` serve the
+# CLI's logging set-up, which must not pay for importing torch.
+
 import os
 from datetime import timedelta
-
-import torch
 
 
 def world() -> tuple[int, int, int]:
@@ -22,6 +23,7 @@ def world() -> tuple[int, int, int]:
 
 def init_distributed() -> bool:
     """Initialise the default process group under torchrun (once); True when running distributed."""
+    import torch
     import torch.distributed as dist
 
     _, size, local_rank = world()

@@ -63,7 +63,7 @@ def test_rerun_skips_finished_stages(finished_run, capsys, caplog):
     before = {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
               for d, _, fs in os.walk(shard) for f in fs if f.endswith(".safetensors")}
     run(finished_run)
-    out = capsys.readouterr().out + caplog.text  # progress lines: printed or logged
+    out = capsys.readouterr().out + caplog.text  # stage messages are log records; results are printed
     assert "reusing 1 checkpoint" in out and "0 of 3 shard(s) to do" in out
     assert "scores in" in out and "up to date" in out
     after = {p: os.path.getmtime(p) for p in before}
@@ -198,15 +198,16 @@ def test_retrained_checkpoint_invalidates_features(finished_run, tmp_path):
         featurize_all(cfg, cfg.out, splits=["train"])
 
 
-def test_new_target_keeps_warmup_and_stale_scores_are_refused(finished_run, tmp_path, demo, capsys):
+def test_new_target_keeps_warmup_and_stale_scores_are_refused(finished_run, tmp_path, demo, caplog):
     from icons_fast.stages.influence import run_influence
     from icons_fast.stages.select import run_select
     from icons_fast.train.warmup import run_warmup
 
     cfg = _copy_run(finished_run, tmp_path / "run")
     cfg.data.targets = dict(cfg.data.targets, shape=demo["targets"]["shape"])
-    run_warmup(cfg, cfg.out)
-    assert "reusing 1 checkpoint" in capsys.readouterr().out  # adding a task does not retrain
+    with caplog.at_level(logging.INFO, logger="icons_fast"):
+        run_warmup(cfg, cfg.out)
+    assert "reusing 1 checkpoint" in caplog.text  # adding a task does not retrain
     with pytest.raises(FileNotFoundError, match="run `icons-fast featurize`"):
         run_select(cfg, cfg.out)  # scores on disk were made for 3 tasks; the 4th has no features yet
     agg = Config.from_dict(cfg.to_dict())

@@ -76,11 +76,11 @@ def reference(warm_run, tmp_path_factory):
 def test_torchrun_two_processes_equal_one(warm_run, reference, tmp_path):
     run_dir = _copy(warm_run, tmp_path / "run")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "icons_fast", "featurize", "--config", os.path.join(run_dir, "config.json"), "--out", run_dir,
+           "icons_fast", "-v", "featurize", "--config", os.path.join(run_dir, "config.json"), "--out", run_dir,
            "--split", "train"]
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "process 1/2" in res.stdout + res.stderr
+    assert "process 1/2" in res.stderr and "[rank 1]" in res.stderr  # -v: every rank logs, prefixed by its rank
     _assert_same(_features(run_dir), reference)
     ckpt = sorted(os.listdir(os.path.join(run_dir, "features")))[0]
     import json

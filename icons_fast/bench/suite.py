@@ -12,16 +12,17 @@ Suites (``--suites``, default all):
 """
 from __future__ import annotations
 
+import logging
 import os
-import sys
 
 import torch
 
 from icons_fast.bench import timing
-from icons_fast.bench.args import SUITES
+from icons_fast.bench.args import QUICK_REPEATS, REPEATS, SUITES
 from icons_fast.bench.models import build_bench_model, get_config
 from icons_fast.bench.ops import LLAVA_665K, influence_providers, projection_providers, voting_providers
 
+log = logging.getLogger(__name__)
 
 # (B, P, k) of the projection suite; (N, k, M, T) of the influence suite
 SIZES = {
@@ -39,9 +40,13 @@ def _run_suite(suite: str, config: str, provs: list[dict], repeats: int, env: di
 
 def run_bench(suites=SUITES, config_name: str | None = None, quick: bool = False, device: str = "auto",
               repeats: int | None = None, batch: int | None = None, proj_dim: int | None = None,
-              layers: int | None = None, seq: int | None = None, baseline: str = "auto", backend: str = "auto",
-              log=print) -> list[dict]:
-    """Run the chosen suites and return their rows (see ``icons_fast.bench.timing`` for the fields)."""
+              layers: int | None = None, seq: int | None = None, baseline: str = "auto",
+              backend: str = "auto") -> list[dict]:
+    """Run the chosen suites and return their rows (see ``icons_fast.bench.timing`` for the fields).
+
+    The environment line is logged (INFO) before the first suite; ``environment_line``,
+    ``timing.format_table`` and ``summary`` turn the rows into what ``icons-fast bench`` prints.
+    """
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
         raise ValueError(f"unknown suites {unknown}; choose from {SUITES}")
@@ -50,13 +55,12 @@ def run_bench(suites=SUITES, config_name: str | None = None, quick: bool = False
     if config_name is None:
         config_name = "tiny" if quick else ("llava-7b-shape" if dev.type == "cuda" else "small")
     if config_name == "llava-7b-shape" and dev.type != "cuda":
-        raise SystemExit("llava-7b-shape has ~7B parameters: run it on a GPU (--device cuda), or use --config-name small")
-    repeats = repeats or (2 if quick else 3)
+        raise ValueError("llava-7b-shape has ~7B parameters: run it on a GPU (--device cuda), or use --config-name small")
+    repeats = repeats or (QUICK_REPEATS if quick else REPEATS)
     sizes = SIZES["quick" if quick else ("cuda" if dev.type == "cuda" else "cpu")]
     env = timing.env_info(dev)
     sync = timing.synchronizer(dev)
-    log(f"# icons-fast bench  {env['date']}  {env['device']}  torch {env['torch']}  triton {env['triton']}  "
-        f"transformers {env['transformers']}  threads {env['threads']}  OMP_WAIT_POLICY={env['omp_wait_policy'] or '-'}")
+    log.info("# icons-fast bench  %s", environment_line(env))
     rows: list[dict] = []
     if "featurize" in suites:
         from icons_fast.bench.featurize import featurize_providers
@@ -67,9 +71,6 @@ def run_bench(suites=SUITES, config_name: str | None = None, quick: bool = False
         r = _run_suite("featurize", cfg.name, provs, repeats, env, sync)
         timing.set_ratios(r, r[0]["provider"])  # ratio to the floor: eta for "ours"
         rows += r
-        ours, less = r[1], next((x for x in r if x["provider"] == "less-style (B=1)"), None)
-        log(f"# featurize {cfg.name}: eta = ours / floor = {ours['ratio']:.3f}"
-            + (f"; ours / less-style = {ours['rate'] / less['rate']:.1f}x" if less else ""))
         del model, provs
     if "projection" in suites:
         B, P, k = sizes["projection"]
@@ -85,8 +86,26 @@ def run_bench(suites=SUITES, config_name: str | None = None, quick: bool = False
         n, t = sizes["voting"]
         r = _run_suite("voting", f"N={n} T={t}", voting_providers(n, t), repeats, env, sync)
         rows += r
-    log(timing.format_table(rows))
     return rows
+
+
+def environment_line(env: dict) -> str:
+    """Date, device and versions of a bench run (``timing.env_info``) on one line."""
+    return (f"{env['date']}  {env['device']}  torch {env['torch']}  triton {env['triton']}  "
+            f"transformers {env['transformers']}  threads {env['threads']}  "
+            f"OMP_WAIT_POLICY={env['omp_wait_policy'] or '-'}")
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """The headline ratios of ``run_bench``'s rows: per featurize config, eta = ours / floor and ours / less-style."""
+    lines = []
+    for config in dict.fromkeys(r["config"] for r in rows if r["suite"] == "featurize"):
+        r = [x for x in rows if x["suite"] == "featurize" and x["config"] == config]
+        ours = next(x for x in r if x["provider"].startswith("ours"))
+        less = next((x for x in r if x["provider"] == "less-style (B=1)"), None)
+        lines.append(f"# featurize {config}: eta = ours / floor = {ours['ratio']:.3f}"
+                     + (f"; ours / less-style = {ours['rate'] / less['rate']:.1f}x" if less else ""))
+    return lines
 
 
 def cmd_bench(args) -> int:
@@ -96,11 +115,13 @@ def cmd_bench(args) -> int:
     rows = run_bench(suites, args.config_name, args.quick, getattr(args, "device", None) or "auto", args.repeats,
                      getattr(args, "batch_size", None), getattr(args, "proj_dim", None), args.layers, args.seq,
                      args.baseline, getattr(args, "backend", None) or "auto")
+    header = [f"# icons-fast bench  {environment_line(rows[0])}"] if rows else []  # rows carry env_info's fields
+    print("\n".join(header + [timing.format_table(rows)] + summary(rows)))
     settings = {k: v for k, v in vars(args).items() if k != "func" and isinstance(v, (str, int, float, bool, type(None)))}
     if args.csv:
         timing.write_csv(rows, args.csv)
-        print(f"# rows written to {args.csv}", file=sys.stderr)
+        log.info("rows written to %s", args.csv)
     if args.json:
         timing.write_json(rows, args.json, meta=settings)
-        print(f"# rows written to {args.json}", file=sys.stderr)
+        log.info("rows written to %s", args.json)
     return 0

@@ -12,16 +12,22 @@ Several processes share the work by contiguous shard ranges: ``--shard i/n``
 (job arrays) or ``torchrun`` (``RANK`` / ``WORLD_SIZE``), see
 ``icons_fast.distributed``; the features do not depend on how many processes
 made them.
+
+Where the time goes: the loop is split into ``torch.profiler.record_function``
+ranges, ``data`` (collate), ``featurize`` (gradients and projection, with the
+extractor's inner ranges) and ``io`` (shard writes), which
+``benchmarks/profile_featurize.py`` and any ``torch.profiler`` session read.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from icons_fast.config import Config
@@ -29,20 +35,7 @@ from icons_fast.distributed import barrier, device_for_rank, is_main, parse_shar
 from icons_fast.fileio import file_sha256
 from icons_fast.rundir import RunLayout
 
-
-@dataclass
-class StageTimer:
-    """Wall-clock seconds per named stage (printed at the end of featurize)."""
-
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    def add(self, name: str, dt: float) -> None:
-        self.seconds[name] = self.seconds.get(name, 0.0) + dt
-
-    def table(self) -> str:
-        total = sum(self.seconds.values()) or 1.0
-        rows = [f"  {k:<22s} {v:9.2f} s  {100 * v / total:5.1f}%" for k, v in self.seconds.items()]
-        return "\n".join(["[featurize] time by stage:"] + rows)
+log = logging.getLogger(__name__)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -124,8 +117,7 @@ def featurize_split(
     layout = RunLayout(run_dir)
     ckpt_name = os.path.basename(os.path.normpath(ckpt_dir))
     out_dir = layout.features(ckpt_name, split)
-    timer = StageTimer()
-    t = time.perf_counter()
+    t0 = time.perf_counter()
     records = load_records(records_path)
     state = load_checkpoint_state(ckpt_dir)
     device = device_for_rank(cfg.resolved_device())
@@ -155,21 +147,19 @@ def featurize_split(
     errors = ErrorLog(layout.errors(split))
     folder = image_folder or cfg.data.image_folder
     dataset, collate = make_dataset(lm, records, folder, cfg.data.max_length, errors, stage="data")
-    timer.add("load model + data", time.perf_counter() - t)
+    t_loaded = time.perf_counter()
 
     rank, world = parse_shard(shard)
     mine = process_share(shard_ranges(len(records), cfg.features.shard_size), rank, world)
     todo = [r for r in mine if not store.is_done(*r)]
     n_todo = sum(e - s for s, e in todo)
-    print(
-        f"[featurize] {split} @ {ckpt_name} ({mode}, k={cfg.features.proj_dim}, backend={extractor.backend}): "
-        f"{len(todo)} of {len(mine)} shard(s) to do, process {rank}/{world}"
-    )
+    log.info("%s @ %s (%s, k=%d, backend=%s): %d of %d shard(s) to do, process %d/%d", split, ckpt_name, mode,
+             cfg.features.proj_dim, extractor.backend, len(todo), len(mine), rank, world)
     retries_path = layout.path("errors", f"{split}.oom_retries.jsonl")
 
     def on_retry(size: int, indices: list[int]) -> None:
         """Out-of-memory splits are recorded (they are not sample errors: the samples still get features)."""
-        print(f"[featurize] out of memory on a batch of {size} (indices {indices[0]}..{indices[-1]}): retrying in halves")
+        log.warning("out of memory on a batch of %d (indices %d..%d): retrying in halves", size, indices[0], indices[-1])
         with open(retries_path, "a") as f:
             f.write(json.dumps({"checkpoint": ckpt_name, "batch_size": size, "indices": indices}) + "\n")
 
@@ -178,19 +168,15 @@ def featurize_split(
     for start, end in todo:
         idx_out, ids_out, feats, norms = [], [], [], []
         for b0 in range(start, end, bs):
-            t = time.perf_counter()
-            batch = collate([dataset[i] for i in range(b0, min(b0 + bs, end))])
+            with record_function("data"):
+                batch = collate([dataset[i] for i in range(b0, min(b0 + bs, end))])
             for err in batch.get("errors", []):
                 errors.add(err)
-            timer.add("data", time.perf_counter() - t)
             if batch.get("input_ids") is None or len(batch["input_ids"]) == 0:
                 bar.update(min(b0 + bs, end) - b0)
                 continue
-            t = time.perf_counter()
-            g, oom_rows = featurize_resilient(extractor, batch, on_retry)  # [b, k] float32
-            if g.is_cuda:
-                torch.cuda.synchronize()
-            timer.add("gradients + projection", time.perf_counter() - t)
+            with record_function("featurize"):
+                g, oom_rows = featurize_resilient(extractor, batch, on_retry)  # [b, k] float32
             norm = torch.linalg.vector_norm(g.float(), dim=1)
             ok = torch.isfinite(norm) & (norm > 0)
             for row in (~ok).nonzero().flatten().tolist():
@@ -208,21 +194,23 @@ def featurize_split(
             feats.append(f.cpu())
             norms.append(n)
             bar.update(min(b0 + bs, end) - b0)
-        t = time.perf_counter()
         k = cfg.features.proj_dim
-        store.write_shard(
-            start,
-            end,
-            np.concatenate(idx_out) if idx_out else np.zeros(0, dtype=np.int64),
-            ids_out,
-            torch.cat(feats) if feats else torch.zeros(0, k, dtype=store.torch_dtype),
-            np.concatenate(norms) if norms else np.zeros(0, dtype=np.float32),
-        )
-        timer.add("write shards", time.perf_counter() - t)
+        with record_function("io"):
+            store.write_shard(
+                start,
+                end,
+                np.concatenate(idx_out) if idx_out else np.zeros(0, dtype=np.int64),
+                ids_out,
+                torch.cat(feats) if feats else torch.zeros(0, k, dtype=store.torch_dtype),
+                np.concatenate(norms) if norms else np.zeros(0, dtype=np.float32),
+            )
     bar.close()
     barrier()  # under torchrun: wait for every rank's shards before merging the manifest
     # Whoever sees every range done writes the merged manifest (atomic, identical content).
     if (is_main() or shard) and not store.missing_ranges(shard_ranges(len(records), cfg.features.shard_size)):
         store.finalize()
-    print(timer.table())
+    t_end = time.perf_counter()
+    if n_todo:
+        log.info("%s: %d sample(s) in %.1f s (%.1f samples/s) after %.1f s loading the model and data", split, n_todo,
+                 t_end - t_loaded, n_todo / max(t_end - t_loaded, 1e-9), t_loaded - t0)
     return out_dir

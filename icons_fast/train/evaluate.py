@@ -9,6 +9,7 @@ the per-sample answer cross-entropy (all answer turns), as in featurize.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 
@@ -16,6 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from icons_fast.config import Config
+
+log = logging.getLogger(__name__)
 
 
 def normalize_answer(text: str) -> str:
@@ -85,10 +88,15 @@ def run_evaluate(cfg: Config, model_dir: str, targets: dict[str, str], json_out:
     results = {}
     for task, path in targets.items():
         results[task] = evaluate_task(lm, load_records(path), cfg.data.image_folder, cfg.data.max_length)
-        r = results[task]
-        print(f"[evaluate] {task:<12s} accuracy {r['accuracy']:.3f}  answer loss {r['answer_loss']:.3f}  (n={r['n']})")
+        log.debug("%s: %s", task, results[task])
     if json_out:
         os.makedirs(os.path.dirname(os.path.abspath(json_out)), exist_ok=True)
         with open(json_out, "w") as f:
             json.dump({"model": os.path.abspath(model_dir), "tasks": results}, f, indent=2)
     return results
+
+
+def format_results(results: dict) -> str:
+    """One line per task of ``run_evaluate``'s results: accuracy, answer loss and the number of samples."""
+    return "\n".join(f"{task:<12s} accuracy {r['accuracy']:.3f}  answer loss {r['answer_loss']:.3f}  (n={r['n']})"
+                     for task, r in results.items())

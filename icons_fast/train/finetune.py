@@ -10,10 +10,13 @@ llava-hf directory.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
 from icons_fast.config import Config
+
+log = logging.getLogger(__name__)
 
 
 def run_train(cfg: Config, data_path: str, out_dir: str) -> str:
@@ -36,7 +39,7 @@ def run_train(cfg: Config, data_path: str, out_dir: str) -> str:
     errors = ErrorLog(os.path.join(out_dir, "errors.jsonl"))
     dataset, collate = make_dataset(lm, records, cfg.data.image_folder, cfg.data.max_length, errors, stage="data")
     kind = "full fine-tune" if cfg.train.full_finetune else f"LoRA r={cfg.model.lora_r}"
-    print(f"[train] {kind} on {len(records)} samples from {data_path}, {cfg.train.epochs} epoch(s)")
+    log.info("%s on %d samples from %s, %d epoch(s)", kind, len(records), data_path, cfg.train.epochs)
     summary = train_model(
         model,
         dataset,
@@ -63,5 +66,5 @@ def run_train(cfg: Config, data_path: str, out_dir: str) -> str:
     summary.update(data=os.path.abspath(data_path), base_model=lm.path, full_finetune=cfg.train.full_finetune)
     with open(os.path.join(out_dir, "train_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    print(f"[train] {summary['steps']} steps, final loss {summary['final_loss']:.3f}; model saved to {final}")
+    log.info("%d steps, final loss %.3f; model saved to %s", summary["steps"], summary["final_loss"], final)
     return final

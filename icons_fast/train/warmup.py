@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 
@@ -17,6 +18,8 @@ from icons_fast.config import Config
 from icons_fast.fileio import atomic_json, atomic_write, file_sha256
 from icons_fast.rundir import RunLayout
 from icons_fast.train.checkpoint import list_checkpoints, save_lora_checkpoint
+
+log = logging.getLogger(__name__)
 
 
 def warmup_subset(n_pool: int, fraction: float, seed: int) -> np.ndarray:
@@ -53,6 +56,10 @@ def run_warmup(cfg: Config, run_dir: str | None = None) -> list[str]:
     from icons_fast.model.lora import attach_lora
     from icons_fast.train.loop import train_model
 
+    if not cfg.data.train_data:
+        raise ValueError("warmup needs the training pool: --train-data FILE.json")
+    if not os.path.exists(cfg.data.train_data):
+        raise FileNotFoundError(f"the pool {cfg.data.train_data!r} (--train-data) does not exist")
     layout = RunLayout(run_dir or cfg.out)
     done_path = layout.warmup_done
     fp = warmup_fingerprint(cfg)
@@ -65,10 +72,8 @@ def run_warmup(cfg: Config, run_dir: str | None = None) -> list[str]:
             except FileNotFoundError:
                 ckpts = None
             if ckpts:
-                print(f"[warmup] reusing {len(ckpts)} checkpoint(s) in {layout.warmup}")
+                log.info("reusing %d checkpoint(s) in %s", len(ckpts), layout.warmup)
                 return ckpts
-    if not cfg.data.train_data:
-        raise ValueError("warmup needs the training pool: --train-data FILE.json")
     os.makedirs(layout.warmup, exist_ok=True)
     # A new warmup: the old record and checkpoints (other settings) must not be mistaken for this run's.
     if os.path.exists(done_path):
@@ -92,7 +97,8 @@ def run_warmup(cfg: Config, run_dir: str | None = None) -> list[str]:
             )
         )
 
-    print(f"[warmup] {len(subset)} of {len(records)} samples ({cfg.warmup.fraction:.1%}), {cfg.warmup.epochs} epoch(s)")
+    log.info("%d of %d samples (%.1f%%), %d epoch(s)", len(subset), len(records), 100 * cfg.warmup.fraction,
+             cfg.warmup.epochs)
     summary = train_model(
         model,
         dataset,
@@ -113,8 +119,6 @@ def run_warmup(cfg: Config, run_dir: str | None = None) -> list[str]:
     # names, not paths: a run directory can be moved or copied
     names = [os.path.basename(c) for c in checkpoints]
     atomic_json(done_path, {"fingerprint": fp, "checkpoints": names, "summary": summary})
-    print(
-        f"[warmup] {summary['steps']} steps, {summary['samples_per_s']:.1f} samples/s, "
-        f"{len(summary['excluded'])} sample(s) excluded (see {layout.errors('train')})"
-    )
+    log.info("%d steps, %.1f samples/s, %d sample(s) excluded (see %s)", summary["steps"], summary["samples_per_s"],
+             len(summary["excluded"]), layout.errors("train"))
     return checkpoints
