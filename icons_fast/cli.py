@@ -126,7 +126,7 @@ def build_config(args: argparse.Namespace) -> Config:
 
 # ---------------------------------------------------------------- commands
 def cmd_warmup(args):
-    from icons_fast.train.warmup import run_warmup
+    from icons_fast.stages.warmup import run_warmup
 
     cfg = build_config(args)
     cfg.save(cfg.out)

@@ -16,7 +16,7 @@
 for subtasks) for target sets; a target's config name is ``task`` or ``task/subtask``.
 
 Layer: above the file formats it opens (``features.store``, ``train.checkpoint``),
-below the stages that use it (``stages/``, ``features.featurize``, ``train.warmup``).
+below the stages that use it (``stages/``).
 """
 from __future__ import annotations
 

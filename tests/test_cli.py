@@ -159,7 +159,7 @@ def test_log_level_is_rank_aware():
 
 
 def test_records_go_to_stderr_with_the_rank_under_torchrun(monkeypatch, capsys):
-    log = logging.getLogger("icons_fast.features.featurize")
+    log = logging.getLogger("icons_fast.stages.featurize")
     try:
         monkeypatch.setenv("RANK", "1")
         monkeypatch.setenv("WORLD_SIZE", "2")

@@ -7,7 +7,7 @@ from icons_fast.data import ErrorLog, load_records, make_demo_data
 from icons_fast.data.loader import make_dataset
 from icons_fast.distributed import parse_shard, process_share
 from icons_fast.features.extractor import GradientExtractor
-from icons_fast.features.featurize import featurize_resilient, sub_batch
+from icons_fast.stages.featurize import featurize_resilient, sub_batch
 from icons_fast.model.loading import load_model
 from icons_fast.model.lora import attach_lora
 

@@ -201,7 +201,7 @@ def test_retrained_checkpoint_invalidates_features(finished_run, tmp_path):
 def test_new_target_keeps_warmup_and_stale_scores_are_refused(finished_run, tmp_path, demo, caplog):
     from icons_fast.stages.influence import run_influence
     from icons_fast.stages.select import run_select
-    from icons_fast.train.warmup import run_warmup
+    from icons_fast.stages.warmup import run_warmup
 
     cfg = _copy_run(finished_run, tmp_path / "run")
     cfg.data.targets = dict(cfg.data.targets, shape=demo["targets"]["shape"])
@@ -234,7 +234,7 @@ def test_partial_target_features_are_refused(finished_run, tmp_path):
 
 def test_rerun_warmup_with_other_settings_removes_old_checkpoints(tmp_path, tiny_model_dir, demo):
     from icons_fast.rundir import RunLayout
-    from icons_fast.train.warmup import run_warmup
+    from icons_fast.stages.warmup import run_warmup
 
     cfg = _cfg(tiny_model_dir, demo, str(tmp_path / "run"))
     cfg.warmup.num_checkpoints = 2

@@ -21,7 +21,7 @@ N_TRAIN, SHARD = 48, 6  # 8 shards
 @pytest.fixture(scope="module")
 def warm_run(tmp_path_factory, tiny_model_dir):
     """A run directory holding config.json and a finished warmup (no features yet)."""
-    from icons_fast.train.warmup import run_warmup
+    from icons_fast.stages.warmup import run_warmup
 
     root = tmp_path_factory.mktemp("scale")
     data = make_demo_data(str(root / "data"), n_train=N_TRAIN, n_target=2, n_eval=1)

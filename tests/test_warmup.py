@@ -17,7 +17,7 @@ from icons_fast.train.checkpoint import (
     save_lora_checkpoint,
 )
 from icons_fast.train.loop import checkpoint_steps, cosine_with_warmup
-from icons_fast.train.warmup import run_warmup, warmup_subset
+from icons_fast.stages.warmup import run_warmup, warmup_subset
 
 
 def test_checkpoint_moments_match_optimizer_by_name(tiny_model_dir, tmp_path):

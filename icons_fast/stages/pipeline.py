@@ -3,7 +3,7 @@
 Reads the pool and target files named in the config; writes a whole run
 directory (``config.json``, ``warmup/``, ``features/``, ``errors/``,
 ``scores/``, ``selection/``; see ``icons_fast.rundir``) through the stages:
-``train.warmup``, ``features.featurize``, ``stages.influence``, ``stages.select``.
+``stages.warmup``, ``stages.featurize``, ``stages.influence``, ``stages.select``.
 Each stage reads the previous stage's files and is skipped (or resumed) when
 its outputs are complete and were made under the same settings, so a killed
 run is rerun with the same command.
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def featurize_all(cfg: Config, run_dir: str, shard: str | None = None, splits: list[str] | None = None) -> None:
     """Featurize the pool and every target set (or only ``splits``) under every warmup checkpoint."""
-    from icons_fast.features.featurize import featurize_split
+    from icons_fast.stages.featurize import featurize_split
 
     ckpts = RunLayout(run_dir).warmup_checkpoints()
     target_images = cfg.data.target_image_folder or cfg.data.image_folder
@@ -45,7 +45,7 @@ def run(cfg: Config) -> dict:
     from icons_fast.distributed import barrier, init_distributed, is_main
     from icons_fast.stages.influence import run_influence
     from icons_fast.stages.select import run_select
-    from icons_fast.train.warmup import run_warmup
+    from icons_fast.stages.warmup import run_warmup
 
     run_dir = cfg.out
     init_distributed()

@@ -25,7 +25,7 @@ def run_train(cfg: Config, data_path: str, out_dir: str) -> str:
     from icons_fast.data.loader import make_dataset
     from icons_fast.model.loading import load_model
     from icons_fast.model.lora import attach_lora
-    from icons_fast.train.loop import train_model
+    from icons_fast.train.loop import Schedule, train_model
 
     records = load_records(data_path)
     lm = load_model(cfg.model.model, cfg.model.dtype, cfg.resolved_device(), seed=cfg.seed)
@@ -45,11 +45,7 @@ def run_train(cfg: Config, data_path: str, out_dir: str) -> str:
         dataset,
         collate,
         indices=list(range(len(records))),
-        batch_size=cfg.train.batch_size,
-        epochs=cfg.train.epochs,
-        lr=cfg.train.lr,
-        warmup_ratio=cfg.train.warmup_ratio,
-        weight_decay=cfg.train.weight_decay,
+        schedule=Schedule.of(cfg.train),
         seed=cfg.seed,
         error_log=errors,
         desc="train",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -48,17 +49,32 @@ def checkpoint_steps(total_steps: int, n: int) -> list[int]:
     return sorted({max(1, round(total_steps * (i + 1) / n)) for i in range(n)})
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """Optimiser settings of one training run (warmup or fine-tuning).
+
+    ``Schedule.of(cfg.warmup)`` and ``Schedule.of(cfg.train)`` read the fields
+    both config sections share.
+    """
+
+    batch_size: int
+    epochs: int
+    lr: float
+    warmup_ratio: float
+    weight_decay: float
+
+    @classmethod
+    def of(cls, section) -> "Schedule":
+        return cls(section.batch_size, section.epochs, section.lr, section.warmup_ratio, section.weight_decay)
+
+
 def train_model(
     model: torch.nn.Module,
     dataset,
     collate_fn,
     *,
     indices: list[int],
-    batch_size: int,
-    epochs: int,
-    lr: float,
-    warmup_ratio: float,
-    weight_decay: float,
+    schedule: Schedule,
     seed: int,
     n_checkpoints: int = 1,
     save_checkpoint: Callable[[int, float, float, int, torch.optim.Optimizer], None] | None = None,
@@ -73,12 +89,14 @@ def train_model(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
+    batch_size, epochs = schedule.batch_size, schedule.epochs
     steps_per_epoch = math.ceil(len(indices) / batch_size)
     total = steps_per_epoch * epochs
     if total == 0:
         raise ValueError("nothing to train on: the training subset is empty")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total, warmup_ratio))
+    optimizer = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay, betas=(0.9, 0.999),
+                                  eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total, schedule.warmup_ratio))
     ckpts = set(checkpoint_steps(total, n_checkpoints)) if save_checkpoint else set()
     rng = np.random.default_rng(seed)
     model.train()

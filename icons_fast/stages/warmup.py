@@ -54,7 +54,7 @@ def run_warmup(cfg: Config, run_dir: str | None = None) -> list[str]:
     from icons_fast.data.loader import make_dataset
     from icons_fast.model.loading import load_model
     from icons_fast.model.lora import attach_lora
-    from icons_fast.train.loop import train_model
+    from icons_fast.train.loop import Schedule, train_model
 
     if not cfg.data.train_data:
         raise ValueError("warmup needs the training pool: --train-data FILE.json")
@@ -104,11 +104,7 @@ def run_warmup(cfg: Config, run_dir: str | None = None) -> list[str]:
         dataset,
         collate,
         indices=subset.tolist(),
-        batch_size=cfg.warmup.batch_size,
-        epochs=cfg.warmup.epochs,
-        lr=cfg.warmup.lr,
-        warmup_ratio=cfg.warmup.warmup_ratio,
-        weight_decay=cfg.warmup.weight_decay,
+        schedule=Schedule.of(cfg.warmup),
         seed=cfg.seed,
         n_checkpoints=cfg.warmup.num_checkpoints,
         save_checkpoint=save,
