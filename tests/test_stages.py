@@ -1,5 +1,4 @@
 """Run-directory helpers (RunLayout), pure neighbour retrieval, and the select/ -> stages/ layering."""
-import ast
 import json
 import os
 
@@ -9,7 +8,6 @@ import torch
 
 from icons_fast.rundir import RunLayout, target_splits
 
-PACKAGE = os.path.join(os.path.dirname(__file__), "..", "icons_fast")
 
 
 def _warmup(root: str, lrs: dict[str, float], done: list[str]) -> RunLayout:
@@ -89,32 +87,3 @@ def test_neighbors_name_rows_by_sample_index_and_id():
         best = torch.topk(sims[:, r], 2)
         assert [nb["index"] for nb in p["neighbors"]] == t_idx[best.indices.numpy()].tolist()
         np.testing.assert_allclose([nb["score"] for nb in p["neighbors"]], best.values.numpy(), atol=1e-5)
-
-
-def _imports(path: str) -> set[str]:
-    mods = set()
-    for node in ast.walk(ast.parse(open(path).read())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            mods.add(node.module)
-        elif isinstance(node, ast.Import):
-            mods.update(a.name for a in node.names)
-    return mods
-
-
-def test_select_math_imports_no_stage_and_no_run_directory():
-    """select/ is arrays in, arrays out: it never reaches the run directory, the config or the stages."""
-    above = ("icons_fast.stages", "icons_fast.rundir", "icons_fast.config", "icons_fast.train",
-             "icons_fast.features.featurize", "icons_fast.cli", "icons_fast.distributed")
-    folder = os.path.join(PACKAGE, "select")
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".py"):
-            bad = [m for m in _imports(os.path.join(folder, name)) if m.startswith(above)]
-            assert not bad, f"icons_fast/select/{name} imports {bad}: run-directory code belongs in icons_fast/stages/"
-
-
-def test_stages_import_only_downward():
-    folder = os.path.join(PACKAGE, "stages")
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".py"):
-            bad = [m for m in _imports(os.path.join(folder, name)) if m.startswith(("icons_fast.cli", "icons_fast.demo"))]
-            assert not bad, f"icons_fast/stages/{name} imports {bad}"
