@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 # Every reason code the data layer emits, with what it means.
 REASONS = {
     "bad_record": "the record is not a dict with a 'conversations' list of {'from', 'value'} turns",
+    "bad_text": "a turn's text holds a character UTF-8 cannot encode (a lone surrogate from a json \\ud800 escape)",
     "empty_conversation": "'conversations' is empty",
     "no_gpt_turn": "no turn comes from 'gpt', so there is nothing to learn",
     "bad_turn_order": "turns must alternate human, gpt, human, gpt, ... starting with human",
@@ -29,7 +30,7 @@ REASONS = {
     "too_long": "the tokenised sample is longer than max_length (never truncated)",
     "all_labels_masked": "no answer token carries a label (every gpt answer is empty)",
     "no_image_support": "the record has an image but the model is text-only",
-    "missing_image": "the image file does not exist",
+    "missing_image": "the image file does not exist or is not a regular file (directory, broken symlink)",
     "corrupt_image": "the image file cannot be decoded (truncated or not an image)",
     "image_format_mismatch": "the file's real format does not match its extension",
     "empty_image": "the image file has zero bytes or a zero width/height",
@@ -73,7 +74,13 @@ class SampleError:
         return reason_code(self.reason)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False)
+        """One json line; readable UTF-8, or \\u escapes when a field holds a lone surrogate (bad input text)."""
+        line = json.dumps(asdict(self), ensure_ascii=False)
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:
+            line = json.dumps(asdict(self))
+        return line
 
 
 def _resolve(path: str) -> str:
