@@ -33,6 +33,7 @@ before this module existed.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -90,6 +91,23 @@ def _try_flock(fd: int, how: int) -> bool:
         raise
 
 
+@contextlib.contextmanager
+def _guard(run_dir: str):
+    """Hold ``RUN/.lock.guard`` exclusively: joins (and probes) of one run directory happen one at a time."""
+    path = os.path.join(run_dir, LOCK + ".guard")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + _GUARD_TIMEOUT_S
+        while not _try_flock(fd, fcntl.LOCK_EX):
+            if time.monotonic() > deadline:
+                raise RunLocked(f"{path} stayed locked for {_GUARD_TIMEOUT_S:.0f} s; is the filesystem of "
+                                f"{run_dir} hung?")
+            time.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)  # closing drops the flock
+
+
 class RunLock:
     """The writer lock of ``run_dir`` for one member of one run (see the module docstring).
 
@@ -121,22 +139,13 @@ class RunLock:
             self._depth += 1
             return self
         os.makedirs(self.run_dir, exist_ok=True)
-        guard = os.open(self.path + ".guard", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            deadline = time.monotonic() + _GUARD_TIMEOUT_S
-            while not _try_flock(guard, fcntl.LOCK_EX):
-                if time.monotonic() > deadline:
-                    raise RunLocked(f"{self.path}.guard stayed locked for {_GUARD_TIMEOUT_S:.0f} s; "
-                                    f"is the filesystem of {self.run_dir} hung?")
-                time.sleep(0.01)
+        with _guard(self.run_dir):
             self._join_run()
             try:
                 self._claim_member()
             except BaseException:
                 self._release_fd("_run_fd")
                 raise
-        finally:
-            os.close(guard)  # closing drops the guard flock
         self._depth = 1
         log.debug("run lock %s held by %s as %s", self.path, self.info["pid"], self.member)
         return self
@@ -220,13 +229,13 @@ def acquire(run_dir: str, token: str, member: str = "main") -> RunLock:
 def holder(run_dir: str) -> dict | None:
     """The json of the run holding ``run_dir`` (pid, host, started, token), or None when nobody holds it."""
     path = os.path.join(os.fspath(run_dir), LOCK)
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
+    if not os.path.exists(path):
         return None
-    try:
-        if _try_flock(fd, fcntl.LOCK_EX):  # closing the fd drops this probe lock
-            return None
-        return _read_json(fd)
-    finally:
-        os.close(fd)
+    with _guard(os.fspath(run_dir)):  # a probe between a starter's exclusive and shared lock would mislead it
+        fd = os.open(path, os.O_RDWR)
+        try:
+            if _try_flock(fd, fcntl.LOCK_EX):  # closing the fd drops this probe lock
+                return None
+            return _read_json(fd)
+        finally:
+            os.close(fd)

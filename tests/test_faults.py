@@ -212,6 +212,35 @@ def test_writers_of_one_run_share_the_lock(tmp_path):
             _stop(p)
 
 
+_RACER = textwrap.dedent("""
+    import sys, time
+    from icons_fast.runlock import RunLocked, acquire
+    time.sleep(max(0.0, float(sys.argv[4]) - time.time()))   # start together
+    try:
+        lock = acquire(sys.argv[1], sys.argv[2], sys.argv[3])
+    except RunLocked:
+        print("locked", flush=True)
+    else:
+        print("held", flush=True)
+        sys.stdin.read()   # hold until every racer has answered
+        lock.release()
+""")
+
+
+@pytest.mark.parametrize("same_run", [True, False])
+def test_simultaneous_starts(tmp_path, same_run):
+    """Started at the same instant: the writers of one run all join; of unrelated runs exactly one wins."""
+    t0 = str(time.time() + 2.0)
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(tmp_path), "run" if same_run else f"run{i}",
+                               f"rank{i}", t0], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for i in range(5)]
+    outs = sorted(p.stdout.readline().strip() for p in procs)
+    for p in procs:
+        p.stdin.close()
+        assert p.wait(timeout=30) == 0
+    assert outs == (["held"] * 5 if same_run else ["held"] + ["locked"] * 4)
+
+
 def test_killed_holder_leaves_no_stale_lock(tmp_path):
     p = _hold(tmp_path, "featurize:cfgA:world=1")
     p.kill()
