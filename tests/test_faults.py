@@ -265,8 +265,8 @@ _LOOP = textwrap.dedent("""
                     continue          # resume: finished shards are kept
                 time.sleep(0.3)       # the work of one shard
                 atomic_write_bytes(path, bytes([i]) * 1000)
-                print("wrote", i, flush=True)
                 stop.check(f"after shard {i}")
+                print("wrote", i, flush=True)  # after the check: a SIGTERM sent on this line lands in shard i+1
     except Preempted as exc:
         print("preempted:", exc, flush=True)
         sys.exit(exc.exit_code)
@@ -274,7 +274,8 @@ _LOOP = textwrap.dedent("""
 
 
 def _loop(out):
-    return subprocess.Popen([sys.executable, "-c", _LOOP, str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-c", _LOOP, str(out)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def test_sigterm_finishes_the_shard_in_flight_and_exits_75(tmp_path):
@@ -282,7 +283,7 @@ def test_sigterm_finishes_the_shard_in_flight_and_exits_75(tmp_path):
     assert p.stdout.readline().split() == ["wrote", "0"]
     p.send_signal(signal.SIGTERM)  # lands while shard 1 is being computed
     rest = p.stdout.read()
-    assert p.wait(timeout=30) == EXIT_PREEMPTED == 75
+    assert p.wait(timeout=30) == EXIT_PREEMPTED == 75, rest
     assert "preempted: stopped by SIGTERM after shard" in rest and "rerun" in rest
     done = sorted(os.listdir(tmp_path))
     assert 2 <= len(done) < 8 and _leftovers(tmp_path) == []  # the shard in flight was finished, then it stopped
@@ -290,7 +291,7 @@ def test_sigterm_finishes_the_shard_in_flight_and_exits_75(tmp_path):
     # the rerun resumes and ends where an uninterrupted run ends
     p = _loop(tmp_path)
     out = p.stdout.read()
-    assert p.wait(timeout=60) == 0 and out.count("wrote") == 8 - len(done)
+    assert p.wait(timeout=60) == 0 and out.count("wrote") == 8 - len(done)  # resumed: only the rest
     ref = tmp_path / "ref"
     ref.mkdir()
     p = _loop(ref)
@@ -303,7 +304,7 @@ def test_second_sigterm_stops_at_once(tmp_path):
     p = _loop(tmp_path)
     assert p.stdout.readline().startswith("wrote")
     p.send_signal(signal.SIGTERM)
-    time.sleep(0.05)
+    assert "received SIGTERM" in p.stderr.readline()  # the first was handled (two pending signals merge)
     p.send_signal(signal.SIGTERM)
     p.stdout.read()
     assert p.wait(timeout=30) == -signal.SIGTERM
