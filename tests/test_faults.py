@@ -123,6 +123,31 @@ def test_other_write_errors_pass_through_unchanged(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_full_disk_while_logging_a_bad_sample(tmp_path, monkeypatch):
+    from icons_fast.data import ErrorLog, SampleError
+
+    log = ErrorLog(str(tmp_path))
+    assert log.add(SampleError(1, "a", "data", "missing_image: x"))
+    real_open = open
+
+    def full(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        if "a" in mode:
+            f.write('{"index": 2, "id": "b", "st')  # part of the line reaches the disk, then it fills
+            f.close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return f
+
+    monkeypatch.setattr("builtins.open", full)
+    with pytest.raises(fileio.StorageError, match="disk full .*errors.jsonl"):
+        log.add(SampleError(2, "b", "data", "corrupt_image: y"))
+    monkeypatch.undo()
+    assert [e.index for e in log] == [1]  # not recorded in memory either, so the rerun records it
+    again = ErrorLog(str(tmp_path))  # reopening drops the cut-short line
+    assert again.add(SampleError(2, "b", "data", "corrupt_image: y"))
+    assert [e.index for e in ErrorLog.read(str(tmp_path))] == [1, 2]
+
+
 # ------------------------------------------------------------------ read-only directory
 
 @pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])

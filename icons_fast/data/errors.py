@@ -16,6 +16,8 @@ import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 
+from icons_fast.fileio import raise_write_error
+
 # Every reason code the data layer emits, with what it means.
 REASONS = {
     "bad_record": "the record is not a dict with a 'conversations' list of {'from', 'value'} turns",
@@ -126,8 +128,12 @@ class ErrorLog:
             return False
         self._errors[key] = error
         if self.path is not None:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(error.to_json() + "\n")
+            try:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(error.to_json() + "\n")
+            except OSError as err:  # full disk / read-only: say so; a cut-short line is dropped on reopen
+                del self._errors[key]
+                raise_write_error(err, self.path)
         return True
 
     def add_many(self, errors) -> int:
