@@ -20,6 +20,7 @@ BAD_IMAGES = {
     "gif_named.jpg": "image_format_mismatch", "png_named.jpeg": "image_format_mismatch",
     "text_named.png": "corrupt_image", "garbage.jpg": "corrupt_image", "jpeg_magic_only.jpg": "corrupt_image",
     "huge_header.png": "corrupt_image", "zero_width.png": "corrupt_image", "loop_a.jpg": "missing_image",
+    "loop_b.jpg": "missing_image",
     "dangling.png": "missing_image", "a_directory.jpg": "missing_image",
 }
 

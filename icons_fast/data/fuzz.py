@@ -22,6 +22,7 @@ record.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -44,69 +45,83 @@ ODD_TEXT = [
 ]
 
 
-def _png_claiming(path: str, width: int, height: int) -> None:
+def _png_claiming(width: int, height: int) -> bytes:
     """A well-formed PNG whose header claims ``width x height`` RGB pixels but holds one row of data."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\x00" + b"\x00" * 3 * max(width, 1))
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _encoded(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def _picture() -> Image.Image:
+    """A 20x14 RGB picture with a diagonal line (not flat, so lossy codecs have work to do)."""
+    img = Image.new("RGB", (20, 14), (200, 30, 40))
+    for y in range(14):
+        img.putpixel((y, y), (0, 255, 0))
+    return img
+
+
+def _fuzz_image_files() -> dict[str, tuple[bool, bytes | str | None]]:
+    """``{name: (expected to load, content)}``; content is bytes, a symlink target (str) or None (a directory)."""
+    pic = _picture()
+    jpeg, png = _encoded(pic, "JPEG", quality=80), _encoded(pic, "PNG")
+    return {
+        # good files, some in odd modes, sizes and names
+        "ok.png": (True, png),
+        "ok.jpg": (True, jpeg),
+        "ok.gif": (True, _encoded(pic.convert("P"), "GIF")),
+        "ok.webp": (True, _encoded(pic, "WEBP")),
+        "gray.png": (True, _encoded(pic.convert("L"), "PNG")),
+        "rgba.png": (True, _encoded(pic.convert("RGBA"), "PNG")),
+        "i16.png": (True, _encoded(Image.new("I;16", (9, 9), 300), "PNG")),
+        "cmyk.jpg": (True, _encoded(pic.convert("CMYK"), "JPEG")),
+        "one_pixel.png": (True, _encoded(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG")),
+        "one_by_sixty.png": (True, _encoded(Image.new("RGB", (1, 60), (9, 9, 9)), "PNG")),
+        "no_extension": (True, png),  # unknown extensions accept any format
+        "jpeg.xyz": (True, jpeg),
+        "sub dir/ünïcode ✓.png": (True, png),
+        "link_to_ok.png": (True, "ok.png"),
+        # broken files
+        "truncated.jpg": (False, jpeg[: len(jpeg) // 2]),
+        "truncated.png": (False, png[:60]),
+        "zero.jpg": (False, b""),
+        "gif_named.jpg": (False, _encoded(pic.convert("P"), "GIF")),
+        "png_named.jpeg": (False, png),
+        "text_named.png": (False, b"this is not an image\n" * 10),
+        "garbage.jpg": (False, random.Random(0).randbytes(3000)),
+        "jpeg_magic_only.jpg": (False, b"\xff\xd8\xff\xe0" + b"\x00" * 20),
+        "huge_header.png": (False, _png_claiming(30000, 30000)),  # a decompression bomb by its header
+        "zero_width.png": (False, _png_claiming(0, 10)),
+        "loop_a.jpg": (False, "loop_b.jpg"),
+        "loop_b.jpg": (False, "loop_a.jpg"),
+        "dangling.png": (False, "nowhere/none.png"),
+        "a_directory.jpg": (False, None),
+    }
 
 
 def make_fuzz_images(folder: str) -> dict[str, bool]:
     """Write the fuzz image files into ``folder``; returns ``{relative name: expected to load}``."""
-    os.makedirs(folder, exist_ok=True)
-    p = lambda name: os.path.join(folder, name)  # noqa: E731
-    rgb = Image.new("RGB", (20, 14), (200, 30, 40))
-    for y in range(14):
-        rgb.putpixel((y, y), (0, 255, 0))
-    good = {
-        "ok.png": lambda: rgb.save(p("ok.png")),
-        "ok.jpg": lambda: rgb.save(p("ok.jpg"), quality=80),
-        "ok.gif": lambda: rgb.convert("P").save(p("ok.gif")),
-        "ok.webp": lambda: rgb.save(p("ok.webp")),
-        "gray.png": lambda: rgb.convert("L").save(p("gray.png")),
-        "rgba.png": lambda: rgb.convert("RGBA").save(p("rgba.png")),
-        "i16.png": lambda: Image.new("I;16", (9, 9), 300).save(p("i16.png")),
-        "cmyk.jpg": lambda: rgb.convert("CMYK").save(p("cmyk.jpg")),
-        "one_pixel.png": lambda: Image.new("RGB", (1, 1), (9, 9, 9)).save(p("one_pixel.png")),
-        "one_by_sixty.png": lambda: Image.new("RGB", (1, 60), (9, 9, 9)).save(p("one_by_sixty.png")),
-        "no_extension": lambda: rgb.save(p("no_extension"), format="PNG"),
-        "jpeg.xyz": lambda: rgb.save(p("jpeg.xyz"), format="JPEG"),
-        "sub dir/ünïcode ✓.png": lambda: (os.makedirs(p("sub dir"), exist_ok=True), rgb.save(p("sub dir/ünïcode ✓.png"))),
-        "link_to_ok.png": lambda: os.symlink("ok.png", p("link_to_ok.png")),
-    }
-    jpeg = p("ok.jpg")
-    bad = {
-        "truncated.jpg": lambda: _write(p("truncated.jpg"), _read(jpeg)[: len(_read(jpeg)) // 2]),
-        "truncated.png": lambda: _write(p("truncated.png"), _read(p("ok.png"))[:60]),
-        "zero.jpg": lambda: _write(p("zero.jpg"), b""),
-        "gif_named.jpg": lambda: rgb.convert("P").save(p("gif_named.jpg"), format="GIF"),
-        "png_named.jpeg": lambda: rgb.save(p("png_named.jpeg"), format="PNG"),
-        "text_named.png": lambda: _write(p("text_named.png"), b"this is not an image\n" * 10),
-        "garbage.jpg": lambda: _write(p("garbage.jpg"), random.Random(0).randbytes(3000)),
-        "jpeg_magic_only.jpg": lambda: _write(p("jpeg_magic_only.jpg"), b"\xff\xd8\xff\xe0" + b"\x00" * 20),
-        "huge_header.png": lambda: _png_claiming(p("huge_header.png"), 30000, 30000),
-        "zero_width.png": lambda: _png_claiming(p("zero_width.png"), 0, 10),
-        "loop_a.jpg": lambda: (os.symlink("loop_b.jpg", p("loop_a.jpg")), os.symlink("loop_a.jpg", p("loop_b.jpg"))),
-        "dangling.png": lambda: os.symlink("nowhere/none.png", p("dangling.png")),
-        "a_directory.jpg": lambda: os.makedirs(p("a_directory.jpg"), exist_ok=True),
-    }
-    for make in list(good.values()) + list(bad.values()):
-        make()
-    return {**{k: True for k in good}, **{k: False for k in bad}}
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def _write(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
+    out = {}
+    for name, (ok, content) in _fuzz_image_files().items():
+        path = os.path.join(folder, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if content is None:
+            os.makedirs(path, exist_ok=True)
+        elif isinstance(content, str):
+            os.symlink(content, path)
+        else:
+            with open(path, "wb") as f:
+                f.write(content)
+        out[name] = ok
+    return out
 
 
 def _sentence(rng: random.Random, lo: int = 1, hi: int = 8) -> str:
