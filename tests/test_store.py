@@ -345,6 +345,8 @@ def test_check_and_repair_find_exactly_the_broken_shard(tmp_path, fault):
     found = store.check(verify=True)
     assert [(p.start, p.end, p.problem) for p in found] == [(*broken, problem)]
     assert ([(p.start, p.end) for p in store.check()] == [broken]) is fast  # the fast check sees size, not bits
+    others = [r for r in RANGES if r != broken]
+    assert store.check(verify=True, ranges=others) == [] and store.repair(verify=True, ranges=others) == []
     assert store.repair(verify=True) == found
     assert not os.path.exists(store.shard_path(*broken)) and not os.path.exists(store.entry_path(*broken))
     assert store.missing_ranges(RANGES) == [broken]

@@ -477,19 +477,23 @@ class FeatureStore:
                 return "bad_checksum", f"{path} has sha256 {digest[:16]}..., its entry says {e['sha256'][:16]}..."
         return None
 
-    def check(self, verify: bool = False) -> list[ShardProblem]:
+    def check(self, verify: bool = False, ranges: Sequence[tuple[int, int]] | None = None) -> list[ShardProblem]:
         """Every shard that fails, sorted by range start; ``[]`` when the store is sound.
 
         Fast (default): each entry parses, carries this store's fingerprint, and its
         file exists with the recorded size. ``verify=True`` also hashes every file
         (reads all the bytes). Shard files without an entry are listed as
-        ``orphan_file``. Overlaps between entries are not repaired here:
+        ``orphan_file``. ``ranges``: look at these shard ranges only (a writer's own
+        share; None: all). Overlaps between entries are not repaired here:
         ``check_disjoint`` raises them on read.
         """
+        wanted = None if ranges is None else {(int(s), int(t)) for s, t in ranges}
         out: list[ShardProblem] = []
         committed = set()
         for s, t in sorted(self._committed_ranges()):
             committed.add((s, t))
+            if wanted is not None and (s, t) not in wanted:
+                continue
             epath = self.entry_path(s, t)
             try:
                 e = self._read_entry(epath)
@@ -503,19 +507,21 @@ class FeatureStore:
             parts = name[: -len(".safetensors")].split("-") if name.endswith(".safetensors") else []
             if len(parts) == 3 and parts[0] == "shard" and parts[1].isdigit() and parts[2].isdigit():
                 s, t = int(parts[1]), int(parts[2])
-                if (s, t) not in committed:
+                if (s, t) not in committed and (wanted is None or (s, t) in wanted):
                     out.append(ShardProblem(s, t, name, "orphan_file", f"{name} has no entry in {ENTRIES_DIR}/"))
         return sorted(out, key=lambda p: (p.start, p.end, p.problem))
 
-    def repair(self, verify: bool = False) -> list[ShardProblem]:
-        """Remove every shard ``check(verify)`` finds (entry first, then file); returns what was removed.
+    def repair(self, verify: bool = False, ranges: Sequence[tuple[int, int]] | None = None) -> list[ShardProblem]:
+        """Remove every shard ``check(verify, ranges)`` finds (entry first, then file); returns what was removed.
 
         Afterwards ``missing_ranges`` reports exactly the removed ranges (orphan files
         aside: they were never done), so rerunning featurize recomputes those and
         nothing else. Removing the entry first keeps a crash mid-repair safe: a file
-        without its entry is never read.
+        without its entry is never read. With several writers in one directory
+        (torchrun ranks, ``--shard`` jobs) each must pass its own ``ranges``: a shard
+        another writer is committing looks like an orphan for a moment.
         """
-        problems = self.check(verify)
+        problems = self.check(verify, ranges)
         for p in problems:
             for path in (self.entry_path(p.start, p.end), os.path.join(self.root, p.file)):
                 try:
