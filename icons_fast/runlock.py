@@ -21,8 +21,8 @@ process and a stale lock never needs deleting by hand)::
 Joining: under the guard, an exclusive ``flock`` on ``.lock`` that succeeds
 means no writer holds the run: this writer writes its token and keeps a
 shared lock. If it fails, the run is held: the same token joins with a shared
-lock, another token is refused (:class:`RunLocked`, one line naming the
-holder's pid and host). A member slot already held (two processes claiming
+lock, another token is refused (:class:`RunLocked`, one line naming the pid
+and host of a writer that still holds it, found by probing the member files). A member slot already held (two processes claiming
 rank 0, or the same ``--shard 1/4`` started twice) is refused the same way.
 
 Locks are per process and re-entrant within it: acquiring the same
@@ -91,6 +91,24 @@ def _try_flock(fd: int, how: int) -> bool:
         raise
 
 
+def _live_members(run_dir: str) -> list[dict]:
+    """The json of every member whose ``.lock.<member>`` file is locked now (call under the guard)."""
+    out = []
+    for name in sorted(os.listdir(run_dir)):
+        if not name.startswith(LOCK + ".") or name == LOCK + ".guard":
+            continue
+        try:
+            fd = os.open(os.path.join(run_dir, name), os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            if not _try_flock(fd, fcntl.LOCK_EX):  # held: a live member (closing drops a successful probe)
+                out.append(_read_json(fd))
+        finally:
+            os.close(fd)
+    return out
+
+
 @contextlib.contextmanager
 def _guard(run_dir: str):
     """Hold ``RUN/.lock.guard`` exclusively: joins (and probes) of one run directory happen one at a time."""
@@ -157,10 +175,13 @@ class RunLock:
                 _write_json(fd, self.info)
                 fcntl.flock(fd, fcntl.LOCK_SH)  # not atomic, but every joiner waits on the guard we hold
             else:
-                holder = _read_json(fd)
-                if holder.get("token") != self.token:
+                run = _read_json(fd)
+                if run.get("token") != self.token:
+                    live = _live_members(self.run_dir)
+                    holder = {**run, **live[0]} if live else run  # the writer that started may have left
+                    more = f" and {len(live) - 1} more writer(s)" if len(live) > 1 else ""
                     raise RunLocked(
-                        f"run directory {self.run_dir} is being written by another run: {_describe(holder)}; "
+                        f"run directory {self.run_dir} is being written by another run: {_describe(holder)}{more}; "
                         f"wait for it to finish, stop it, or use another run directory"
                     )
                 fcntl.flock(fd, fcntl.LOCK_SH)

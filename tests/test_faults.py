@@ -266,6 +266,19 @@ def test_simultaneous_starts(tmp_path, same_run):
     assert outs == (["held"] * 5 if same_run else ["held"] + ["locked"] * 4)
 
 
+def test_refusal_names_a_writer_still_running(tmp_path):
+    """The writer that started the run left; the message names one that still holds it."""
+    token = "featurize:cfgA:shards=2"
+    first, second = _hold(tmp_path, token, "shard-0of2"), _hold(tmp_path, token, "shard-1of2")
+    try:
+        _stop(first)
+        with pytest.raises(RunLocked) as err:
+            acquire(tmp_path, "warmup:cfgB")
+        assert f"pid {second.pid} on host" in str(err.value) and f"pid {first.pid}" not in str(err.value)
+    finally:
+        _stop(second)
+
+
 def test_killed_holder_leaves_no_stale_lock(tmp_path):
     p = _hold(tmp_path, "featurize:cfgA:world=1")
     p.kill()
