@@ -4,15 +4,55 @@ A file is written to a unique temp file in the same directory, flushed and
 fsynced, made world-readable, then renamed onto its final name (and the
 directory fsynced), so a crash or a kill never leaves a half-written file
 under the final name and concurrent writers never share a temp file.
+
+A write that fails (full disk, read-only or unwritable directory, quota)
+removes its temp file and raises :class:`StorageError`, an ``OSError`` with
+the same ``errno`` whose one-line message says what happened, names the path
+and says what to do. The file under the final name is then untouched: the
+old version (or none), never a partial one.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import numpy as np
+
+_WRITE_CHUNK = 1 << 20  # bytes per os.write in atomic_write_bytes
+
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+class StorageError(OSError):
+    """A write failed for a reason of the storage (disk full, read-only, no permission); errno is kept."""
+
+
+def explain_write_error(err: OSError, path: str) -> OSError:
+    """``err`` as a :class:`StorageError` whose message names ``path`` and the fix; other errors unchanged."""
+    if isinstance(err, StorageError):
+        return err
+    where = os.path.dirname(os.path.abspath(path))
+    if err.errno in _FULL:
+        why = (f"disk full (or quota exceeded) while writing {path}; the partial file was removed. "
+               f"Free space on the filesystem of {where} and rerun: finished outputs are kept")
+    elif err.errno in _NOT_WRITABLE:
+        why = (f"cannot write {path}: the directory {where} is not writable "
+               f"({os.strerror(err.errno)}); fix its permissions or choose another output directory")
+    else:
+        return err
+    return StorageError(err.errno, why)
+
+
+def raise_write_error(err: OSError, path: str) -> NoReturn:
+    """Raise ``explain_write_error(err, path)`` (chained to ``err``), or ``err`` itself when it is not a storage error."""
+    new = explain_write_error(err, path)
+    if new is err:
+        raise err
+    raise new from err
 
 
 def fsync_dir(path: str) -> None:
@@ -29,28 +69,71 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, write: Callable[[Any], Any], mode: str = "w") -> str:
-    """Call ``write(f)`` on a temp file next to ``path``, then rename it onto ``path``; returns ``path``."""
+def _temp_next_to(path: str) -> tuple[int, str, str]:
+    """``(fd, temp path, directory)`` of a fresh 0644 temp file in ``path``'s directory."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    except OSError as err:
+        raise_write_error(err, path)
     try:
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are shared read-only data
+    except OSError:
+        pass
+    return fd, tmp, directory
+
+
+def _finish(tmp: str, path: str, directory: str) -> None:
+    os.replace(tmp, path)
+    fsync_dir(directory)
+
+
+def _discard(tmp: str) -> None:
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
+
+
+def atomic_write(path: str, write: Callable[[Any], Any], mode: str = "w") -> str:
+    """Call ``write(f)`` on a temp file next to ``path``, then rename it onto ``path``; returns ``path``."""
+    fd, tmp, directory = _temp_next_to(path)
+    try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _finish(tmp, path, directory)
+    except OSError as err:
+        _discard(tmp)
+        raise_write_error(err, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _discard(tmp)
         raise
-    fsync_dir(directory)
     return path
 
 
 def atomic_write_bytes(path: str, data: bytes) -> str:
-    return atomic_write(path, lambda f: f.write(data), mode="wb")
+    """Write ``data`` to ``path`` atomically with ``os.write`` in 1 MiB chunks (short writes resumed)."""
+    fd, tmp, directory = _temp_next_to(path)
+    try:
+        try:
+            view = memoryview(data)
+            pos = 0
+            while pos < len(view):
+                pos += os.write(fd, view[pos:pos + _WRITE_CHUNK])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _finish(tmp, path, directory)
+    except OSError as err:
+        _discard(tmp)
+        raise_write_error(err, path)
+    except BaseException:
+        _discard(tmp)
+        raise
+    return path
 
 
 def atomic_json(path: str, obj: Any, **dump_kwargs) -> str:

@@ -138,6 +138,51 @@ def test_over_long_reason_has_the_count_and_the_limit_is_inclusive(tiny):
         tokenize_record(rec, tok, None, 0, n - 1)
 
 
+def test_huge_text_is_refused_before_tokenising_and_both_paths_agree(tiny):
+    from icons_fast.data.conversation import max_token_chars
+
+    tok = tiny[0].tokenizer
+    longest = max_token_chars(tok)
+    assert longest == max(len(t) for t in tok.get_vocab())
+    rec = {"id": "x", "conversations": [{"from": "human", "value": "why?"}, {"from": "gpt", "value": "ab " * 200}]}
+    n = len(tokenize_record(rec, tok, None, 0, None)[0])
+    # just under the character bound: tokenised, and refused by its token count
+    for fn in (tokenize_record, tokenize_record_ref):
+        with pytest.raises(SampleProblem, match=rf"too_long: {n} tokens > max_length {n - 1}"):
+            fn(rec, tok, None, 0, n - 1)
+    # far beyond: refused from its length in characters, the same reason code by both paths
+    rec["conversations"][1]["value"] = "ab " * 1_000_000
+    for fn in (tokenize_record, tokenize_record_ref):
+        with pytest.raises(SampleProblem, match=r"too_long: \d+ characters cannot fit in max_length 64 tokens"):
+            fn(rec, tok, None, 0, 64)
+
+
+def test_lone_surrogates_and_non_string_images_are_reasons(tiny, tmp_path):
+    processor, config = tiny
+    builder = LlavaSampleBuilder(processor, config, str(tmp_path), 512)
+    text = json.loads('{"id": "a\\ud800", "conversations": [{"from": "human", "value": "hi \\ud83d"},'
+                      ' {"from": "gpt", "value": "ok"}]}')  # json escapes of lone surrogates
+    with pytest.raises(SampleProblem, match=r"bad_text: turn 0 .* lone surrogate"):
+        builder.build(0, text)
+    for image in (["a.png"], {"path": "a.png"}, 7, True):
+        rec = {"id": 1, "image": image,
+               "conversations": [{"from": "human", "value": "<image>\nq?"}, {"from": "gpt", "value": "a"}]}
+        with pytest.raises(SampleProblem, match="bad_record: 'image' must be a path string"):
+            builder.build(0, rec)
+    # the error of a record whose id holds a lone surrogate is still written and read back
+    log = ErrorLog(str(tmp_path / "errors.jsonl"))
+    err = LlavaDataset([text], builder, log)[0]
+    assert isinstance(err, SampleError) and err.code == "bad_text"
+    assert ErrorLog.read(str(tmp_path / "errors.jsonl")) == [err]
+
+
+def test_load_records_refuses_absurd_nesting(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(ValueError, match="deep.json: json nested too deeply"):
+        load_records(str(path))
+
+
 def test_error_log_memory_and_interrupted_write(tmp_path):
     log = ErrorLog()
     assert log.add(SampleError(3, "a", "tokenize", "missing_image: x"))
@@ -287,8 +332,14 @@ def test_load_image_cases(tmp_path):
     assert load_image(str(tmp_path), "noext").size == (11, 7)  # unknown extension: any format
     with pytest.raises(SampleProblem, match=r"image_format_mismatch: .*real_png.jpg is really PNG"):
         load_image(str(tmp_path), "real_png.jpg")
-    with pytest.raises(SampleProblem, match=r"missing_image: .*nope.png"):
+    with pytest.raises(SampleProblem, match=r"missing_image: .*nope.png does not exist"):
         load_image(str(tmp_path), "nope.png")
+    os.mkdir(tmp_path / "folder.jpg")
+    os.symlink("loop2.png", tmp_path / "loop1.png")
+    os.symlink("loop1.png", tmp_path / "loop2.png")
+    for name in ("folder.jpg", "loop1.png"):
+        with pytest.raises(SampleProblem, match=rf"missing_image: .*{name} is not a regular file"):
+            load_image(str(tmp_path), name)
 
 
 def test_expand_to_square():

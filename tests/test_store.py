@@ -173,7 +173,8 @@ def test_corrupt_shard_detected(tmp_path, where):
         with pytest.raises(CorruptShard) as err:
             read()
         assert os.path.basename(path) in str(err.value)
-        assert "delete it and rerun featurize" in str(err.value).lower()
+        assert "featurize with --verify" in str(err.value)
+        assert err.value.path == path and (err.value.start, err.value.end) == RANGES[1]
 
 
 def _worker(root, rank, world, seed):
@@ -304,3 +305,78 @@ def test_int8_store_round_trip_within_quantisation_error(tmp_path):
     blocks = list(store.iter_blocks(7))
     assert torch.equal(torch.cat([b[2] for b in blocks]), feats)
     np.testing.assert_array_equal(got_norms, norms)
+
+
+# ------------------------------------------------------------------ self-repair
+
+def _flip_byte(path, pos):
+    with open(path, "r+b") as f:
+        f.seek(pos)
+        b = f.read(1)
+        f.seek(pos)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+FAULTS = {  # fault -> (inject(store, range), problem the check reports, found by the fast check?)
+    "flipped_byte": (lambda st, r: _flip_byte(st.shard_path(*r), os.path.getsize(st.shard_path(*r)) // 2),
+                     "bad_checksum", False),
+    "truncated": (lambda st, r: _truncate(st.shard_path(*r)), "wrong_size", True),
+    "deleted_file": (lambda st, r: os.unlink(st.shard_path(*r)), "missing_file", True),
+    "deleted_entry": (lambda st, r: os.unlink(st.entry_path(*r)), "orphan_file", True),
+    "garbled_entry": (lambda st, r: open(st.entry_path(*r), "w").write("{not json"), "bad_entry", True),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_check_and_repair_find_exactly_the_broken_shard(tmp_path, fault):
+    inject, problem, fast = FAULTS[fault]
+    g, ids = make_pool(8)
+    store = FeatureStore(tmp_path, FP, K)
+    for s, e in RANGES:
+        write_range(store, g, ids, s, e)
+    assert store.check() == [] and store.check(verify=True) == []
+    broken = RANGES[2]
+    inject(store, broken)
+    found = store.check(verify=True)
+    assert [(p.start, p.end, p.problem) for p in found] == [(*broken, problem)]
+    assert ([(p.start, p.end) for p in store.check()] == [broken]) is fast  # the fast check sees size, not bits
+    others = [r for r in RANGES if r != broken]
+    assert store.check(verify=True, ranges=others) == [] and store.repair(verify=True, ranges=others) == []
+    assert store.repair(verify=True) == found
+    assert not os.path.exists(store.shard_path(*broken)) and not os.path.exists(store.entry_path(*broken))
+    assert store.missing_ranges(RANGES) == [broken]
+    assert store.check(verify=True) == []
+    # the rerun recomputes that range only and reads back exactly the uninterrupted rows
+    write_range(store, g, ids, *broken)
+    ref = FeatureStore(tmp_path / "ref", FP, K)
+    for s, e in RANGES:
+        write_range(ref, g, ids, s, e)
+    got, want = store.load(), ref.load()
+    assert np.array_equal(got[0], want[0]) and got[1] == want[1]
+    assert torch.equal(got[2], want[2]) and np.array_equal(got[3], want[3])
+
+
+def test_fast_check_reads_entries_without_byte_size(tmp_path):
+    """Entries written before ``bytes`` was recorded: still read, fast check asks only for the file."""
+    g, ids = make_pool(9)
+    store = FeatureStore(tmp_path, FP, K)
+    for s, e in RANGES:
+        write_range(store, g, ids, s, e)
+    for s, e in RANGES:
+        path = store.entry_path(s, e)
+        entry = json.load(open(path))
+        del entry["bytes"]
+        json.dump(entry, open(path, "w"))
+    assert store.missing_ranges(RANGES) == [] and store.check() == []
+    assert len(store.load()[0]) == N - len(BAD)
+    _flip_byte(store.shard_path(*RANGES[0]), 100)
+    assert [p.problem for p in store.check(verify=True)] == ["bad_checksum"]
+    os.unlink(store.shard_path(*RANGES[1]))
+    assert store.missing_ranges(RANGES) == [RANGES[1]]
+    with pytest.raises(CorruptShard, match="--verify"):
+        store.finalize()

@@ -34,6 +34,8 @@ be -100.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from icons_fast.data.errors import SampleProblem
@@ -69,7 +71,12 @@ def conversation_pairs(record) -> list[tuple[str, str]]:
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             raise SampleProblem("bad_record", f"turn {t} is not {{'from': ..., 'value': <string>}}")
         if turn.get("from") not in ("human", "gpt"):
-            raise SampleProblem("bad_record", f"turn {t} has from={turn.get('from')!r}; expected 'human' or 'gpt'")
+            raise SampleProblem("bad_record", f"turn {t} has from={_short(turn.get('from'))}; expected 'human' or 'gpt'")
+        try:
+            turn["value"].encode("utf-8")
+        except UnicodeEncodeError as exc:  # json's "\ud800" escapes decode to lone surrogates
+            raise SampleProblem("bad_text", f"turn {t} has a character UTF-8 cannot encode at {exc.start} "
+                                            f"({turn['value'][exc.start]!r}, a lone surrogate); fix the text") from None
         roles.append(turn["from"])
     if "gpt" not in roles:
         raise SampleProblem("no_gpt_turn", f"{len(conv)} turn(s), all from 'human'")
@@ -80,6 +87,9 @@ def conversation_pairs(record) -> list[tuple[str, str]]:
     if len(roles) % 2:
         raise SampleProblem("bad_turn_order", f"the last turn ({len(roles) - 1}, human) has no gpt answer")
     pairs = [(conv[t]["value"], conv[t + 1]["value"]) for t in range(0, len(conv), 2)]
+    if has_image(record) and not isinstance(record["image"], str):
+        raise SampleProblem("bad_record", f"'image' must be a path string, got {type(record['image']).__name__} "
+                                          f"{_short(record['image'])}")
 
     n_image = 0
     for p, (human, gpt) in enumerate(pairs):
@@ -99,6 +109,12 @@ def conversation_pairs(record) -> list[tuple[str, str]]:
             f"(LLaVA's code would prepend '{IMAGE_PLACEHOLDER}\\n'; fix the record)",
         )
     return pairs
+
+
+def _short(value, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters (bad data can be megabytes long)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def conversation_pieces(pairs: list[tuple[str, str]]) -> list[tuple[str, str | None]]:
@@ -155,13 +171,43 @@ def _check_and_pack(ids, labels, n_answer, max_length):
     return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
 
 
-def _prepare(record, tokenizer, image_token_id):
+_max_token_chars: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def max_token_chars(tokenizer) -> int:
+    """The longest vocabulary entry in characters: no token covers more characters of text.
+
+    (A byte-level BPE entry has one character per byte, a SentencePiece entry one per
+    character, byte-fallback entries like ``<0xE2>`` more; so this bounds the text
+    characters per token from above.) Cached per tokenizer.
+    """
+    try:
+        return _max_token_chars[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    n = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    try:
+        _max_token_chars[tokenizer] = n
+    except TypeError:  # not weak-referenceable: recompute next time
+        pass
+    return max(n, 1)
+
+
+def _prepare(record, tokenizer, image_token_id, max_length):
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token; the vicuna_v1 template ends each answer with one")
     pairs = conversation_pairs(record)
     if has_image(record) and image_token_id is None:
-        raise SampleProblem("no_image_support", f"image {record['image']!r} given but the model is text-only")
-    return conversation_pieces(pairs)
+        raise SampleProblem("no_image_support", f"image {_short(record['image'])} given but the model is text-only")
+    pieces = conversation_pieces(pairs)
+    if max_length is not None:
+        # A multi-megabyte string would take seconds to tokenise only to be refused: when its
+        # characters cannot fit even at the longest token per piece, refuse it before tokenising.
+        chars = sum(len(text) for kind, text in pieces if kind in ("prompt", "answer"))
+        if chars > max_length * max_token_chars(tokenizer):
+            raise SampleProblem("too_long", f"{chars} characters cannot fit in max_length {max_length} tokens "
+                                            f"(raise max_length or drop the record)")
+    return pieces
 
 
 def tokenize_record(record, tokenizer, image_token_id: int | None, n_image_tokens: int, max_length: int | None):
@@ -184,7 +230,7 @@ def tokenize_record(record, tokenizer, image_token_id: int | None, n_image_token
     record instead of one per piece); :func:`tokenize_record_ref` encodes them
     one by one and must agree.
     """
-    pieces = _prepare(record, tokenizer, image_token_id)
+    pieces = _prepare(record, tokenizer, image_token_id, max_length)
     texts = [text for kind, text in pieces if kind in ("prompt", "answer")]
     encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     ids, labels, n_answer = _assemble(pieces, encoded, tokenizer, image_token_id, n_image_tokens)
@@ -193,7 +239,7 @@ def tokenize_record(record, tokenizer, image_token_id: int | None, n_image_token
 
 def tokenize_record_ref(record, tokenizer, image_token_id, n_image_tokens, max_length):
     """Reference for :func:`tokenize_record`: every piece encoded on its own."""
-    pieces = _prepare(record, tokenizer, image_token_id)
+    pieces = _prepare(record, tokenizer, image_token_id, max_length)
     encoded = [
         tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
         for kind, text in pieces

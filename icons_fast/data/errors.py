@@ -16,9 +16,12 @@ import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 
+from icons_fast.fileio import raise_write_error
+
 # Every reason code the data layer emits, with what it means.
 REASONS = {
     "bad_record": "the record is not a dict with a 'conversations' list of {'from', 'value'} turns",
+    "bad_text": "a turn's text holds a character UTF-8 cannot encode (a lone surrogate from a json \\ud800 escape)",
     "empty_conversation": "'conversations' is empty",
     "no_gpt_turn": "no turn comes from 'gpt', so there is nothing to learn",
     "bad_turn_order": "turns must alternate human, gpt, human, gpt, ... starting with human",
@@ -29,7 +32,7 @@ REASONS = {
     "too_long": "the tokenised sample is longer than max_length (never truncated)",
     "all_labels_masked": "no answer token carries a label (every gpt answer is empty)",
     "no_image_support": "the record has an image but the model is text-only",
-    "missing_image": "the image file does not exist",
+    "missing_image": "the image file does not exist or is not a regular file (directory, broken symlink)",
     "corrupt_image": "the image file cannot be decoded (truncated or not an image)",
     "image_format_mismatch": "the file's real format does not match its extension",
     "empty_image": "the image file has zero bytes or a zero width/height",
@@ -73,7 +76,13 @@ class SampleError:
         return reason_code(self.reason)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False)
+        """One json line; readable UTF-8, or \\u escapes when a field holds a lone surrogate (bad input text)."""
+        line = json.dumps(asdict(self), ensure_ascii=False)
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:
+            line = json.dumps(asdict(self))
+        return line
 
 
 def _resolve(path: str) -> str:
@@ -119,8 +128,12 @@ class ErrorLog:
             return False
         self._errors[key] = error
         if self.path is not None:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(error.to_json() + "\n")
+            try:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(error.to_json() + "\n")
+            except OSError as err:  # full disk / read-only: say so; a cut-short line is dropped on reopen
+                del self._errors[key]
+                raise_write_error(err, self.path)
         return True
 
     def add_many(self, errors) -> int:

@@ -43,6 +43,9 @@ def load_image(folder: str | None, rel_path: str) -> Image.Image:
     """
     path = image_path(folder, rel_path)
     if not os.path.isfile(path):
+        if os.path.lexists(path):  # a directory, a device, a dangling or looping symlink
+            raise SampleProblem("missing_image", f"{path} is not a regular file (a directory, a broken or looping "
+                                                 f"symlink, or a device); point the record at an image file")
         raise SampleProblem("missing_image", f"{path} does not exist (check the image folder)")
     if os.path.getsize(path) == 0:
         raise SampleProblem("empty_image", f"{path} has zero bytes")

@@ -34,6 +34,8 @@ def load_records(path: str) -> list:
             data = json.load(f)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: invalid json at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+    except RecursionError as exc:
+        raise ValueError(f"{path}: json nested too deeply to read (a corrupt or hostile file)") from exc
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}: not UTF-8 text ({exc}); LLaVA json files are UTF-8") from exc
     if not isinstance(data, list):

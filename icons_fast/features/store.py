@@ -25,6 +25,13 @@ never depend on ``finalize()`` having run.
 Reading checks each shard's sha256 before its data is used (``CorruptShard``
 on mismatch), that shard ranges do not overlap and that no sample index
 appears twice.
+
+Self-repair: ``check()`` lists the shards that fail (fast: entry readable, file
+present with the entry's byte size; ``verify=True`` adds the sha256) and the
+shard files that have no entry; ``repair()`` removes them (entry first, then
+the file), so ``missing_ranges`` reports exactly their ranges and a rerun
+recomputes those and nothing else. Entries written before ``bytes`` was
+recorded are still read; the fast check then only asks that the file exists.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -39,7 +47,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-from icons_fast.fileio import atomic_write_bytes, file_sha256, fsync_dir
+from icons_fast.fileio import atomic_write_bytes, file_sha256, fsync_dir, raise_write_error
 
 FORMAT = "icons-fast-features"
 FORMAT_VERSION = 1
@@ -56,8 +64,36 @@ class FingerprintMismatch(ValueError):
     """The directory holds features made under a different configuration."""
 
 
+# How a corrupt shard is repaired, in words; the stage that reads the store appends the exact command.
+REPAIR_HINT = "rerun featurize with --verify: it removes the shards that fail and recomputes their ranges"
+
+
 class CorruptShard(ValueError):
-    """A shard file's sha256 (or contents) disagrees with its manifest entry."""
+    """A shard file's sha256 (or contents) disagrees with its manifest entry.
+
+    ``path`` is the shard file, ``start``/``end`` its sample range; the message
+    ends with :data:`REPAIR_HINT`.
+    """
+
+    def __init__(self, message: str, path: str = "", start: int | None = None, end: int | None = None):
+        super().__init__(message)
+        self.path, self.start, self.end = path, start, end
+
+
+@dataclass(frozen=True)
+class ShardProblem:
+    """One shard that fails ``FeatureStore.check``: its range, the file, what is wrong.
+
+    ``problem`` is one of ``missing_file``, ``wrong_size``, ``bad_checksum``,
+    ``bad_entry`` (unreadable json or another fingerprint), ``orphan_file``
+    (a shard file without an entry: never read, but worth removing).
+    """
+
+    start: int
+    end: int
+    file: str
+    problem: str
+    detail: str = ""
 
 
 class OverlappingShards(ValueError):
@@ -201,8 +237,11 @@ class FeatureStore:
                 f"fingerprint says proj_dim={self.fingerprint['proj_dim']} but proj_dim={self.proj_dim} was passed"
             )
         self.fingerprint_id = hashlib.sha256(_json_bytes(self._identity())).hexdigest()[:16]
-        os.makedirs(os.path.join(self.root, ENTRIES_DIR), exist_ok=True)
-        self._open_header()
+        try:
+            os.makedirs(os.path.join(self.root, ENTRIES_DIR), exist_ok=True)
+            self._open_header()
+        except OSError as err:
+            raise_write_error(err, self.manifest_path)
 
     @classmethod
     def open(cls, root: str) -> "FeatureStore":
@@ -369,8 +408,17 @@ class FeatureStore:
         if os.path.exists(epath):
             os.unlink(epath)
             fsync_dir(os.path.dirname(epath))
-        atomic_write_bytes(self.shard_path(start, end), blob)
-        atomic_write_bytes(epath, _json_bytes(entry))
+        spath = self.shard_path(start, end)
+        atomic_write_bytes(spath, blob)
+        try:
+            atomic_write_bytes(epath, _json_bytes(entry))
+        except BaseException:
+            # Without its entry the shard is not done anyway; removing it frees the space it took.
+            try:
+                os.unlink(spath)
+            except OSError:
+                pass
+            raise
         return entry
 
     # ------------------------------------------------------------------ state
@@ -405,17 +453,85 @@ class FeatureStore:
     def is_done(self, start: int, end: int) -> bool:
         """True when ``[start, end)`` has an entry and its shard file exists with the entry's size.
 
-        (The sha256 is checked on read, not here, so resuming stays cheap.)
+        (The sha256 is checked on read and by ``check(verify=True)``, not here, so resuming stays cheap.)
         """
         epath = self.entry_path(int(start), int(end))
         try:
             e = self._read_entry(epath)
         except (OSError, ValueError):
             return False
+        return self._file_problem(e, verify=False) is None
+
+    def _file_problem(self, e: dict, verify: bool) -> tuple[str, str] | None:
+        """``(problem, detail)`` when ``e``'s shard file is absent, has the wrong size or (verify) checksum."""
+        path = os.path.join(self.root, e["file"])
         try:
-            return os.path.getsize(os.path.join(self.root, e["file"])) == e["bytes"]
+            size = os.path.getsize(path)
         except OSError:
-            return False
+            return "missing_file", f"{path} does not exist"
+        if e.get("bytes") is not None and size != e["bytes"]:  # entries of older stores lack "bytes"
+            return "wrong_size", f"{path} has {size} bytes, its entry says {e['bytes']}"
+        if verify:
+            digest = file_sha256(path)
+            if digest != e["sha256"]:
+                return "bad_checksum", f"{path} has sha256 {digest[:16]}..., its entry says {e['sha256'][:16]}..."
+        return None
+
+    def check(self, verify: bool = False, ranges: Sequence[tuple[int, int]] | None = None) -> list[ShardProblem]:
+        """Every shard that fails, sorted by range start; ``[]`` when the store is sound.
+
+        Fast (default): each entry parses, carries this store's fingerprint, and its
+        file exists with the recorded size. ``verify=True`` also hashes every file
+        (reads all the bytes). Shard files without an entry are listed as
+        ``orphan_file``. ``ranges``: look at these shard ranges only (a writer's own
+        share; None: all). Overlaps between entries are not repaired here:
+        ``check_disjoint`` raises them on read.
+        """
+        wanted = None if ranges is None else {(int(s), int(t)) for s, t in ranges}
+        out: list[ShardProblem] = []
+        committed = set()
+        for s, t in sorted(self._committed_ranges()):
+            committed.add((s, t))
+            if wanted is not None and (s, t) not in wanted:
+                continue
+            epath = self.entry_path(s, t)
+            try:
+                e = self._read_entry(epath)
+            except (OSError, ValueError) as err:  # includes FingerprintMismatch
+                out.append(ShardProblem(s, t, shard_name(s, t) + ".safetensors", "bad_entry", str(err)))
+                continue
+            found = self._file_problem(e, verify)
+            if found is not None:
+                out.append(ShardProblem(s, t, e["file"], *found))
+        for name in os.listdir(self.root):
+            parts = name[: -len(".safetensors")].split("-") if name.endswith(".safetensors") else []
+            if len(parts) == 3 and parts[0] == "shard" and parts[1].isdigit() and parts[2].isdigit():
+                s, t = int(parts[1]), int(parts[2])
+                if (s, t) not in committed and (wanted is None or (s, t) in wanted):
+                    out.append(ShardProblem(s, t, name, "orphan_file", f"{name} has no entry in {ENTRIES_DIR}/"))
+        return sorted(out, key=lambda p: (p.start, p.end, p.problem))
+
+    def repair(self, verify: bool = False, ranges: Sequence[tuple[int, int]] | None = None) -> list[ShardProblem]:
+        """Remove every shard ``check(verify, ranges)`` finds (entry first, then file); returns what was removed.
+
+        Afterwards ``missing_ranges`` reports exactly the removed ranges (orphan files
+        aside: they were never done), so rerunning featurize recomputes those and
+        nothing else. Removing the entry first keeps a crash mid-repair safe: a file
+        without its entry is never read. With several writers in one directory
+        (torchrun ranks, ``--shard`` jobs) each must pass its own ``ranges``: a shard
+        another writer is committing looks like an orphan for a moment.
+        """
+        problems = self.check(verify, ranges)
+        for p in problems:
+            for path in (self.entry_path(p.start, p.end), os.path.join(self.root, p.file)):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        if problems:
+            fsync_dir(os.path.join(self.root, ENTRIES_DIR))
+            fsync_dir(self.root)
+        return problems
 
     def missing_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
         """The ranges of ``ranges`` that are not done (to be (re)featurised)."""
@@ -450,8 +566,9 @@ class FeatureStore:
         check_disjoint(entries)
         for e in entries:
             path = os.path.join(self.root, e["file"])
-            if not os.path.exists(path) or os.path.getsize(path) != e["bytes"]:
-                raise CorruptShard(f"shard {path} is missing or has the wrong size; delete its entry and rerun featurize")
+            found = self._file_problem(e, verify=False)
+            if found is not None:
+                raise CorruptShard(f"shard {path}: {found[1]}; {REPAIR_HINT}", path, e["start"], e["end"])
         manifest = {**self._header(), "entries": entries, "rows": int(sum(e["rows"] for e in entries))}
         atomic_write_bytes(self.manifest_path, _json_bytes(manifest))
         return manifest
@@ -465,16 +582,12 @@ class FeatureStore:
     def _open_shard(self, e: dict, verify: bool):
         """Verify ``e``'s file and return (path, indices, ids, norms, int8 scales or None); features are sliced lazily."""
         path = os.path.join(self.root, e["file"])
-        if not os.path.exists(path):
-            raise CorruptShard(f"shard {path} has a manifest entry but no file; delete "
-                               f"{self.entry_path(e['start'], e['end'])} and rerun featurize")
-        if verify:
-            digest = file_sha256(path)
-            if digest != e["sha256"]:
-                raise CorruptShard(
-                    f"shard {path} fails its checksum (sha256 {digest[:16]}..., manifest says {e['sha256'][:16]}...): "
-                    f"the file is corrupt. Delete it and rerun featurize to recompute its range [{e['start']}, {e['end']})"
-                )
+        found = self._file_problem(e, verify)
+        if found is not None:
+            what = {"missing_file": "has a manifest entry but no file", "wrong_size": "has the wrong size",
+                    "bad_checksum": "fails its checksum (the file is corrupt)"}[found[0]]
+            raise CorruptShard(f"shard {path} {what}: {found[1]}; sample range [{e['start']}, {e['end']}) is lost "
+                               f"until recomputed; {REPAIR_HINT}", path, e["start"], e["end"])
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
             idx = f.get_tensor("indices").numpy()
@@ -488,7 +601,7 @@ class FeatureStore:
                 or meta.get("fingerprint_id") != self.fingerprint_id):
             raise CorruptShard(
                 f"shard {path} does not match its manifest entry (rows, indices, ids, shape or fingerprint); "
-                f"delete it and rerun featurize"
+                f"{REPAIR_HINT}", path, e["start"], e["end"]
             )
         return path, idx, ids, norms, scales
 
