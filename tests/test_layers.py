@@ -2,7 +2,7 @@
 
 Layers, lowest first (``docs/architecture.md`` draws the same table)::
 
-    0 foundation  contract, config, fileio, logs, distributed, _C   (import nothing above)
+    0 foundation  contract, config, fileio, logs, distributed, runlock, signals, _C
     1 kernels     Triton kernels (installed as icons_fast.kernels)
     2 ops         checks, dispatch through one registry, the torch references
     3 inputs      data/ (records, templates, images, demo data), model/ (loading, LoRA, inputs)
@@ -32,6 +32,8 @@ LAYERS = {
     "icons_fast.fileio": 0,
     "icons_fast.logs": 0,
     "icons_fast.distributed": 0,
+    "icons_fast.runlock": 0,
+    "icons_fast.signals": 0,
     "icons_fast._C": 0,
     "icons_fast.kernels": 1,
     "icons_fast.ops": 2,
