@@ -33,7 +33,8 @@ kernel launch, ``_C.cuda_runtime_status()``) and falls back to torch with one
 logged line when it cannot run (driver too old, no image for the GPU).
 
 CI without a GPU still catches CUDA compile errors through
-``tests/test_influence_ext.py::test_cuda_source_compiles`` (``nvcc -c``).
+``tests/test_influence_ext.py::test_cuda_source_compiles`` (``nvcc -c`` of every
+csrc/*.cu for sm_75 and sm_90).
 """
 import os
 import re
