@@ -66,7 +66,7 @@ step nvidia_smi --timeout 20 --needs gpu -- nvidia-smi --query-gpu=name,memory.t
 #    install so that everything after it still imports.
 FORCE=()
 if command -v nvcc > /dev/null || [ -x "${CUDA_HOME:-/nonexistent}/bin/nvcc" ]; then FORCE=(--env ICONS_FAST_FORCE_CUDA_BUILD=1); fi
-step build --timeout 180 --needs gpu ${FORCE[@]+"${FORCE[@]}"} --env MAX_JOBS="$JOBS" -- \
+step build --timeout 150 --needs gpu ${FORCE[@]+"${FORCE[@]}"} --env MAX_JOBS="$JOBS" -- \
     "$PY" -m pip install --no-build-isolation --no-deps -e .
 step build_fallback --timeout 60 --needs gpu --if-failed build --env ICONS_FAST_SKIP_EXT=1 -- \
     "$PY" -m pip install --no-build-isolation --no-deps -e .
@@ -81,9 +81,12 @@ if has_cpu_ext():
 print('backends cuda:', icons_fast.backends('cuda'))
 print('gpu_suite_facts: ' + json.dumps({'cuda_ext': ok}))"
 
-# 2. CUDA tests: bounded --maxfail so that one broken kernel does not hide the others; faiss apart
-step pytest_cuda --timeout 150 --needs gpu --junit "$LOGS/pytest_cuda.xml" -- \
-    "$PY" -m pytest -m cuda -q --maxfail=8 -p no:cacheprovider --ignore=tests/test_faiss_index.py \
+# 2. CUDA tests: bounded --maxfail so that one broken kernel does not hide the others; faiss apart.
+#    With pytest-xdist (the device machine has it) 4 workers compile Triton autotune sets in parallel.
+XDIST=()
+"$PY" -c "import xdist" 2> /dev/null && XDIST=(-n 4)
+step pytest_cuda --timeout 180 --needs gpu --junit "$LOGS/pytest_cuda.xml" -- \
+    "$PY" -m pytest -m cuda -q --maxfail=8 -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} --ignore=tests/test_faiss_index.py \
     --junitxml="$LOGS/pytest_cuda.xml" tests
 step faiss_gpu --timeout 60 --needs gpu,faiss --junit "$LOGS/pytest_faiss.xml" -- \
     "$PY" -m pytest -m cuda -q --maxfail=3 -p no:cacheprovider --junitxml="$LOGS/pytest_faiss.xml" \
