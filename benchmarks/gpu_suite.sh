@@ -67,9 +67,9 @@ step nvidia_smi --timeout 20 --needs gpu -- nvidia-smi --query-gpu=name,memory.t
 FORCE=()
 if command -v nvcc > /dev/null || [ -x "${CUDA_HOME:-/nonexistent}/bin/nvcc" ]; then FORCE=(--env ICONS_FAST_FORCE_CUDA_BUILD=1); fi
 step build --timeout 150 --needs gpu ${FORCE[@]+"${FORCE[@]}"} --env MAX_JOBS="$JOBS" -- \
-    "$PY" -m pip install --no-build-isolation --no-deps -e .
+    "$PY" -m pip install --no-index --disable-pip-version-check --no-build-isolation --no-deps -e .
 step build_fallback --timeout 60 --needs gpu --if-failed build --env ICONS_FAST_SKIP_EXT=1 -- \
-    "$PY" -m pip install --no-build-isolation --no-deps -e .
+    "$PY" -m pip install --no-index --disable-pip-version-check --no-build-isolation --no-deps -e .
 step ext_check --timeout 60 -- "$PY" -c "
 import json, icons_fast
 from icons_fast.ops.backend import cpu_ext, has_cpu_ext, has_cuda_ext
