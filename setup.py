@@ -183,8 +183,9 @@ def cuda_plan() -> str | None:
             warnings.warn(f"icons-fast: {mismatch}; building the CUDA path anyway (ICONS_FAST_FORCE_CUDA_BUILD=1)")
         return nvcc
     if mismatch:
-        warnings.warn(f"icons-fast: {mismatch}; building the CPU path only. Set CUDA_HOME to a matching toolkit, "
-                      "or ICONS_FAST_FORCE_CUDA_BUILD=1 to build it anyway.")
+        warnings.warn(f"icons-fast: {mismatch}; building the CPU path only. Install a torch built with that CUDA "
+                      "major or point CUDA_HOME at a toolkit matching torch's; ICONS_FAST_FORCE_CUDA_BUILD=1 builds "
+                      "it anyway.")
         return None
     if not gpu_driver_present():
         warnings.warn(
