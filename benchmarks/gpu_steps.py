@@ -51,7 +51,7 @@ FACTS_PREFIX = "gpu_suite_facts: "
 MIN_STEP_S = 20  # a step given less than this would only record a timeout
 KILL_GRACE_S = 10
 TAIL_LINES = 25
-PACK_MAX_FILE_BYTES = 8 << 20  # larger files stay out of logs.tar.gz (the device tool returns files <= 16 MiB)
+PACK_MAX_BYTES = 14 << 20  # logs.tar.gz stays under this (the device tool returns files of at most 16 MiB)
 
 # Why a step that needs a fact is skipped when the fact is false.
 NEED_REASONS = {
@@ -178,18 +178,20 @@ class Suite:
             self.pack_logs()
 
     def pack_logs(self) -> None:
-        """``<results>/logs.tar.gz`` of the log folder (files over PACK_MAX_FILE_BYTES left out, listed)."""
+        """``<results>/logs.tar.gz`` of the log folder, smallest files first; once the archive
+        passes PACK_MAX_BYTES the remaining (largest) files are left out and listed."""
         target = os.path.join(self.dir, "logs.tar.gz")
         tmp = target + ".tmp"
+        root = self.data["log_dir"]
+        files = sorted((os.path.getsize(os.path.join(d, fn)), os.path.relpath(os.path.join(d, fn), root))
+                       for d, _, names in os.walk(root) for fn in names)
         left_out = []
         with tarfile.open(tmp, "w:gz") as tar:
-            for root, _, files in os.walk(self.data["log_dir"]):
-                for fn in sorted(files):
-                    p = os.path.join(root, fn)
-                    if os.path.getsize(p) > PACK_MAX_FILE_BYTES:
-                        left_out.append(os.path.relpath(p, self.data["log_dir"]))
-                        continue
-                    tar.add(p, arcname=os.path.relpath(p, self.data["log_dir"]))
+            for _, rel in files:
+                if left_out or os.path.getsize(tmp) > PACK_MAX_BYTES:
+                    left_out.append(rel)
+                    continue
+                tar.add(os.path.join(root, rel), arcname=rel)
         os.replace(tmp, target)
         if left_out != self.data.get("packed_left_out", []):
             self.data["packed_left_out"] = left_out

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 
 import pytest
@@ -89,9 +90,25 @@ def test_figures_from_csv_and_junit(tmp_path):
     assert figs["none.csv"] == "not written"
     assert figs["junit"]["tests"] == 3 and figs["junit"]["failures"] == 1 and figs["junit"]["failed"] == ["t::b"]
     assert os.path.isfile(os.path.join(res, "logs.tar.gz"))  # logs kept apart are packed after each step
+    with tarfile.open(os.path.join(res, "logs.tar.gz")) as tar:
+        assert tar.getnames() == ["bench.log"]
     suite.finish()
     assert _saved(res)["finished"] is not None
     assert "ours" in suite.table()
+
+
+def test_packed_logs_leave_out_the_largest_files_past_the_cap(tmp_path, monkeypatch):
+    logs = tmp_path / "logs"
+    suite = gpu_steps.Suite.init(str(tmp_path / "res"), budget_s=300, log_dir=str(logs), pack=True)
+    (logs / "small.log").write_text("x" * 100)
+    (logs / "trace.json").write_bytes(os.urandom(300_000))  # incompressible
+    (logs / "huge.json").write_bytes(os.urandom(600_000))
+    monkeypatch.setattr(gpu_steps, "PACK_MAX_BYTES", 200_000)
+    suite.pack_logs()
+    with tarfile.open(tmp_path / "res" / "logs.tar.gz") as tar:
+        names = tar.getnames()
+    assert "small.log" in names and "huge.json" not in names
+    assert suite.data["packed_left_out"][-1] == "huge.json"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the suite runs for minutes")
