@@ -11,11 +11,11 @@ where it stopped)::
 
 ``status`` is ``pass`` | ``fail`` | ``timeout`` | ``skipped: <reason>``.
 A step is skipped, never run, when a fact it needs is false (``--needs gpu``:
-``facts["gpu"]``), when the step it depends on did not end as asked
-(``--if-failed build``: run only when ``build``
-ended ``fail`` or ``timeout``), or when less than ``MIN_STEP_S`` of the budget is
-left. Facts come from the ``probe`` step: a step may print one line
-``gpu_suite_facts: {json}`` whose keys are merged into ``facts``.
+``facts["gpu"]``), when the step it depends on did not fail (``--if-failed
+build``: run only when ``build`` ended ``fail`` or ``timeout``), or when less
+than ``MIN_STEP_S`` of the budget is left. Facts come from the ``probe`` step:
+any step may print one line ``gpu_suite_facts: {json}`` whose keys are merged
+into ``facts``.
 
 ``figures``: the rows of the CSV files a step names (``--csv``), the counts of
 its JUnit XML (``--junit``), else nothing (its ``tail`` holds its last lines).
@@ -30,6 +30,7 @@ except in ``probe``, which runs under the interpreter being tested::
     python benchmarks/gpu_steps.py step RESULTS_DIR NAME --timeout 60 [--needs gpu,faiss] \
         [--if-failed STEP] [--csv FILE] [--junit FILE] [--env K=V] -- CMD ARGS...
     python benchmarks/gpu_steps.py probe          # prints the facts line (imports torch)
+    python benchmarks/gpu_steps.py finish RESULTS_DIR   # marks the run finished, prints the table
     python benchmarks/gpu_steps.py table RESULTS_DIR
 """
 from __future__ import annotations
