@@ -24,7 +24,7 @@
 #
 #   run(command="bash benchmarks/gpu_suite.sh", timeout_s=560)
 #
-# The suite's budget (470 s) plus the probe keeps it inside that call's 560 s, which leaves room in
+# The suite's budget (470 s, probe included) keeps it inside that call's 560 s, which leaves room in
 # the 15 minutes of device time for the machine's start and one short rerun of a failed step, e.g.
 #   run(command="python3 -m pip install -q --no-build-isolation --no-deps -e . && python3 -m pytest -m cuda -q --maxfail=5 tests/test_kernels.py", timeout_s=300)
 # Read RESULTS/gpu_suite.json (files_at) for every figure; summary.txt is the same as the table.
