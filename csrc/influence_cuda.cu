@@ -17,6 +17,9 @@
 //     tensor-core product; accumulation stays fp32).
 //   * simt (fp32 / int8 train rows, or GPUs without the needed tensor cores):
 //     256 threads, each a 4 x 4 register tile over a BK-deep shared-memory slab.
+// Before each launch the host asks the runtime which image it will run
+// (cudaFuncGetAttributes): no image for this GPU is a clear error, an image
+// from too old an architecture for tensor cores takes the simt engine.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -28,6 +31,7 @@
 #include <type_traits>
 
 #include "influence.h"
+#include "runtime_probe.h"
 
 namespace icons_fast {
 namespace {
@@ -255,18 +259,25 @@ __device__ void wmma_body(const Params& p) {
   if (tid < BM && row0 + tid < p.n) state_flush(st, topbuf[tid], row0 + tid, p);
 }
 
-// fp16 fragments need sm_70, bf16 fragments sm_80; the host launches this
-// kernel only on such GPUs, so older device passes compile an empty body.
+// fp16 fragments need sm_70, bf16 fragments sm_80. Older device passes
+// compile a body that traps; the host launches this kernel only when the
+// image the runtime picked was compiled for a new enough architecture
+// (cudaFuncAttributes::ptxVersion, see launch_any), so the trap is a guard
+// against silent zeros, never the plan.
 template <class T16, class TB>
 __global__ void __launch_bounds__(128) segment_reduce_wmma(Params p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 700
   if constexpr (std::is_same<T16, __nv_bfloat16>::value) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
     wmma_body<T16, TB>(p);
+#else
+    __trap();
 #endif
   } else {
     wmma_body<T16, TB>(p);
   }
+#else
+  __trap();
 #endif
 }
 static_assert(BM == BN, "segment_reduce_wmma stages A and B slabs in one loop");
@@ -275,29 +286,43 @@ void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string("influence (cuda): ") + what + ": " + cudaGetErrorString(e));
 }
 
-template <class TA, class TB>
-void launch_simt(const Params& p, cudaStream_t s) {
-  const unsigned grid = static_cast<unsigned>((p.n + BM - 1) / BM);
-  segment_reduce_simt<TA, TB><<<grid, 256, 0, s>>>(p);
+using Kernel = void (*)(Params);
+
+// The architecture this build's image of `k` was compiled for on the current
+// device (10 * major + minor of its virtual architecture), or a clear error
+// when the build has no image this GPU can run (e.g. sm_75 with the default
+// "80;90" build: no sm_75 code, and compute_90 PTX cannot be JIT-compiled down).
+int image_arch(Kernel k) {
+  cudaFuncAttributes a{};
+  const cudaError_t e = cudaFuncGetAttributes(&a, reinterpret_cast<const void*>(k));
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // not sticky: clear it so the caller's next CUDA call is not blamed
+    throw std::runtime_error(std::string("influence (cuda): this build has no kernel image for the GPU (") +
+                             current_device_arch() + "; built for \"" ICONS_FAST_CUDA_ARCH_LIST "\"): " +
+                             cudaGetErrorString(e) + ". Rebuild with ICONS_FAST_CUDA_ARCHS naming this GPU's "
+                             "compute capability (pip install -e .), or use backend='torch'");
+  }
+  return a.ptxVersion;
 }
 
-template <class T16, class TB>
-void launch_wmma(const Params& p, cudaStream_t s) {
-  const unsigned grid = static_cast<unsigned>((p.n + BM - 1) / BM);
-  segment_reduce_wmma<T16, TB><<<grid, 128, 0, s>>>(p);
-}
-
+// Tensor cores (wmma) for 16-bit train rows when both the device (cc) and the
+// image the runtime picked (image_arch) reach `tc_arch` (70 fp16, 80 bf16);
+// otherwise the simt engine, which every image can run.
 template <class TA>
-void launch_any(const Params& p, int target_dtype, bool tensor_cores, cudaStream_t s) {
+void launch_any(const Params& p, int target_dtype, int tc_arch, int cc, cudaStream_t s) {
+  const unsigned grid = static_cast<unsigned>((p.n + BM - 1) / BM);
   if constexpr (std::is_same<TA, __half>::value || std::is_same<TA, __nv_bfloat16>::value) {
-    if (tensor_cores) {
-      if (target_dtype == kF16) launch_wmma<TA, __half>(p, s);
-      else launch_wmma<TA, float>(p, s);
-      return;
+    if (cc >= tc_arch) {
+      Kernel k = target_dtype == kF16 ? segment_reduce_wmma<TA, __half> : segment_reduce_wmma<TA, float>;
+      if (image_arch(k) >= tc_arch) {
+        k<<<grid, 128, 0, s>>>(p);
+        return;
+      }
     }
   }
-  if (target_dtype == kF16) launch_simt<TA, __half>(p, s);
-  else launch_simt<TA, float>(p, s);
+  Kernel k = target_dtype == kF16 ? segment_reduce_simt<TA, __half> : segment_reduce_simt<TA, float>;
+  image_arch(k);  // throws when there is no image for this GPU
+  k<<<grid, 256, 0, s>>>(p);
 }
 
 }  // namespace
@@ -314,17 +339,19 @@ void segment_reduce_cuda(const void* train, int train_dtype, int64_t n, int64_t 
     throw std::invalid_argument("influence (cuda): top-m needs 1 <= m <= " + std::to_string(kCudaMaxTopM));
   if ((n + BM - 1) / BM > 0x7fffffffLL) throw std::invalid_argument("influence (cuda): too many train rows for one call");
   Params p{train, scale, targets, offsets, out, n, k, m, n_segments, reduction, static_cast<int>(topm), threshold, weight};
-  int dev = 0, major = 0;
+  int dev = 0, major = 0, minor = 0;
   check(cudaGetDevice(&dev), "cudaGetDevice");
   check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "compute capability");
+  check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "compute capability");
+  const int cc = 10 * major + minor;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (train_dtype) {
-    case kF32: launch_any<float>(p, target_dtype, false, s); break;
-    case kF16: launch_any<__half>(p, target_dtype, major >= 7, s); break;
-    case kBF16: launch_any<__nv_bfloat16>(p, target_dtype, major >= 8, s); break;
+    case kF32: launch_any<float>(p, target_dtype, 0, cc, s); break;
+    case kF16: launch_any<__half>(p, target_dtype, 70, cc, s); break;
+    case kBF16: launch_any<__nv_bfloat16>(p, target_dtype, 80, cc, s); break;
     case kI8:
       if (!scale) throw std::invalid_argument("influence (cuda): int8 train features need a scale");
-      launch_any<int8_t>(p, target_dtype, false, s);
+      launch_any<int8_t>(p, target_dtype, 0, cc, s);
       break;
     default: throw std::invalid_argument("influence (cuda): bad train dtype code");
   }

@@ -3,6 +3,10 @@
 // the capability queries.
 #include <pybind11/pybind11.h>
 
+#include <string>
+
+#include "runtime_probe.h"
+
 namespace py = pybind11;
 
 void register_project(py::module_& m);    // project.cpp: Rademacher sign tiles
@@ -17,6 +21,15 @@ PYBIND11_MODULE(_C, m) {
     return false;
 #endif
   }, "True when the CUDA path was compiled in.");
+  m.def("cuda_runtime_status", []() -> std::string {
+#ifdef ICONS_FAST_WITH_CUDA
+    return icons_fast::cuda_runtime_status();
+#else
+    return "the extension was built without its CUDA path (set ICONS_FAST_FORCE_CUDA_BUILD=1 and rebuild)";
+#endif
+  }, "'' when a probe kernel of this build runs on the current CUDA device, else one line saying why not.");
+  m.def("cuda_archs", []() { return std::string(ICONS_FAST_CUDA_ARCH_LIST); },
+        "The ICONS_FAST_CUDA_ARCHS the CUDA path was compiled for ('unknown' when not recorded).");
   register_project(m);
   register_influence(m);
 }

@@ -212,17 +212,78 @@ def test_has_cuda_ext_false_without_gpu():
 
 
 def test_cuda_source_compiles(tmp_path):
-    """`nvcc -c` the CUDA path for one architecture, so compile errors show up where nvcc exists."""
+    """Every csrc/*.cu with nvcc for sm_75 (tensor-core bf16 body replaced by a trap) and sm_90."""
     nvcc = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None)
     if not nvcc or not os.path.exists(nvcc):
         pytest.skip("nvcc not found")
-    cmd = [nvcc, "-c", os.path.join(REPO, "csrc", "influence_cuda.cu"), "-o", str(tmp_path / "influence_cuda.o"),
-           "-std=c++17", "-O1", "-DICONS_FAST_WITH_CUDA", "-I" + os.path.join(REPO, "csrc"), "-Xcompiler", "-fPIC",
-           "-gencode=arch=compute_80,code=sm_80"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-4000:]
-    assert (tmp_path / "influence_cuda.o").stat().st_size > 0
+    for cu in sorted(f for f in os.listdir(os.path.join(REPO, "csrc")) if f.endswith(".cu")):
+        obj = tmp_path / (cu + ".o")
+        cmd = [nvcc, "-c", os.path.join(REPO, "csrc", cu), "-o", str(obj), "-std=c++17", "-O1",
+               "-DICONS_FAST_WITH_CUDA", '-DICONS_FAST_CUDA_ARCH_LIST="75;90"', "-I" + os.path.join(REPO, "csrc"),
+               "-Xcompiler", "-fPIC", "--threads", "2", "-gencode=arch=compute_75,code=sm_75",
+               "-gencode=arch=compute_90,code=sm_90"]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, (cu, res.stderr[-4000:])
+        assert obj.stat().st_size > 0
 
+class _FakeExt:
+    """An extension whose CUDA path is compiled in but whose probe reports ``problem``."""
+
+    def __init__(self, problem):
+        self.problem, self.calls = problem, 0
+
+    def has_cuda(self):
+        return True
+
+    def cuda_runtime_status(self):
+        self.calls += 1
+        return self.problem
+
+
+@pytest.mark.parametrize("problem", ["", "cudaGetDeviceCount: CUDA driver version is insufficient for CUDA runtime version"])
+def test_has_cuda_ext_probes_the_runtime_once(monkeypatch, caplog, problem):
+    """Compiled in + a GPU is not enough: the probe kernel must run; a failed probe is one logged line."""
+    fake = _FakeExt(problem)
+    monkeypatch.setattr(backend_mod, "_cpu_ext", lambda: (fake, None))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    backend_mod._cuda_runtime_problem.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="icons_fast"):
+            assert backend_mod.has_cuda_ext() is (problem == "")
+            assert backend_mod.has_cuda_ext() is (problem == "")
+            want = "cuda" if problem == "" else "torch"
+            assert backend_mod.resolve_backend("influence", "auto", "cuda") == want
+        assert fake.calls == 1
+        warned = [r for r in caplog.records if "cannot run here" in r.getMessage()]
+        assert len(warned) == (0 if problem == "" else 1)
+        if problem:
+            assert "insufficient" in warned[0].getMessage()
+    finally:
+        backend_mod._cuda_runtime_problem.cache_clear()
+
+
+def test_cuda_runtime_status_of_the_built_extension(monkeypatch):
+    """Where the extension was built with its CUDA path on a machine without a usable GPU, the real
+    probe says why in one line and has_cuda_ext() is False even if torch claimed a GPU."""
+    if not has_cpu_ext():
+        pytest.skip("icons_fast._C is not built")
+    ext = backend_mod.cpu_ext()
+    status = ext.cuda_runtime_status()
+    assert isinstance(status, str) and "\n" not in status
+    if not ext.has_cuda():
+        assert "built without its CUDA path" in status
+        return
+    assert ext.cuda_archs()
+    if torch.cuda.is_available():
+        assert status == "", status
+        return
+    assert status, "a CUDA build must not pass its probe on a machine without a GPU"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    backend_mod._cuda_runtime_problem.cache_clear()
+    try:
+        assert backend_mod.has_cuda_ext() is False
+    finally:
+        backend_mod._cuda_runtime_problem.cache_clear()
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("reduction", REDUCTIONS)

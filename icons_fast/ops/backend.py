@@ -69,10 +69,27 @@ def cpu_ext():
     return mod
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_runtime_problem(mod) -> str:
+    """Why the CUDA path of ``mod`` cannot run on the current device ("" when it can).
+
+    Probed once per process with a tiny kernel launch (``_C.cuda_runtime_status``):
+    the extension links the static CUDA runtime of the nvcc that built it, which
+    may need a newer driver than torch's, and may hold no image for this GPU.
+    """
+    status = getattr(mod, "cuda_runtime_status", None)
+    problem = "the extension predates its CUDA probe (rebuild it)" if status is None else status()
+    if problem:
+        log.warning("icons_fast: the CUDA extension cannot run here (%s); influence falls back to torch", problem)
+    return problem
+
+
 def has_cuda_ext() -> bool:
-    """True when the extension was built with its CUDA path and a GPU is visible."""
+    """True when the extension's CUDA path can run here: compiled in, a GPU visible, and a probe kernel ran."""
     mod = _cpu_ext()[0]
-    return bool(mod is not None and getattr(mod, "has_cuda", lambda: False)() and torch.cuda.is_available())
+    if mod is None or not getattr(mod, "has_cuda", lambda: False)() or not torch.cuda.is_available():
+        return False
+    return not _cuda_runtime_problem(mod)
 
 
 @functools.lru_cache(maxsize=None)

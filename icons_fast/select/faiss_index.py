@@ -3,7 +3,9 @@
 A target index holds one task's (or all tasks') target features ``[M, k]``
 L2-normalised in fp32, in a ``faiss.IndexFlatIP`` (exact inner product =
 cosine). On a machine with faiss-gpu and a GPU the index lives on the GPU
-with fp16 storage; otherwise on the CPU. Saved with ``faiss.write_index``
+with fp16 storage, on the process's current CUDA device
+(``torch.cuda.current_device()``, so each torchrun rank uses its own GPU);
+otherwise on the CPU. Saved with ``faiss.write_index``
 (GPU indexes are copied to the CPU first), so a file loads anywhere.
 
 Retrieval (scores are ``<normalise(x_i), normalise(t_j)>``):
@@ -51,6 +53,11 @@ def _gpu_res():
     return _GPU_RES
 
 
+def _gpu_device() -> int:
+    """The GPU this process works on: torch's current device (under torchrun each rank sets its own)."""
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0
+
+
 def _is_gpu_index(index) -> bool:
     return "Gpu" in type(index).__name__
 
@@ -69,7 +76,7 @@ def _flat_ip(vectors: np.ndarray, use_gpu: bool):
     if use_gpu:
         cfg = faiss.GpuIndexFlatConfig()
         cfg.useFloat16 = True
-        cfg.device = 0
+        cfg.device = _gpu_device()
         index = faiss.GpuIndexFlatIP(_gpu_res(), k, cfg)
     else:
         index = faiss.IndexFlatIP(k)
@@ -122,7 +129,7 @@ def load_index(path: str | os.PathLike, use_gpu: bool | None = None):
     if use_gpu:
         co = faiss.GpuClonerOptions()
         co.useFloat16 = True
-        index = faiss.index_cpu_to_gpu(_gpu_res(), 0, index, co)
+        index = faiss.index_cpu_to_gpu(_gpu_res(), _gpu_device(), index, co)
     return index
 
 
