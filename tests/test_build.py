@@ -78,10 +78,11 @@ sys.modules["icons_fast._C"] = None  # `from icons_fast import _C` now raises Im
 import torch
 from icons_fast.ops.backend import has_cpu_ext, has_cuda_ext, resolve_backend
 assert not has_cpu_ext() and not has_cuda_ext()
-from icons_fast.kernels import rademacher_project, rademacher_project_ref
+from icons_fast.kernels import rademacher_project
+from icons_fast.ops.project import project_param_ref
 G = torch.randn(2, 40, generator=torch.Generator().manual_seed(0))
 got = rademacher_project(G, "layer.weight", 1, 16)
-ref = rademacher_project_ref(G.double(), "layer.weight", 1, 16)
+ref = project_param_ref(G.double(), "layer.weight", 1, 16)
 err = float((got.double() - ref).norm() / ref.norm())
 assert err < 1e-5, err
 assert resolve_backend("influence", "auto", "cpu") == "torch"

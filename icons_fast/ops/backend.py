@@ -84,12 +84,21 @@ def _cuda_runtime_problem(mod) -> str:
     return problem
 
 
+def cuda_ext_problem() -> str:
+    """Why the extension's CUDA path cannot run here, with the fix ("" when it can)."""
+    mod, why = _cpu_ext()
+    if mod is None:
+        return why
+    if not getattr(mod, "has_cuda", lambda: False)():
+        return "the extension was built without CUDA (set ICONS_FAST_FORCE_CUDA_BUILD=1 and rebuild)"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA GPU"
+    return _cuda_runtime_problem(mod)
+
+
 def has_cuda_ext() -> bool:
     """True when the extension's CUDA path can run here: compiled in, a GPU visible, and a probe kernel ran."""
-    mod = _cpu_ext()[0]
-    if mod is None or not getattr(mod, "has_cuda", lambda: False)() or not torch.cuda.is_available():
-        return False
-    return not _cuda_runtime_problem(mod)
+    return not cuda_ext_problem()
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,7 +121,8 @@ def _available(name: str, device_type: str) -> tuple[bool, str]:
     if name == "cuda":
         if device_type != "cuda":
             return False, "the CUDA backend needs CUDA tensors"
-        return has_cuda_ext(), "the extension was built without CUDA (set ICONS_FAST_FORCE_CUDA_BUILD=1 and rebuild)"
+        problem = cuda_ext_problem()
+        return not problem, problem
     if name == "triton":
         if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             return False, "Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1 for slow CPU testing)"
