@@ -13,11 +13,12 @@ old version (or none), never a partial one.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import tempfile
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 import numpy as np
 
@@ -84,9 +85,25 @@ def _temp_next_to(path: str) -> tuple[int, str, str]:
     return fd, tmp, directory
 
 
-def _finish(tmp: str, path: str, directory: str) -> None:
-    os.replace(tmp, path)
-    fsync_dir(directory)
+@contextlib.contextmanager
+def _replacing(path: str) -> Iterator[int]:
+    """Yield the fd of a temp file next to ``path``; the body writes, fsyncs and closes it.
+
+    On success the temp file is renamed onto ``path`` (and the directory
+    fsynced); on any failure it is removed, and an ``OSError`` (full disk,
+    read-only directory) becomes a ``StorageError`` naming ``path``.
+    """
+    fd, tmp, directory = _temp_next_to(path)
+    try:
+        yield fd
+        os.replace(tmp, path)
+        fsync_dir(directory)
+    except OSError as err:
+        _discard(tmp)
+        raise_write_error(err, path)
+    except BaseException:
+        _discard(tmp)
+        raise
 
 
 def _discard(tmp: str) -> None:
@@ -98,26 +115,17 @@ def _discard(tmp: str) -> None:
 
 def atomic_write(path: str, write: Callable[[Any], Any], mode: str = "w") -> str:
     """Call ``write(f)`` on a temp file next to ``path``, then rename it onto ``path``; returns ``path``."""
-    fd, tmp, directory = _temp_next_to(path)
-    try:
+    with _replacing(path) as fd:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        _finish(tmp, path, directory)
-    except OSError as err:
-        _discard(tmp)
-        raise_write_error(err, path)
-    except BaseException:
-        _discard(tmp)
-        raise
     return path
 
 
 def atomic_write_bytes(path: str, data: bytes) -> str:
     """Write ``data`` to ``path`` atomically with ``os.write`` in 1 MiB chunks (short writes resumed)."""
-    fd, tmp, directory = _temp_next_to(path)
-    try:
+    with _replacing(path) as fd:
         try:
             view = memoryview(data)
             pos = 0
@@ -126,13 +134,6 @@ def atomic_write_bytes(path: str, data: bytes) -> str:
             os.fsync(fd)
         finally:
             os.close(fd)
-        _finish(tmp, path, directory)
-    except OSError as err:
-        _discard(tmp)
-        raise_write_error(err, path)
-    except BaseException:
-        _discard(tmp)
-        raise
     return path
 
 
