@@ -94,7 +94,9 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@triton.jit(do_not_specialize=["h1", "row_start"])
+# Sizes are not specialized on (divisibility by 16, == 1): odd test shapes reuse the compiled
+# kernels; rows_per_split (a multiple of 128) and stride_gb stay specialized for aligned loads.
+@triton.jit(do_not_specialize=["h1", "row_start", "n_samples", "n_rows", "proj_dim"])
 def _project_kernel(
     g_ptr,  # [B, P] float32 (any float), row stride stride_gb, unit column stride
     m_ptr,  # [P] Adam exp_avg (unused without ADAM)
@@ -161,7 +163,8 @@ def _project_kernel(
     tl.store(part, acc * inv_sqrt_k, mask=b_ok[:, None] & (offs_k[None, :] < proj_dim))
 
 
-def _autotune_configs():
+def autotune_configs() -> list[triton.Config]:
+    """Every configuration the autotuner may try (``prune_configs`` drops some per call)."""
     configs = []
     for bp in (32, 64, 128):
         for bk in (64, 128, 256):
@@ -170,9 +173,30 @@ def _autotune_configs():
     return configs
 
 
+# (BLOCK_P, BLOCK_K, num_warps) kept per BLOCK_B: those that compiled at sm_90 without register
+# spills and below 250 of the 255 registers a thread may hold (at the cap, small code changes
+# flip a configuration between 0 and ~100 B of spills). Measured with Adam, bf16x2 and fp32
+# gradients by benchmarks/triton_compile_time.py --all (triton 3.9); the dropped ones spilled
+# up to 7 KB per thread, and dropping them also saves their compile time.
+NO_SPILL = {
+    16: {(bp, bk, w) for bp in (32, 64) for bk in (64, 128, 256) for w in (4, 8)} - {(64, 256, 4)}
+    | {(128, 64, 4), (128, 64, 8), (128, 128, 8), (128, 256, 8)},
+    32: {(32, 64, 4), (32, 64, 8), (32, 128, 4), (32, 128, 8), (32, 256, 8), (64, 64, 8), (64, 128, 8),
+         (64, 256, 8), (128, 64, 8)},
+    64: {(32, 64, 4), (32, 64, 8), (32, 128, 8), (64, 64, 8)},
+}
+
+
+def prune_configs(configs: list[triton.Config], named_args, **kwargs) -> list[triton.Config]:
+    """The configurations worth compiling for this call's ``BLOCK_B``: those in ``NO_SPILL``."""
+    keep = NO_SPILL[kwargs["BLOCK_B"]]
+    return [c for c in configs if (c.kwargs["BLOCK_P"], c.kwargs["BLOCK_K"], c.num_warps) in keep]
+
+
 # Tuned per (row count, k, samples-per-program) on a GPU; fixed small blocks under the interpreter.
 _project_kernel_tuned = triton.autotune(
-    configs=_autotune_configs(), key=["n_rows", "proj_dim", "BLOCK_B", "ADAM", "N_TERMS"]
+    configs=autotune_configs(), key=["n_rows", "proj_dim", "BLOCK_B", "ADAM", "N_TERMS"],
+    prune_configs_by={"early_config_prune": prune_configs},
 )(_project_kernel)
 
 
