@@ -17,6 +17,13 @@ A configuration that is kept but spills (or uses 250+ registers), or pruned
 but fits, is marked "!": ``NO_SPILL`` in ``kernels/project.py`` then needs
 the new measurement.
 
+Measured on a shared 2-core CPU machine (triton 3.9, sm_90, Adam, bf16x2,
+fp32 gradients; a config takes 0.8-4 s, up to 15 s for the large spilling
+ones): BLOCK_B = 16 keeps 15 of 18 configurations, 23-37 s to compile
+(all 18: 53 s in the same run); BLOCK_B = 32 keeps 9 (10.5 s, all 18:
+~70-100 s); BLOCK_B = 64 keeps 4 (4.1 s, all 18: ~105 s). Each further
+(BLOCK_B, ADAM, N_TERMS, dtype) a run meets costs its set again.
+
     python benchmarks/triton_compile_time.py                       # BLOCK_B 16, Adam, bf16x2, fp32 grads
     python benchmarks/triton_compile_time.py --block-b 16 32 64 --all
 """

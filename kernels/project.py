@@ -58,10 +58,13 @@ keep "within 2x of the torch reference in that dtype against fp64".
 Triton's CPU interpreter computes bf16 ``tl.dot`` wrongly (numpy has no
 bfloat16), so under ``TRITON_INTERPRET=1`` the pieces are float16 (11
 mantissa bits; same code, different rounding step); the bf16 arithmetic is
-checked by emulation in ``tests/test_kernel_numerics.py``. The interpreter
-also forms scalar arithmetic in float64, which is why ``1 - beta1`` and
-``1 - beta2`` arrive as arguments formed in float64 on the host rather
-than computed from fp32 ``beta`` in the kernel (1.3e-5 off at 0.999 on a GPU).
+checked by emulation in ``tests/test_kernel_numerics.py``.
+
+Adam. ``1 - beta1`` and ``1 - beta2`` arrive as arguments formed in float64
+on the host (``AdamMoments.one_minus_beta*``), as the torch reference uses
+them: compiled, ``1.0 - beta2`` of the fp32 argument 0.999 is 1.3e-5
+relative off. (The interpreter forms scalar arithmetic in float64 and
+cannot show that difference; the test of it bites on a GPU.)
 
 Compilation. ``h1`` is declared ``tl.int32`` (bits of the uint32,
 ``param_hash_i32``) and ``row_start`` ``tl.int64``: an undeclared int is
