@@ -183,6 +183,9 @@ class AdamMoments:
     elements (any shape; flattened row-major like the gradient)::
 
         G = (beta1*m + (1-beta1)*g) / sqrt(beta2*v + (1-beta2)*g**2 + eps)
+
+    ``1-beta1`` and ``1-beta2`` are formed in float64 (``one_minus_beta1``,
+    ``one_minus_beta2``) and each backend rounds them once to its dtype.
     """
 
     exp_avg: torch.Tensor
@@ -197,6 +200,17 @@ class AdamMoments:
                 f"exp_avg has {self.exp_avg.numel()} elements but exp_avg_sq {self.exp_avg_sq.numel()}; "
                 "they must come from the same parameter"
             )
+
+    @property
+    def one_minus_beta1(self) -> float:
+        """``1 - beta1`` formed in float64 (every backend multiplies by this one value; in fp32
+        ``1 - fp32(0.999)`` would be 1.3e-5 relative off)."""
+        return 1.0 - float(self.beta1)
+
+    @property
+    def one_minus_beta2(self) -> float:
+        """``1 - beta2`` formed in float64 (see ``one_minus_beta1``)."""
+        return 1.0 - float(self.beta2)
 
     def flat(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(m, v)`` flattened to ``[numel]`` (on ``device`` when given)."""

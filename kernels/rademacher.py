@@ -45,9 +45,10 @@ def fmix32(h):
 def row_hash(h1, rows):
     """``fmix32(h1 ^ i)`` for element indices ``rows`` (any int type, values < 2**32) -> uint32.
 
-    ``h1 = fmix32(seed ^ pid)`` comes from the host (``param_hash``).
+    ``h1 = fmix32(seed ^ pid)`` comes from the host as a signed int32 holding
+    the uint32's bits (``param_hash_i32``); the bitcast restores the uint32.
     """
-    return fmix32(h1.to(tl.uint32) ^ rows.to(tl.uint32))
+    return fmix32(h1.to(tl.uint32, bitcast=True) ^ rows.to(tl.uint32))
 
 
 @triton.jit
@@ -78,8 +79,8 @@ def sign_tile(base, col_start, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, DTY
 @triton.jit(do_not_specialize=["h1", "row_start"])
 def _signs_kernel(
     out_ptr,  # int8 [n_rows, proj_dim]: +1 / -1
-    h1,
-    row_start,
+    h1: tl.int32,  # param_hash_i32
+    row_start: tl.int64,
     n_rows,
     proj_dim,
     BLOCK_P: tl.constexpr,
@@ -96,6 +97,17 @@ def _signs_kernel(
     signs = (1 - 2 * neg.to(tl.int32)).to(tl.int8)
     ptrs = out_ptr + offs_p.to(tl.int64)[:, None] * proj_dim + offs_k[None, :]
     tl.store(ptrs, signs, mask=(offs_p[:, None] < n_rows) & (offs_k[None, :] < proj_dim))
+
+
+def param_hash_i32(name: str | int, seed: int) -> int:
+    """``param_hash(name, seed)`` as the signed int32 with the same 32 bits, the kernels' ``h1`` argument.
+
+    Triton types a Python int argument i32 below 2**31 and i64 above; half of
+    all names would compile a second i64 variant of every kernel. The kernels
+    declare ``h1: tl.int32`` and bitcast it back to uint32 (``row_hash``).
+    """
+    h1 = param_hash(name, seed)
+    return h1 - 2**32 if h1 >= 2**31 else h1
 
 
 def check_row_range(row_start: int, n_rows: int) -> None:
@@ -130,6 +142,6 @@ def rademacher_signs(
         return out.to(dtype)
     block_p, block_k = 32, 64
     grid = (triton.cdiv(n_rows, block_p), triton.cdiv(proj_dim, block_k))
-    _signs_kernel[grid](out, param_hash(name, seed), row_start, n_rows, proj_dim, BLOCK_P=block_p, BLOCK_K=block_k)
+    _signs_kernel[grid](out, param_hash_i32(name, seed), row_start, n_rows, proj_dim, BLOCK_P=block_p, BLOCK_K=block_k)
     value = 1.0 / math.sqrt(proj_dim) if scaled else 1.0
     return (out.to(torch.float64) * value).to(dtype)

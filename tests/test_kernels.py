@@ -93,6 +93,34 @@ def test_signs_bit_identical(name, seed, row_start, n_rows, k):
     assert torch.equal(unscaled, rademacher_signs_ref(name, seed, row_start, n_rows, k, scaled=False))
 
 
+def test_h1_is_one_int32_type():
+    """``h1`` travels as the int32 with the uint32's bits (one compiled type); the golden
+    cases above include names whose ``h1`` is >= 2**31 (negative as int32) and < 2**31."""
+    from icons_fast.contract import MASK32, param_hash
+    from icons_fast.kernels.rademacher import param_hash_i32
+
+    hashes = [param_hash(name, seed) for name, seed in ((A_NAME, 0), (0xDEADBEEF, 3))]
+    assert hashes[0] < 2**31 <= hashes[1]
+    for name, seed in ((A_NAME, 0), (0xDEADBEEF, 3), ("x", 2**40 + 7)):
+        h1 = param_hash_i32(name, seed)
+        assert -(2**31) <= h1 < 2**31 and h1 & MASK32 == param_hash(name, seed)
+
+
+def test_autotune_set_is_pruned_per_block_b():
+    """Every BLOCK_B the launcher picks keeps some configurations, all from the autotune set and
+    all dividing the row alignment and the chunk (so chunks and splits start on a tile)."""
+    from icons_fast.kernels.project import (
+        CHUNK_ROWS, MAX_BLOCK_B, ROW_ALIGN, autotune_configs, prune_configs,
+    )
+
+    every = autotune_configs()
+    for block_b in (16, 32, MAX_BLOCK_B):
+        kept = prune_configs(every, None, BLOCK_B=block_b, ADAM=True, N_TERMS=2)
+        assert 0 < len(kept) < len(every)
+        assert all(c in every for c in kept)
+        assert all(ROW_ALIGN % c.kwargs["BLOCK_P"] == 0 and CHUNK_ROWS % c.kwargs["BLOCK_P"] == 0 for c in kept)
+
+
 def test_signs_refuse_indices_past_uint32():
     with pytest.raises(ValueError, match="2\\*\\*32"):
         rademacher_signs("x", 0, 2**32 - 2, 3, 8, device=DEVICE)
@@ -126,6 +154,32 @@ def test_project_matches_ref(n, p, k, adam, split_p, row_start):
     assert rel_err(got.cpu() - start, expected) < 1e-5
 
 
+def test_split_offsets_past_int32():
+    """Row offsets ``split * rows_per_split`` are int64: a split starting past 2**31 reads no row.
+
+    The kernel is launched directly with 300 rows and splits of 2**31 - 128
+    rows: split 1 starts at 2**31 - 128, split 2 at 2**32 - 256 (in int32 that
+    wraps to -256, and the split would re-read rows -256..299 of ``buf``).
+    """
+    import triton.language as tl
+
+    from icons_fast.kernels.project import _adam_scalars, _project_kernel
+    from icons_fast.kernels.rademacher import param_hash_i32
+
+    k, n_rows = 40, 300
+    buf = torch.randn(2, 256 + n_rows, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    G = buf[:, 256:]  # rows before G's first column exist: a wrapped offset reads them instead of crashing
+    partial = torch.full((3, 2, k), float("nan"), device=DEVICE)
+    _project_kernel[(2, 3, 1)](
+        G, G, G, partial, 2, n_rows, k, 2**31 - 128, param_hash_i32(A_NAME, 9), 0, G.stride(0),
+        *_adam_scalars(None), k**-0.5, ADAM=False, N_TERMS=2, MMA_DTYPE=tl.float16, BLOCK_B=16, BLOCK_P=32,
+        BLOCK_K=32, CHUNK_P=64,
+    )
+    partial = partial.cpu()
+    assert torch.equal(partial[1:], torch.zeros(2, 2, k))
+    assert rel_err(partial[0], project_param_ref(G.cpu().double(), A_NAME, 9, k)) < 1e-5
+
+
 @pytest.mark.parametrize("precision, tol", [("bf16", 3e-3), ("bf16x2", 1e-5), ("bf16x3", 1e-6)])
 def test_project_precision_modes(precision, tol):
     G = torch.randn(4, 200, generator=torch.Generator().manual_seed(1))
@@ -139,6 +193,32 @@ def test_adam_ref_formula():
     m1 = 0.9 * m + 0.1 * g
     v1 = 0.999 * v + 0.001 * g**2
     assert torch.allclose(got, m1 / (v1 + 1e-8).sqrt(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("beta1, beta2", [(0.9, 0.999), (0.9, 0.9999)])
+def test_adam_coefficients_within_fp32_rounding(beta1, beta2):
+    """The kernel's and the fp32 reference's ``G'`` match float64 within fp32 rounding.
+
+    ``1 - beta2`` formed in fp32 is 1.3e-5 relative off at 0.999 (1.5e-4 at
+    0.9999), which moves ``G'`` by half that where ``(1-b2) g**2`` dominates
+    the root (``v = 0`` below). One row, k = 1 and bf16x3 pieces (which hold
+    an fp32 value exactly) make ``out[b] = sign * G'[b]``.
+    """
+    g = torch.cat([torch.logspace(-2, 2, 24), -torch.logspace(-2, 2, 24)])[:, None]  # [48, 1]
+    sign = rademacher_signs_ref(A_NAME, 5, 0, 1, 1, dtype=torch.float64)[0, 0].item()
+    for m, v in ((0.0, 0.0), (0.05, 0.3), (-0.2, 1e-6)):
+        moments = AdamMoments(torch.tensor([m]), torch.tensor([v]), beta1=beta1, beta2=beta2)
+        got = rademacher_project(g.to(DEVICE), A_NAME, 5, 1, adam=AdamMoments(
+            *(x.to(DEVICE) for x in (moments.exp_avg, moments.exp_avg_sq)), beta1=beta1, beta2=beta2),
+            precision="bf16x3").cpu().double()[:, 0] * sign
+        g64, m64, v64 = g.double()[:, 0], float(torch.tensor(m)), float(torch.tensor(v))  # the fp32 inputs, exactly
+        exact = (beta1 * m64 + (1 - beta1) * g64) / torch.sqrt(beta2 * v64 + (1 - beta2) * g64**2 + 1e-8)
+        # fp32 rounding is relative to the terms' magnitudes (b1*m + (1-b1)*g may cancel)
+        scale = (abs(beta1 * m64) + (1 - beta1) * g64.abs()) / torch.sqrt(beta2 * v64 + (1 - beta2) * g64**2 + 1e-8)
+        ref32 = adam_precondition_ref(g, moments)[:, 0].double()
+        for name, x in (("kernel", got), ("torch fp32 reference", ref32)):
+            worst = ((x - exact).abs() / scale).max().item()
+            assert worst < 1e-6, f"{name}: G' off by {worst:.2e} relative (m={m}, v={v})"
 
 
 # ------------------------------------------------------ module, end to end

@@ -67,7 +67,8 @@ def adam_precondition_ref(g: torch.Tensor, adam: AdamMoments) -> torch.Tensor:
     m = adam.exp_avg.reshape(g.shape[1:]).to(g.device, g.dtype)
     v = adam.exp_avg_sq.reshape(g.shape[1:]).to(g.device, g.dtype)
     b1, b2 = adam.beta1, adam.beta2
-    return (b1 * m + (1 - b1) * g) / torch.sqrt(b2 * v + (1 - b2) * g * g + adam.eps)
+    c1, c2 = adam.one_minus_beta1, adam.one_minus_beta2  # float64 on the host, as the kernel gets them
+    return (b1 * m + c1 * g) / torch.sqrt(b2 * v + c2 * g * g + adam.eps)
 
 
 def project_param_ref(g: torch.Tensor, pid: str | int, seed: int, k: int, row_start: int = 0,
