@@ -98,7 +98,7 @@ step featurize_7b --timeout 130 --needs gpu --csv "$LOGS/featurize_llava7b.csv" 
     --batch "$BATCH" --repeats 3 --device cuda --csv "$LOGS/featurize_llava7b.csv"
 
 # 4. Triton kernels vs cuBLAS on a stored sign matrix (one LLaVA-7B layer); figures in its log tail
-step kernels --timeout 70 --needs gpu,triton -- "$PY" benchmarks/bench_kernels.py --repeats 5
+step kernels --timeout 100 --needs gpu,triton -- "$PY" benchmarks/bench_kernels.py --repeats 5
 
 # 5. influence op: extension vs torch materialise-then-reduce; figures in its log tail
 step influence --timeout 60 --needs gpu -- "$PY" benchmarks/bench_influence.py --device cuda
