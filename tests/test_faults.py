@@ -668,8 +668,9 @@ def test_full_disk_mid_featurize_is_one_line_and_the_rerun_equals_uninterrupted(
     real_write, shards = os.write, []
 
     def write(fd, data):
-        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
-        if name.startswith(".shard-") and name.endswith(".tmp") and "/train/" in os.readlink(f"/proc/self/fd/{fd}"):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        name = os.path.basename(path)
+        if name.startswith(".shard-") and ".safetensors." in name and "/train/" in path:  # a pool shard's temp file
             if name not in shards:
                 shards.append(name)
             if len(shards) == 3:  # the third shard file: half of it fits, then the disk is full
@@ -686,8 +687,10 @@ def test_full_disk_mid_featurize_is_one_line_and_the_rerun_equals_uninterrupted(
     line = _one_error_line(capsys.readouterr().err)
     assert line.startswith("icons-fast: error: disk full") and "shard-000000008-000000012.safetensors" in line
     assert "[Errno" not in line and "Free space" in line
-    store_dir = os.path.dirname(os.path.dirname(os.path.join(cfg.out, "features", "x", "train", "e")))
-    store = FeatureStore.open(os.path.join(cfg.out, "features", sorted(os.listdir(store_dir))[0], "train"))
+    from icons_fast.rundir import RunLayout
+
+    ckpt = os.path.basename(RunLayout(cfg.out).warmup_checkpoints()[-1])
+    store = FeatureStore.open(os.path.join(cfg.out, "features", ckpt, "train"))
     assert _leftovers(cfg.out) == [] and store.check(verify=True) == []
     assert [(e["start"], e["end"]) for e in store.entries()] == [(0, 4), (4, 8)]
     assert not os.path.exists(store.shard_path(8, 12))

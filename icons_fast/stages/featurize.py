@@ -248,53 +248,54 @@ def _featurize_split(cfg: Config, run_dir: str, split: str, records_path: str, c
             f.write(json.dumps({"checkpoint": ckpt_name, "batch_size": size, "indices": indices}) + "\n")
 
     bar = tqdm(total=n_todo, desc=f"featurize {split}", unit="sample", dynamic_ncols=True)
-    bs = cfg.features.batch_size
-    for start, end in todo:
-        idx_out, ids_out, feats, norms = [], [], [], []
-        for b0 in range(start, end, bs):
-            with record_function("data"):
-                batch = collate([dataset[i] for i in range(b0, min(b0 + bs, end))])
-            for err in batch.get("errors", []):
-                errors.add(err)
-            if batch.get("input_ids") is None or len(batch["input_ids"]) == 0:
+    try:
+        bs = cfg.features.batch_size
+        for start, end in todo:
+            idx_out, ids_out, feats, norms = [], [], [], []
+            for b0 in range(start, end, bs):
+                with record_function("data"):
+                    batch = collate([dataset[i] for i in range(b0, min(b0 + bs, end))])
+                for err in batch.get("errors", []):
+                    errors.add(err)
+                if batch.get("input_ids") is None or len(batch["input_ids"]) == 0:
+                    bar.update(min(b0 + bs, end) - b0)
+                    continue
+                with record_function("featurize"):
+                    g, oom_rows = featurize_resilient(extractor, batch, on_retry)  # [b, k] float32
+                norm = torch.linalg.vector_norm(g.float(), dim=1)
+                ok = torch.isfinite(norm) & (norm > 0)
+                for row in (~ok).nonzero().flatten().tolist():
+                    if row in oom_rows:
+                        problem = SampleProblem("out_of_memory", f"{int(batch['attention_mask'][row].sum())} tokens")
+                    elif not torch.isfinite(norm[row]):
+                        problem = SampleProblem("non_finite_gradient", f"projected gradient norm {float(norm[row])}")
+                    else:
+                        problem = SampleProblem("zero_gradient", f"projected gradient norm 0 under {ckpt_name}")
+                    errors.add(SampleError(int(batch["indices"][row]), batch["ids"][row], "featurize", problem.reason))
+                keep = ok.cpu()
+                idx_out.append(batch["indices"][keep].numpy())
+                ids_out.extend(i for i, k in zip(batch["ids"], keep.tolist()) if k)
+                f, n = normalize_rows(g[ok], cfg.features.store_dtype)
+                feats.append(f.cpu())
+                norms.append(n)
                 bar.update(min(b0 + bs, end) - b0)
-                continue
-            with record_function("featurize"):
-                g, oom_rows = featurize_resilient(extractor, batch, on_retry)  # [b, k] float32
-            norm = torch.linalg.vector_norm(g.float(), dim=1)
-            ok = torch.isfinite(norm) & (norm > 0)
-            for row in (~ok).nonzero().flatten().tolist():
-                if row in oom_rows:
-                    problem = SampleProblem("out_of_memory", f"{int(batch['attention_mask'][row].sum())} tokens")
-                elif not torch.isfinite(norm[row]):
-                    problem = SampleProblem("non_finite_gradient", f"projected gradient norm {float(norm[row])}")
-                else:
-                    problem = SampleProblem("zero_gradient", f"projected gradient norm 0 under {ckpt_name}")
-                errors.add(SampleError(int(batch["indices"][row]), batch["ids"][row], "featurize", problem.reason))
-            keep = ok.cpu()
-            idx_out.append(batch["indices"][keep].numpy())
-            ids_out.extend(i for i, k in zip(batch["ids"], keep.tolist()) if k)
-            f, n = normalize_rows(g[ok], cfg.features.store_dtype)
-            feats.append(f.cpu())
-            norms.append(n)
-            bar.update(min(b0 + bs, end) - b0)
-        k = cfg.features.proj_dim
-        with record_function("io"):
-            store.write_shard(
-                start,
-                end,
-                np.concatenate(idx_out) if idx_out else np.zeros(0, dtype=np.int64),
-                ids_out,
-                torch.cat(feats) if feats else torch.zeros(0, k, dtype=store.torch_dtype),
-                np.concatenate(norms) if norms else np.zeros(0, dtype=np.float32),
-            )
-        if stop.requested:
-            bar.close()
-            left = len(todo) - todo.index((start, end)) - 1
-            raise Preempted(f"featurize stopped by SIGTERM after shard [{start}, {end}) of {split} @ {ckpt_name} "
-                            f"({left} shard(s) of this process left); finished shards are saved, rerun the same "
-                            f"command to resume")
-    bar.close()
+            k = cfg.features.proj_dim
+            with record_function("io"):
+                store.write_shard(
+                    start,
+                    end,
+                    np.concatenate(idx_out) if idx_out else np.zeros(0, dtype=np.int64),
+                    ids_out,
+                    torch.cat(feats) if feats else torch.zeros(0, k, dtype=store.torch_dtype),
+                    np.concatenate(norms) if norms else np.zeros(0, dtype=np.float32),
+                )
+            if stop.requested:
+                left = len(todo) - todo.index((start, end)) - 1
+                raise Preempted(f"featurize stopped by SIGTERM after shard [{start}, {end}) of {split} @ {ckpt_name} "
+                                f"({left} shard(s) of this process left); finished shards are saved, rerun the same "
+                                f"command to resume")
+    finally:
+        bar.close()  # also on a failure: its line ends before the error is printed
     barrier()  # under torchrun: wait for every rank's shards before merging the manifest
     # Whoever sees every range done writes the merged manifest (atomic, identical content).
     if (is_main() or shard) and not store.missing_ranges(shard_ranges(len(records), cfg.features.shard_size)):

@@ -20,6 +20,7 @@ import os
 import shutil
 
 import numpy as np
+import torch
 
 from icons_fast.config import Config
 from icons_fast.fileio import atomic_json, atomic_write
@@ -109,6 +110,9 @@ def _run_warmup(cfg: Config, run_dir: str, stop: GracefulStop) -> list[str]:
     atomic_write(os.path.join(layout.warmup, "subset.txt"), lambda f: np.savetxt(f, subset, fmt="%d"))
 
     lm = load_model(cfg.model.model, cfg.model.dtype, cfg.resolved_device(), seed=cfg.seed)
+    # LoRA's initial A matrices and the dropout masks come from torch's global generator: seeded,
+    # a rerun (after a preemption, say) trains exactly the warmup an uninterrupted run trains.
+    torch.manual_seed(cfg.seed)
     model = attach_lora(lm.model, cfg.model)
     errors = ErrorLog(layout.errors("train"))
     dataset, collate = make_dataset(lm, records, cfg.data.image_folder, cfg.data.max_length, errors, stage="data")
