@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from icons_fast.config import Config
 from icons_fast.distributed import barrier, device_for_rank, is_main, parse_shard, process_share
-from icons_fast.fileio import file_sha256
+from icons_fast.fileio import file_sha256, raise_write_error
 from icons_fast.rundir import RunLayout, target_splits, writer_lock
 from icons_fast.signals import GracefulStop, Preempted
 
@@ -244,8 +244,11 @@ def _featurize_split(cfg: Config, run_dir: str, split: str, records_path: str, c
     def on_retry(size: int, indices: list[int]) -> None:
         """Out-of-memory splits are recorded (they are not sample errors: the samples still get features)."""
         log.warning("out of memory on a batch of %d (indices %d..%d): retrying in halves", size, indices[0], indices[-1])
-        with open(retries_path, "a") as f:
-            f.write(json.dumps({"checkpoint": ckpt_name, "batch_size": size, "indices": indices}) + "\n")
+        try:
+            with open(retries_path, "a") as f:
+                f.write(json.dumps({"checkpoint": ckpt_name, "batch_size": size, "indices": indices}) + "\n")
+        except OSError as err:  # a full disk or read-only directory: one line naming the file
+            raise_write_error(err, retries_path)
 
     bar = tqdm(total=n_todo, desc=f"featurize {split}", unit="sample", dynamic_ncols=True)
     try:
