@@ -518,6 +518,7 @@ def test_pool_edited_after_featurize_is_refused_not_up_to_date(warm, reference, 
     import shutil
 
     from icons_fast.cli import main
+    from icons_fast.config import Config
     from icons_fast.stages.influence import StaleInputs, run_influence
     from icons_fast.stages.select import run_select
 
@@ -527,6 +528,10 @@ def test_pool_edited_after_featurize_is_refused_not_up_to_date(warm, reference, 
     cfg.data.train_data = pool
     cfg.save(cfg.out)
     _finish(cfg)  # same content under another path: nothing is stale
+    other = Config.from_dict(cfg.to_dict())
+    other.features.proj_dim = 64  # a flag not repeated: a setting, not a file, differs
+    with pytest.raises(StaleInputs, match=r"proj_dim was 32, this config says 64.*--config "):
+        run_influence(other, other.out)
     records = json.load(open(pool))
     json.dump([dict(records[-1], id="inserted")] + records, open(pool, "w"))
     for stage in (run_influence, run_select):

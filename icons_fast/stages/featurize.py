@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -69,21 +70,16 @@ def split_jobs(cfg: Config) -> list[tuple[str, str | None, str, str | None]]:
     return jobs
 
 
-def feature_inputs(cfg: Config, records_path: str | None, ckpt_dir: str, mode: str, image_folder: str | None,
-                   ckpt_sha256: str | None = None) -> dict:
-    """The part of a feature store's fingerprint known without loading the model.
+def feature_settings(cfg: Config, ckpt_dir: str, mode: str, image_folder: str | None) -> dict:
+    """The settings part of a feature store's fingerprint (no file is read).
 
-    The data file's and the checkpoint's sha256, the image folder and the
-    settings the features depend on. Featurize stores these (plus the model,
-    the LoRA layout, the step and the sample count) in the store's fingerprint;
-    ``stages.influence`` compares them with the current files to refuse stale
-    features. ``data_sha256`` is left out when ``records_path`` is None.
+    Featurize stores these, the data file's and the checkpoint's sha256, the
+    model, the LoRA layout, the step and the sample count in the store's
+    fingerprint; ``stages.influence.check_fresh`` compares them with this
+    config and the current files to refuse stale features.
     """
-    from icons_fast.train.checkpoint import checkpoint_sha256
-
-    out = {
+    return {
         "checkpoint": os.path.basename(os.path.normpath(ckpt_dir)),
-        "checkpoint_sha256": ckpt_sha256 or checkpoint_sha256(ckpt_dir),  # a retrained warmup never reuses old features
         "dtype": cfg.model.dtype,
         "image_folder": os.path.abspath(image_folder or cfg.data.image_folder or ""),
         "seed": cfg.features.seed,
@@ -91,9 +87,6 @@ def feature_inputs(cfg: Config, records_path: str | None, ckpt_dir: str, mode: s
         "mode": mode,
         "max_length": cfg.data.max_length,
     }
-    if records_path:
-        out["data_sha256"] = data_sha256(records_path)
-    return out
 
 
 def repair_command(run_dir: str, split: str) -> str:
@@ -183,13 +176,8 @@ def featurize_split(
     default checks sizes only). ``stop``: the ``GracefulStop`` of the caller
     (one is made when None); a SIGTERM raises ``Preempted`` after the shard in flight.
     """
-    with writer_lock(run_dir, "featurize", cfg, shard):
-        if stop is not None:
-            return _featurize_split(cfg, run_dir, split, records_path, ckpt_dir, mode, shard, image_folder, verify,
-                                    stop)
-        with GracefulStop() as own:
-            return _featurize_split(cfg, run_dir, split, records_path, ckpt_dir, mode, shard, image_folder, verify,
-                                    own)
+    with writer_lock(run_dir, "featurize", cfg, shard), (nullcontext(stop) if stop else GracefulStop()) as stop:
+        return _featurize_split(cfg, run_dir, split, records_path, ckpt_dir, mode, shard, image_folder, verify, stop)
 
 
 def _featurize_split(cfg: Config, run_dir: str, split: str, records_path: str, ckpt_dir: str, mode: str,
@@ -200,7 +188,12 @@ def _featurize_split(cfg: Config, run_dir: str, split: str, records_path: str, c
     from icons_fast.features.store import FeatureStore, normalize_rows, shard_ranges
     from icons_fast.model.loading import load_model
     from icons_fast.model.lora import lora_fingerprint
-    from icons_fast.train.checkpoint import load_checkpoint_state, load_lora_checkpoint, load_moments
+    from icons_fast.train.checkpoint import (
+        checkpoint_sha256,
+        load_checkpoint_state,
+        load_lora_checkpoint,
+        load_moments,
+    )
 
     layout = RunLayout(run_dir)
     ckpt_name = os.path.basename(os.path.normpath(ckpt_dir))
@@ -220,8 +213,10 @@ def _featurize_split(cfg: Config, run_dir: str, split: str, records_path: str, c
         "model": os.path.abspath(lm.path),
         "lora": lora_fingerprint(model),
         "checkpoint_step": state["step"],
+        "checkpoint_sha256": checkpoint_sha256(ckpt_dir),  # a retrained warmup never reuses old features
+        "data_sha256": data_sha256(records_path),
         "n_samples": len(records),
-        **feature_inputs(cfg, records_path, ckpt_dir, mode, image_folder),
+        **feature_settings(cfg, ckpt_dir, mode, image_folder),
     }
     store = FeatureStore(out_dir, fingerprint, cfg.features.proj_dim, dtype=cfg.features.store_dtype)
     errors = ErrorLog(layout.errors(split))

@@ -44,7 +44,7 @@ from icons_fast.config import Config
 from icons_fast.features.store import CorruptShard
 from icons_fast.fileio import atomic_json, atomic_npy
 from icons_fast.rundir import RunLayout, target_splits, writer_lock
-from icons_fast.stages.featurize import explain_corrupt, feature_inputs, split_jobs
+from icons_fast.stages.featurize import data_sha256, explain_corrupt, feature_settings, split_jobs
 from icons_fast.select.influence import checkpoint_weights_normalised, raw_projections, stream_task_influence
 from icons_fast.stages.target_index import target_vectors
 
@@ -114,8 +114,9 @@ def check_fresh(cfg: Config, layout: RunLayout) -> None:
     """Raise ``StaleInputs`` when a feature store this config reads was made from other inputs.
 
     For every checkpoint of the finished warmup and every split (the pool and
-    each target set), ``featurize.feature_inputs`` of the current files and
-    settings must equal what the store's fingerprint recorded. The message
+    each target set), the settings (``featurize.feature_settings``) and the
+    sha256 of the data file and the checkpoint must equal what the store's
+    fingerprint recorded (keys a store does not record are not compared). The message
     names the first stale store, every differing input, and the fix: a changed
     pool invalidates the warmup and every feature set (a new run directory, or
     delete ``features/`` and rerun ``icons-fast run``); a changed target file
@@ -125,14 +126,19 @@ def check_fresh(cfg: Config, layout: RunLayout) -> None:
 
     for ckpt_dir in layout.warmup_checkpoints():
         ckpt = os.path.basename(ckpt_dir)
-        ckpt_sha = checkpoint_sha256(ckpt_dir)
+        ckpt_sha = None
         for split, path, mode, images in split_jobs(cfg):
             store = layout.feature_store(ckpt, split)
-            if path and not os.path.exists(path):
-                raise FileNotFoundError(f"the data file {path} of split {split} does not exist (its features in "
-                                        f"{store.root} were made from it); pass the file the run was made with")
-            want = feature_inputs(cfg, path, ckpt_dir, mode, images, ckpt_sha256=ckpt_sha)
             have = store.fingerprint
+            want = feature_settings(cfg, ckpt_dir, mode, images)
+            if "checkpoint_sha256" in have:  # only what the store recorded is compared (and hashed)
+                ckpt_sha = ckpt_sha or checkpoint_sha256(ckpt_dir)
+                want["checkpoint_sha256"] = ckpt_sha
+            if path and "data_sha256" in have:
+                if not os.path.exists(path):
+                    raise FileNotFoundError(f"the data file {path} of split {split} does not exist (its features "
+                                            f"in {store.root} were made from it); pass the file the run was made with")
+                want["data_sha256"] = data_sha256(path)
             changed = [k for k in want if k in have and have[k] != want[k]]
             if not changed:
                 continue
@@ -149,10 +155,13 @@ def check_fresh(cfg: Config, layout: RunLayout) -> None:
                 fix = (f"the warmup and every feature set depend on the pool: start a new run directory, or delete "
                        f"{layout.path('features')} and rerun `icons-fast run` with the same flags (it retrains "
                        f"the warmup on the new pool)")
-            else:
+            elif {"data_sha256", "checkpoint_sha256"} & set(changed):
                 config = f" --config {layout.config}" if os.path.exists(layout.config) else ""
                 fix = (f"delete {layout.path('features', '*', split)} and rerun `icons-fast featurize{config} "
                        f"--out {layout.root} --split {split}`, or pass the inputs the run was made with")
+            else:  # only settings differ: most likely flags not repeated
+                fix = (f"pass the settings the features were made with (`--config {layout.config}` holds them), "
+                       f"or featurize again under these settings into a new run directory")
             raise StaleInputs(f"the features of {split} @ {ckpt} in {store.root} are stale: {'; '.join(why)}. "
                               f"Fix: {fix}")
 
