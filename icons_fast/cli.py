@@ -16,8 +16,8 @@ directory locked by another writer, a full disk or read-only directory, a
 corrupt feature shard, stale inputs, ...); ``-v`` also prints the traceback. A
 command stopped by SIGTERM after saving its work in flight says so in one line
 ``icons-fast: preempted: <message>`` and exits with 75
-(``icons_fast.signals.EXIT_PREEMPTED``): rerun it to resume. Log records go to stderr (``icons_fast.logs``), a
-command's result to stdout.
+(``icons_fast.signals.EXIT_PREEMPTED``): rerun it to resume. Log records go to
+stderr (``icons_fast.logs``), a command's result to stdout.
 """
 from __future__ import annotations
 
