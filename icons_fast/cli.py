@@ -11,9 +11,13 @@ values, and the default shown by ``--help`` is the field's own. Each command
 adds its flags in one ``<command>_arguments(parser)``.
 
 Errors end the command with one line ``icons-fast: error: <message>`` on
-stderr and exit code 2 (usage or configuration) or 1 (anything else); ``-v``
-also prints the traceback. Log records go to stderr (``icons_fast.logs``), a
-command's result to stdout.
+stderr and exit code 2 (usage or configuration) or 1 (anything else: a run
+directory locked by another writer, a full disk or read-only directory, a
+corrupt feature shard, stale inputs, ...); ``-v`` also prints the traceback. A
+command stopped by SIGTERM after saving its work in flight says so in one line
+``icons-fast: preempted: <message>`` and exits with 75
+(``icons_fast.signals.EXIT_PREEMPTED``): rerun it to resume. Log records go to
+stderr (``icons_fast.logs``), a command's result to stdout.
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from icons_fast.config import Config, ConfigError, Setting, check_value, settings
+from icons_fast.fileio import StorageError
+from icons_fast.signals import EXIT_PREEMPTED, Preempted
 
 PROG = "icons-fast"
 
@@ -126,23 +132,27 @@ def build_config(args: argparse.Namespace) -> Config:
 
 # ---------------------------------------------------------------- commands
 def cmd_warmup(args):
+    from icons_fast.rundir import writer_lock
     from icons_fast.stages.warmup import run_warmup
 
     cfg = build_config(args)
-    cfg.save(cfg.out)
-    ckpts = run_warmup(cfg, cfg.out)
+    with writer_lock(cfg.out, "warmup", cfg):  # before config.json: a refused writer changes nothing
+        cfg.save(cfg.out)
+        ckpts = run_warmup(cfg, cfg.out)
     print("\n".join(ckpts))
 
 
 def cmd_featurize(args):
     from icons_fast.distributed import init_distributed, is_main
+    from icons_fast.rundir import writer_lock
     from icons_fast.stages.pipeline import featurize_all
 
     cfg = build_config(args)
     init_distributed()
-    if is_main() and not args.shard:
-        cfg.save(cfg.out)
-    featurize_all(cfg, cfg.out, shard=args.shard, splits=args.split or None)
+    with writer_lock(cfg.out, "featurize", cfg, args.shard):  # before config.json: a refused writer changes nothing
+        if is_main() and not args.shard:
+            cfg.save(cfg.out)
+        featurize_all(cfg, cfg.out, shard=args.shard, splits=args.split or None, verify=args.verify)
 
 
 def cmd_influence(args):
@@ -223,6 +233,8 @@ def featurize_arguments(p):
     add_config_arguments(p, "featurize")
     p.add_argument("--shard", help="i/n: this process's share of the pool (job arrays); torchrun sets it itself")
     p.add_argument("--split", action="append", help="only this split (train, target-NAME); repeatable")
+    p.add_argument("--verify", action="store_true",
+                   help="hash every finished shard (not only its size) and recompute the ones that fail")
 
 
 def influence_arguments(p):
@@ -330,8 +342,11 @@ def make_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------- main
 def _one_line(exc: BaseException) -> str:
     """The error as one line: our own and the self-explaining builtin errors by message, others with their type."""
-    text = " ".join(str(exc.code if isinstance(exc, SystemExit) else exc).split())
-    if text and isinstance(exc, (UsageError, ConfigError, SystemExit, OSError, ValueError, RuntimeError)):
+    if isinstance(exc, StorageError) and exc.strerror:
+        text = " ".join(exc.strerror.split())  # the explained message, without "[Errno 28]"
+    else:
+        text = " ".join(str(exc.code if isinstance(exc, SystemExit) else exc).split())
+    if text and isinstance(exc, (UsageError, ConfigError, SystemExit, OSError, ValueError, RuntimeError, Preempted)):
         return text
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -363,6 +378,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(exc, 1, args.verbose)
     except KeyboardInterrupt as exc:
         return _fail(exc, 130, args.verbose)
+    except Preempted as exc:  # not a failure: the work in flight was saved, the rerun resumes
+        if args.verbose:
+            traceback.print_exception(exc, file=sys.stderr)
+        print(f"{PROG}: preempted: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except Exception as exc:  # noqa: BLE001 - the CLI's one place that turns any failure into one line
         return _fail(exc, 1, args.verbose)
 

@@ -11,6 +11,7 @@
     RUN/scores/                           scores.npy [N, T], task_names.json, valid.npy
     RUN/selection/                        selected.json, indices.txt, votes.npy, summary.json
     RUN/report/                           plots and index.html
+    RUN/.lock, RUN/.lock.<member>         the writer lock (``icons_fast.runlock``; ``writer_lock`` below)
 
 ``split`` is ``train`` for the pool and ``target-<task>`` (``target-<task>--<subtask>``
 for subtasks) for target sets; a target's config name is ``task`` or ``task/subtask``.
@@ -20,11 +21,24 @@ below the stages that use it (``stages/``).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Iterable
+from typing import Iterable, Iterator
 
 WARMUP_DONE = "warmup_done.json"
+
+# The config sections a writing stage depends on: two writers of one stage agree on these
+# (and on the seed and the number of processes) exactly when they are the same run.
+LOCK_SECTIONS = {
+    "warmup": ("data", "model", "warmup"),
+    "featurize": ("data", "model", "features"),
+    "influence": ("data", "features", "select"),
+    "select": ("data", "select"),
+    "run": (),  # every section
+}
+
+_writing: dict[str, int] = {}  # run directories this process holds the writer lock of -> nesting depth
 
 
 def target_split(task: str, subtask: str | None = None) -> str:
@@ -108,3 +122,50 @@ class RunLayout:
         if not os.path.exists(os.path.join(path, "manifest.json")):
             raise FileNotFoundError(f"no features in {path}; run `icons-fast featurize` for this split first")
         return FeatureStore.open(path)
+
+
+def lock_token_and_member(stage: str, cfg, shard: str | None = None) -> tuple[str, str]:
+    """``(token, member)`` of a writer of ``stage`` (see ``icons_fast.runlock``).
+
+    The token is the stage, the fingerprint of the config sections it depends on
+    (``LOCK_SECTIONS``), the seed and the number of processes (``--shard i/n``
+    jobs or torchrun ranks), so the processes of one run share it and any other
+    writer differs. The member is ``shard-<i>of<n>``, ``rank<r>`` or ``main``.
+    """
+    from icons_fast.distributed import parse_shard
+
+    rank, world = parse_shard(shard)
+    if shard:
+        member, how = f"shard-{rank}of{world}", f"shards={world}"
+    else:
+        member, how = (f"rank{rank}" if world > 1 else "main"), f"world={world}"
+    return f"{stage}:{cfg.fingerprint(*LOCK_SECTIONS[stage])}:seed={cfg.seed}:{how}", member
+
+
+@contextlib.contextmanager
+def writer_lock(run_dir: str, stage: str, cfg, shard: str | None = None) -> Iterator[None]:
+    """Hold the writer lock of ``run_dir`` for ``stage`` while the block runs.
+
+    Raises ``icons_fast.runlock.RunLocked`` (one line naming the holder's pid and
+    host) when another run writes the directory. Nested use inside one process
+    (``pipeline.run`` holds the lock for every stage it calls) only counts depth:
+    the outer lock already covers the inner stage.
+    """
+    from icons_fast.runlock import acquire
+
+    key = os.path.abspath(run_dir)
+    if _writing.get(key):
+        _writing[key] += 1
+        try:
+            yield
+        finally:
+            _writing[key] -= 1
+        return
+    token, member = lock_token_and_member(stage, cfg, shard)
+    lock = acquire(run_dir, token, member)
+    _writing[key] = 1
+    try:
+        yield
+    finally:
+        _writing.pop(key, None)
+        lock.release()

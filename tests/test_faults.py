@@ -359,3 +359,344 @@ def test_graceful_stop_restores_the_handler_and_checks():
             stop.check("after step 3")
         assert err.value.exit_code == EXIT_PREEMPTED and "after step 3" in str(err.value)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ------------------------------------------------------------------ the stages under faults
+# A small run (24 pool samples in 6 shards, the tiny model): each test copies a finished warmup,
+# injects one fault into featurize, influence or warmup, reruns as the user would, and compares
+# the final feature rows, scores and selection with an uninterrupted run's.
+
+POOL, SHARD = 24, 4
+
+
+def _stage_cfg(tiny_model_dir, data, out):
+    from icons_fast.config import Config
+
+    cfg = Config()
+    cfg.override({"model.model": tiny_model_dir, "model.lora_r": 4, "model.lora_alpha": 8, "warmup.fraction": 0.25,
+                  "warmup.batch_size": 2, "features.proj_dim": 32, "features.batch_size": 4,
+                  "features.shard_size": SHARD, "data.max_length": 1024, "select.budget": 5, "out": str(out)})
+    cfg.data.train_data, cfg.data.image_folder = data["train"], data["image_folder"]
+    cfg.data.targets = {"color": data["targets"]["color"], "count": data["targets"]["count"]}
+    return cfg
+
+
+def _env():
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        env.pop(k, None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory, tiny_model_dir):
+    """A run directory with config.json, a finished warmup and the target features; no pool features yet.
+
+    The data files are copied into the run's parent so tests may edit them.
+    """
+    from icons_fast.data import make_demo_data
+    from icons_fast.stages.pipeline import featurize_all
+    from icons_fast.stages.warmup import run_warmup
+
+    root = tmp_path_factory.mktemp("faults")
+    data = make_demo_data(str(root / "data"), n_train=POOL, n_target=2, n_eval=1)
+    cfg = _stage_cfg(tiny_model_dir, data, root / "warm")
+    cfg.save(cfg.out)
+    run_warmup(cfg, cfg.out)
+    featurize_all(cfg, cfg.out, splits=["target-color", "target-count"])
+    return cfg
+
+
+def _copy_run(warm, dest):
+    import shutil
+
+    from icons_fast.config import Config
+
+    shutil.copytree(warm.out, dest)
+    cfg = Config.from_dict(warm.to_dict())
+    cfg.out = str(dest)
+    return cfg
+
+
+def _cli(cfg, command, *extra):
+    return ["--quiet", command, "--config", os.path.join(cfg.out, "config.json"), "--out", cfg.out, *extra]
+
+
+def _subprocess(cfg, command, *extra):
+    return [sys.executable, "-m", "icons_fast", *_cli(cfg, command, *extra)]
+
+
+def _outcome(cfg):
+    """What a run ends with: the pool's feature rows read back, the scores, valid mask and selected indices."""
+    from icons_fast.rundir import RunLayout
+
+    layout = RunLayout(cfg.out)
+    ckpt = os.path.basename(layout.warmup_checkpoints()[-1])
+    rows = layout.feature_store(ckpt, "train").load()
+    scores = np.load(os.path.join(cfg.out, "scores", "scores.npy"))
+    valid = np.load(os.path.join(cfg.out, "scores", "valid.npy"))
+    selected = np.loadtxt(os.path.join(cfg.out, "selection", "indices.txt"), dtype=int)
+    return rows, scores, valid, selected
+
+
+def _assert_same_outcome(got, want):
+    (gi, gd, gf, gn), gs, gv, gsel = got
+    (wi, wd, wf, wn), ws, wv, wsel = want
+    assert np.array_equal(gi, wi) and gd == wd and torch.equal(gf, wf) and np.array_equal(gn, wn)
+    assert np.array_equal(gs, ws, equal_nan=True) and np.array_equal(gv, wv)
+    assert np.array_equal(gsel, wsel)
+
+
+def _finish(cfg):
+    """featurize (the rest), influence, select through the command line; return the outcome."""
+    from icons_fast.cli import main
+
+    for command in ("featurize", "influence", "select"):
+        assert main(_cli(cfg, command)) == 0, command
+    return _outcome(cfg)
+
+
+@pytest.fixture(scope="module")
+def reference(warm, tmp_path_factory):
+    """The uninterrupted run: pool features, scores and selection."""
+    cfg = _copy_run(warm, tmp_path_factory.mktemp("reference") / "run")
+    out = _finish(cfg)
+    assert len(out[0][0]) == POOL and len(out[3]) == 5
+    return out
+
+
+def _entries(cfg):
+    return sorted(n for d, _, names in os.walk(os.path.join(cfg.out, "features")) if os.path.basename(d) == "entries"
+                  and "train" in d for n in names)
+
+
+def _one_error_line(err: str) -> str:
+    """The command's one ``icons-fast: ...`` line (progress bars aside), checked to be the only one, no traceback."""
+    lines = [line for line in err.splitlines() if line.startswith("icons-fast: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_flipped_byte_influence_names_the_repair_and_featurize_verify_fixes_it(warm, reference, tmp_path, capsys,
+                                                                              caplog):
+    """Fault 1: a same-size corruption of a feature shard. influence stops with one line naming the shard
+    and the exact repairing command; plain featurize does not see it (sizes only); featurize --verify
+    removes and recomputes exactly that shard; the run then ends as an uninterrupted one."""
+    import logging
+
+    from icons_fast.cli import main
+
+    cfg = _copy_run(warm, tmp_path / "run")
+    assert main(_cli(cfg, "featurize")) == 0
+    ckpt = os.path.basename(sorted(os.listdir(os.path.join(cfg.out, "features")))[0])
+    shard = os.path.join(cfg.out, "features", ckpt, "train", "shard-000000008-000000012.safetensors")
+    with open(shard, "r+b") as f:
+        f.seek(-7, os.SEEK_END)  # inside the feature data: the file still parses, only its checksum fails
+        b = f.read(1)
+        f.seek(-7, os.SEEK_END)
+        f.write(bytes([b[0] ^ 0x10]))
+    capsys.readouterr()
+    assert main(_cli(cfg, "influence")) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    repair = (f"icons-fast featurize --config {os.path.join(cfg.out, 'config.json')} --out {cfg.out} "
+              f"--split train --verify")
+    assert line.startswith("icons-fast: error: shard ") and shard in line and "[8, 12)" in line
+    assert f"`{repair}`" in line
+    assert main(_cli(cfg, "featurize", "--split", "train")) == 0  # the fast check trusts a same-size file
+    assert main(_cli(cfg, "influence")) == 1
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING, logger="icons_fast"):
+        assert main(repair.split()[1:]) == 0
+    removed = [r.getMessage() for r in caplog.records if "removed shard" in r.getMessage()]
+    assert len(removed) == 1 and "shard-000000008-000000012" in removed[0] and "bad_checksum" in removed[0]
+    _assert_same_outcome(_finish(cfg), reference)
+
+
+def test_pool_edited_after_featurize_is_refused_not_up_to_date(warm, reference, tmp_path, capsys):
+    """Fault 2a: a record inserted at the top of the pool after featurize. influence and select refuse,
+    naming the pool file and the fix, instead of reporting the scores up to date."""
+    import shutil
+
+    from icons_fast.cli import main
+    from icons_fast.config import Config
+    from icons_fast.stages.influence import StaleInputs, run_influence
+    from icons_fast.stages.select import run_select
+
+    cfg = _copy_run(warm, tmp_path / "run")
+    pool = str(tmp_path / "pool.json")
+    shutil.copy(cfg.data.train_data, pool)
+    cfg.data.train_data = pool
+    cfg.save(cfg.out)
+    _finish(cfg)  # same content under another path: nothing is stale
+    other = Config.from_dict(cfg.to_dict())
+    other.features.proj_dim = 64  # a flag not repeated: a setting, not a file, differs
+    with pytest.raises(StaleInputs, match=r"proj_dim was 32, this config says 64.*--config "):
+        run_influence(other, other.out)
+    records = json.load(open(pool))
+    json.dump([dict(records[-1], id="inserted")] + records, open(pool, "w"))
+    for stage in (run_influence, run_select):
+        with pytest.raises(StaleInputs) as err:
+            stage(cfg, cfg.out)
+        msg = str(err.value)
+        assert f"the file {pool} changed after these features were made" in msg and "features of train" in msg
+        assert "icons-fast run" in msg and "up to date" not in msg
+    capsys.readouterr()
+    assert main(_cli(cfg, "influence")) == 1
+    assert "changed after these features were made" in _one_error_line(capsys.readouterr().err)
+
+
+def test_target_file_edited_is_refused_then_recomputed(warm, reference, tmp_path, capsys):
+    """Fault 2b: a target file edited after its features were made: refused with the split and the
+    command; following the fix recomputes that target only, and the scores of the other task are kept."""
+    import glob
+    import shutil
+
+    from icons_fast.cli import main
+    from icons_fast.stages.influence import StaleInputs, run_influence
+
+    cfg = _copy_run(warm, tmp_path / "run")
+    target = str(tmp_path / "color.json")
+    shutil.copy(cfg.data.targets["color"], target)
+    cfg.data.targets = {**cfg.data.targets, "color": target}
+    cfg.save(cfg.out)
+    _finish(cfg)
+    records = json.load(open(target))
+    json.dump(records[:1], open(target, "w"))  # one target sample fewer
+    with pytest.raises(StaleInputs) as err:
+        run_influence(cfg, cfg.out)
+    msg = str(err.value)
+    assert f"the file {target} changed" in msg and "target-color" in msg and "--split target-color" in msg
+    for d in glob.glob(os.path.join(cfg.out, "features", "*", "target-color")):
+        shutil.rmtree(d)
+    assert main(_cli(cfg, "featurize", "--split", "target-color")) == 0
+    assert main(_cli(cfg, "influence")) == 0 and main(_cli(cfg, "select")) == 0
+    _, scores, _, _ = _outcome(cfg)
+    ref_scores = reference[1]
+    assert np.array_equal(scores[:, 1], ref_scores[:, 1])  # count: untouched
+    assert not np.array_equal(scores[:, 0], ref_scores[:, 0])  # color: scored against the edited file
+
+
+def test_second_featurize_on_a_run_gets_one_line_naming_the_holder(warm, reference, tmp_path, capsys):
+    """Fault 3: an unrelated second writer while featurize runs (two processes). It gets one line naming
+    the holder's pid and host and exit 1; the first one is not disturbed and ends as an uninterrupted run."""
+    import socket
+
+    from icons_fast.cli import main
+    from icons_fast.runlock import holder
+
+    cfg = _copy_run(warm, tmp_path / "run")
+    first = subprocess.Popen(_subprocess(cfg, "featurize", "--split", "train"), env=_env(), cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while (holder(cfg.out) or {}).get("pid") != first.pid:
+            assert first.poll() is None and time.time() < deadline, "featurize did not take the lock"
+            time.sleep(0.02)
+        first.send_signal(signal.SIGSTOP)  # hold it there, lock taken, whatever the machine's load
+        capsys.readouterr()
+        for argv in (_cli(cfg, "featurize", "--batch-size", "2"), _cli(cfg, "warmup", "--lr", "1e-3"),
+                     _cli(cfg, "influence")):
+            assert main(argv) == 1, argv
+            line = _one_error_line(capsys.readouterr().err)
+            assert f"pid {first.pid} on host {socket.gethostname()}" in line and "another run" in line
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    _assert_same_outcome(_finish(cfg), reference)
+
+
+def test_sigterm_mid_featurize_exits_75_and_the_rerun_resumes(warm, reference, tmp_path):
+    """Fault 4: SIGTERM (preemption) while featurize runs: the shard in flight is finished and written,
+    exit code 75 with one line; the rerun does the rest and the run ends as an uninterrupted one."""
+    cfg = _copy_run(warm, tmp_path / "run")
+    proc = subprocess.Popen(_subprocess(cfg, "featurize", "--split", "train"), env=_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not _entries(cfg):
+        assert proc.poll() is None and time.time() < deadline, "featurize ended before it could be stopped"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == EXIT_PREEMPTED == 75, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("icons-fast: preempted: featurize stopped by SIGTERM after shard [")
+    assert "rerun the same command to resume" in last
+    done = _entries(cfg)
+    assert 1 <= len(done) < POOL // SHARD and _leftovers(cfg.out) == []
+    _assert_same_outcome(_finish(cfg), reference)
+
+
+def test_sigterm_mid_warmup_finishes_the_step_and_the_rerun_restarts_it(warm, tmp_path, monkeypatch, capsys):
+    """Fault 4b: SIGTERM during warmup: the step in flight finishes, exit 75 with one line saying that
+    warmup restarts; no finished warmup is recorded; the rerun trains it whole, equal to an uninterrupted one."""
+    from safetensors.torch import load_file
+
+    from icons_fast.cli import main
+    from icons_fast.rundir import RunLayout
+    from icons_fast.train import loop
+
+    def adapter(cfg):
+        ckpt = RunLayout(cfg.out).warmup_checkpoints()[-1]
+        return load_file(os.path.join(ckpt, "adapter", "adapter_model.safetensors"))
+
+    cfg = _copy_run(warm, tmp_path / "run")
+    os.remove(RunLayout(cfg.out).warmup_done)
+    real, calls = loop.batch_loss, []
+
+    def loss_then_term(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # SIGTERM arrives during the second step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "batch_loss", loss_then_term)
+    capsys.readouterr()
+    assert main(_cli(cfg, "warmup")) == EXIT_PREEMPTED
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith("icons-fast: preempted: warmup stopped by SIGTERM after step 2 of 3")
+    assert "restarts it from step 0" in line and len(calls) == 2
+    assert not os.path.exists(RunLayout(cfg.out).warmup_done)
+    monkeypatch.undo()
+    assert main(_cli(cfg, "warmup")) == 0
+    want, got = adapter(warm), adapter(cfg)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_full_disk_mid_featurize_is_one_line_and_the_rerun_equals_uninterrupted(warm, reference, tmp_path,
+                                                                                monkeypatch, capsys):
+    """Fault 5: the disk fills half-way through the third pool shard. One line, exit 1; no temp file, no
+    partial shard accepted; after space is freed the rerun completes and equals an uninterrupted run."""
+    from icons_fast.cli import main
+    from icons_fast.features.store import FeatureStore
+
+    cfg = _copy_run(warm, tmp_path / "run")
+    real_write, shards = os.write, []
+
+    def write(fd, data):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        name = os.path.basename(path)
+        if name.startswith(".shard-") and ".safetensors." in name and "/train/" in path:  # a pool shard's temp file
+            if name not in shards:
+                shards.append(name)
+            if len(shards) == 3:  # the third shard file: half of it fits, then the disk is full
+                if not getattr(write, "half", False):
+                    write.half = True
+                    return real_write(fd, bytes(data[: len(data) // 2]))
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    capsys.readouterr()
+    assert main(_cli(cfg, "featurize", "--split", "train")) == 1
+    monkeypatch.undo()
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith("icons-fast: error: disk full") and "shard-000000008-000000012.safetensors" in line
+    assert "[Errno" not in line and "Free space" in line
+    from icons_fast.rundir import RunLayout
+
+    ckpt = os.path.basename(RunLayout(cfg.out).warmup_checkpoints()[-1])
+    store = FeatureStore.open(os.path.join(cfg.out, "features", ckpt, "train"))
+    assert _leftovers(cfg.out) == [] and store.check(verify=True) == []
+    assert [(e["start"], e["end"]) for e in store.entries()] == [(0, 4), (4, 8)]
+    assert not os.path.exists(store.shard_path(8, 12))
+    _assert_same_outcome(_finish(cfg), reference)

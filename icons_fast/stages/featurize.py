@@ -13,6 +13,13 @@ Several processes share the work by contiguous shard ranges: ``--shard i/n``
 ``icons_fast.distributed``; the features do not depend on how many processes
 made them.
 
+Before computing, each process checks its own shard ranges and removes the
+shards that fail (``FeatureStore.repair``: entry readable, file present with
+its size; with ``verify`` also its sha256), logging each, so they are
+recomputed. A SIGTERM finishes and writes the shard in flight, then stops with
+``Preempted`` (exit code 75 at the command line); the rerun resumes. The
+writer lock of the run directory (``rundir.writer_lock``) is held throughout.
+
 Where the time goes: the loop is split into ``torch.profiler.record_function``
 ranges, ``data`` (collate), ``featurize`` (gradients and projection, with the
 extractor's inner ranges) and ``io`` (shard writes), which
@@ -24,6 +31,7 @@ import json
 import logging
 import os
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -32,10 +40,72 @@ from tqdm.auto import tqdm
 
 from icons_fast.config import Config
 from icons_fast.distributed import barrier, device_for_rank, is_main, parse_shard, process_share
-from icons_fast.fileio import file_sha256
-from icons_fast.rundir import RunLayout
+from icons_fast.fileio import file_sha256, raise_write_error
+from icons_fast.rundir import RunLayout, target_splits, writer_lock
+from icons_fast.signals import GracefulStop, Preempted
 
 log = logging.getLogger(__name__)
+
+
+_sha_memo: dict[tuple, str] = {}
+
+
+def data_sha256(path: str) -> str:
+    """``file_sha256(path)``, remembered per (path, size, mtime) so the stages of one process hash a file once."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _sha_memo:
+        _sha_memo[key] = file_sha256(path)
+    return _sha_memo[key]
+
+
+def split_jobs(cfg: Config) -> list[tuple[str, str | None, str, str | None]]:
+    """``[(split, data file, gradient mode, image folder)]``: the pool, then every target (sub)task in config order."""
+    target_images = cfg.data.target_image_folder or cfg.data.image_folder
+    jobs = [("train", cfg.data.train_data, cfg.features.train_mode, cfg.data.image_folder)]
+    for task, subs in target_splits(cfg.data.targets).items():
+        for sub, split in subs.items():
+            name = task if sub is None else f"{task}/{sub}"
+            jobs.append((split, cfg.data.targets[name], cfg.features.target_mode, target_images))
+    return jobs
+
+
+def feature_settings(cfg: Config, ckpt_dir: str, mode: str, image_folder: str | None) -> dict:
+    """The settings part of a feature store's fingerprint (no file is read).
+
+    Featurize stores these, the data file's and the checkpoint's sha256, the
+    model, the LoRA layout, the step and the sample count in the store's
+    fingerprint; ``stages.influence.check_fresh`` compares them with this
+    config and the current files to refuse stale features.
+    """
+    return {
+        "checkpoint": os.path.basename(os.path.normpath(ckpt_dir)),
+        "dtype": cfg.model.dtype,
+        "image_folder": os.path.abspath(image_folder or cfg.data.image_folder or ""),
+        "seed": cfg.features.seed,
+        "proj_dim": cfg.features.proj_dim,
+        "mode": mode,
+        "max_length": cfg.data.max_length,
+    }
+
+
+def repair_command(run_dir: str, split: str) -> str:
+    """The command that checks ``split``'s shards in full and recomputes the ones that fail."""
+    layout = RunLayout(run_dir)
+    config = f" --config {layout.config}" if os.path.exists(layout.config) else ""
+    return f"icons-fast featurize{config} --out {run_dir} --split {split} --verify"
+
+
+def explain_corrupt(exc, run_dir: str):
+    """A ``CorruptShard`` from reading a run's features, re-made with the exact repairing command in its message."""
+    from icons_fast.features.store import REPAIR_HINT, CorruptShard
+
+    text = str(exc)
+    if text.endswith(REPAIR_HINT):
+        text = text[: -len(REPAIR_HINT)].rstrip("; ")
+    split = os.path.basename(os.path.dirname(exc.path)) if exc.path else "train"
+    return CorruptShard(f"{text}; repair it with `{repair_command(run_dir, split)}` (it removes the shards that fail "
+                        f"and recomputes their ranges)", exc.path, exc.start, exc.end)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -96,11 +166,22 @@ def featurize_split(
     mode: str,
     shard: str | None = None,
     image_folder: str | None = None,
+    verify: bool = False,
+    stop: GracefulStop | None = None,
 ) -> str:
     """Featurize ``records_path`` under checkpoint ``ckpt_dir``; return the feature directory.
 
-    ``image_folder`` defaults to ``cfg.data.image_folder``.
+    ``image_folder`` defaults to ``cfg.data.image_folder``. ``verify``: hash
+    every existing shard of this process's ranges before trusting it (the
+    default checks sizes only). ``stop``: the ``GracefulStop`` of the caller
+    (one is made when None); a SIGTERM raises ``Preempted`` after the shard in flight.
     """
+    with writer_lock(run_dir, "featurize", cfg, shard), (nullcontext(stop) if stop else GracefulStop()) as stop:
+        return _featurize_split(cfg, run_dir, split, records_path, ckpt_dir, mode, shard, image_folder, verify, stop)
+
+
+def _featurize_split(cfg: Config, run_dir: str, split: str, records_path: str, ckpt_dir: str, mode: str,
+                     shard: str | None, image_folder: str | None, verify: bool, stop: GracefulStop) -> str:
     from icons_fast.data import ErrorLog, SampleError, SampleProblem, load_records
     from icons_fast.data.loader import make_dataset
     from icons_fast.features.extractor import GradientExtractor
@@ -131,17 +212,11 @@ def featurize_split(
     fingerprint = {
         "model": os.path.abspath(lm.path),
         "lora": lora_fingerprint(model),
-        "checkpoint": ckpt_name,
         "checkpoint_step": state["step"],
         "checkpoint_sha256": checkpoint_sha256(ckpt_dir),  # a retrained warmup never reuses old features
-        "dtype": cfg.model.dtype,
-        "image_folder": os.path.abspath(image_folder or cfg.data.image_folder or ""),
-        "seed": cfg.features.seed,
-        "proj_dim": cfg.features.proj_dim,
-        "mode": mode,
-        "data_sha256": file_sha256(records_path),
-        "max_length": cfg.data.max_length,
+        "data_sha256": data_sha256(records_path),
         "n_samples": len(records),
+        **feature_settings(cfg, ckpt_dir, mode, image_folder),
     }
     store = FeatureStore(out_dir, fingerprint, cfg.features.proj_dim, dtype=cfg.features.store_dtype)
     errors = ErrorLog(layout.errors(split))
@@ -151,7 +226,11 @@ def featurize_split(
 
     rank, world = parse_shard(shard)
     mine = process_share(shard_ranges(len(records), cfg.features.shard_size), rank, world)
-    todo = [r for r in mine if not store.is_done(*r)]
+    # Only this process's ranges: a shard another writer is committing right now looks like an orphan.
+    for p in store.repair(verify=verify, ranges=mine):
+        log.warning("%s: removed shard %s [%d, %d) (%s: %s); recomputing it", split, p.file, p.start, p.end,
+                    p.problem, p.detail)
+    todo = store.missing_ranges(mine)
     n_todo = sum(e - s for s, e in todo)
     log.info("%s @ %s (%s, k=%d, backend=%s): %d of %d shard(s) to do, process %d/%d", split, ckpt_name, mode,
              cfg.features.proj_dim, extractor.backend, len(todo), len(mine), rank, world)
@@ -160,51 +239,61 @@ def featurize_split(
     def on_retry(size: int, indices: list[int]) -> None:
         """Out-of-memory splits are recorded (they are not sample errors: the samples still get features)."""
         log.warning("out of memory on a batch of %d (indices %d..%d): retrying in halves", size, indices[0], indices[-1])
-        with open(retries_path, "a") as f:
-            f.write(json.dumps({"checkpoint": ckpt_name, "batch_size": size, "indices": indices}) + "\n")
+        try:
+            with open(retries_path, "a") as f:
+                f.write(json.dumps({"checkpoint": ckpt_name, "batch_size": size, "indices": indices}) + "\n")
+        except OSError as err:  # a full disk or read-only directory: one line naming the file
+            raise_write_error(err, retries_path)
 
     bar = tqdm(total=n_todo, desc=f"featurize {split}", unit="sample", dynamic_ncols=True)
-    bs = cfg.features.batch_size
-    for start, end in todo:
-        idx_out, ids_out, feats, norms = [], [], [], []
-        for b0 in range(start, end, bs):
-            with record_function("data"):
-                batch = collate([dataset[i] for i in range(b0, min(b0 + bs, end))])
-            for err in batch.get("errors", []):
-                errors.add(err)
-            if batch.get("input_ids") is None or len(batch["input_ids"]) == 0:
+    try:
+        bs = cfg.features.batch_size
+        for start, end in todo:
+            idx_out, ids_out, feats, norms = [], [], [], []
+            for b0 in range(start, end, bs):
+                with record_function("data"):
+                    batch = collate([dataset[i] for i in range(b0, min(b0 + bs, end))])
+                for err in batch.get("errors", []):
+                    errors.add(err)
+                if batch.get("input_ids") is None or len(batch["input_ids"]) == 0:
+                    bar.update(min(b0 + bs, end) - b0)
+                    continue
+                with record_function("featurize"):
+                    g, oom_rows = featurize_resilient(extractor, batch, on_retry)  # [b, k] float32
+                norm = torch.linalg.vector_norm(g.float(), dim=1)
+                ok = torch.isfinite(norm) & (norm > 0)
+                for row in (~ok).nonzero().flatten().tolist():
+                    if row in oom_rows:
+                        problem = SampleProblem("out_of_memory", f"{int(batch['attention_mask'][row].sum())} tokens")
+                    elif not torch.isfinite(norm[row]):
+                        problem = SampleProblem("non_finite_gradient", f"projected gradient norm {float(norm[row])}")
+                    else:
+                        problem = SampleProblem("zero_gradient", f"projected gradient norm 0 under {ckpt_name}")
+                    errors.add(SampleError(int(batch["indices"][row]), batch["ids"][row], "featurize", problem.reason))
+                keep = ok.cpu()
+                idx_out.append(batch["indices"][keep].numpy())
+                ids_out.extend(i for i, k in zip(batch["ids"], keep.tolist()) if k)
+                f, n = normalize_rows(g[ok], cfg.features.store_dtype)
+                feats.append(f.cpu())
+                norms.append(n)
                 bar.update(min(b0 + bs, end) - b0)
-                continue
-            with record_function("featurize"):
-                g, oom_rows = featurize_resilient(extractor, batch, on_retry)  # [b, k] float32
-            norm = torch.linalg.vector_norm(g.float(), dim=1)
-            ok = torch.isfinite(norm) & (norm > 0)
-            for row in (~ok).nonzero().flatten().tolist():
-                if row in oom_rows:
-                    problem = SampleProblem("out_of_memory", f"{int(batch['attention_mask'][row].sum())} tokens")
-                elif not torch.isfinite(norm[row]):
-                    problem = SampleProblem("non_finite_gradient", f"projected gradient norm {float(norm[row])}")
-                else:
-                    problem = SampleProblem("zero_gradient", f"projected gradient norm 0 under {ckpt_name}")
-                errors.add(SampleError(int(batch["indices"][row]), batch["ids"][row], "featurize", problem.reason))
-            keep = ok.cpu()
-            idx_out.append(batch["indices"][keep].numpy())
-            ids_out.extend(i for i, k in zip(batch["ids"], keep.tolist()) if k)
-            f, n = normalize_rows(g[ok], cfg.features.store_dtype)
-            feats.append(f.cpu())
-            norms.append(n)
-            bar.update(min(b0 + bs, end) - b0)
-        k = cfg.features.proj_dim
-        with record_function("io"):
-            store.write_shard(
-                start,
-                end,
-                np.concatenate(idx_out) if idx_out else np.zeros(0, dtype=np.int64),
-                ids_out,
-                torch.cat(feats) if feats else torch.zeros(0, k, dtype=store.torch_dtype),
-                np.concatenate(norms) if norms else np.zeros(0, dtype=np.float32),
-            )
-    bar.close()
+            k = cfg.features.proj_dim
+            with record_function("io"):
+                store.write_shard(
+                    start,
+                    end,
+                    np.concatenate(idx_out) if idx_out else np.zeros(0, dtype=np.int64),
+                    ids_out,
+                    torch.cat(feats) if feats else torch.zeros(0, k, dtype=store.torch_dtype),
+                    np.concatenate(norms) if norms else np.zeros(0, dtype=np.float32),
+                )
+            if stop.requested:
+                left = len(todo) - todo.index((start, end)) - 1
+                raise Preempted(f"featurize stopped by SIGTERM after shard [{start}, {end}) of {split} @ {ckpt_name} "
+                                f"({left} shard(s) of this process left); finished shards are saved, rerun the same "
+                                f"command to resume")
+    finally:
+        bar.close()  # also on a failure: its line ends before the error is printed
     barrier()  # under torchrun: wait for every rank's shards before merging the manifest
     # Whoever sees every range done writes the merged manifest (atomic, identical content).
     if (is_main() or shard) and not store.missing_ranges(shard_ranges(len(records), cfg.features.shard_size)):

@@ -18,6 +18,15 @@ bad sample) gets NaN scores and ``valid = False``.
 ``run_tracin_scores`` computes TracIn scores the same way, in the
 unnormalised mode (for ``icons-fast select --rule tracin``); it writes nothing.
 
+Stale inputs are refused, never reported up to date: before anything else,
+``check_fresh`` compares every feature store's fingerprint with the files and
+settings of this config (the pool and target files' sha256, the checkpoints'
+sha256, the projection settings) and names what changed and the command that
+brings the run up to date. A corrupt shard met while reading stops the stage
+with one line naming the shard and the exact ``icons-fast featurize ...
+--verify`` command that repairs it. The writer lock of the run directory is
+held while ``scores/`` is written.
+
 The math is ``icons_fast.select.influence`` (arrays in, scores out), on top of
 the segment-reduce op; this module is the same concept one level up: files.
 """
@@ -32,8 +41,10 @@ import numpy as np
 import torch
 
 from icons_fast.config import Config
+from icons_fast.features.store import CorruptShard
 from icons_fast.fileio import atomic_json, atomic_npy
-from icons_fast.rundir import RunLayout, target_splits
+from icons_fast.rundir import RunLayout, target_splits, writer_lock
+from icons_fast.stages.featurize import data_sha256, explain_corrupt, feature_settings, split_jobs
 from icons_fast.select.influence import checkpoint_weights_normalised, raw_projections, stream_task_influence
 from icons_fast.stages.target_index import target_vectors
 
@@ -93,6 +104,66 @@ def scores_inputs(cfg: Config, layout: RunLayout) -> str:
     errors = layout.errors("train")
     parts.append(os.path.getsize(errors) if os.path.exists(errors) else 0)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class StaleInputs(RuntimeError):
+    """Features (or scores) made from other input files or settings than this config names."""
+
+
+def check_fresh(cfg: Config, layout: RunLayout) -> None:
+    """Raise ``StaleInputs`` when a feature store this config reads was made from other inputs.
+
+    For every checkpoint of the finished warmup and every split (the pool and
+    each target set), the settings (``featurize.feature_settings``) and the
+    sha256 of the data file and the checkpoint must equal what the store's
+    fingerprint recorded (keys a store does not record are not compared). The message
+    names the first stale store, every differing input, and the fix: a changed
+    pool invalidates the warmup and every feature set (a new run directory, or
+    delete ``features/`` and rerun ``icons-fast run``); a changed target file
+    only its own features (delete them and rerun featurize for that split).
+    """
+    from icons_fast.train.checkpoint import checkpoint_sha256
+
+    for ckpt_dir in layout.warmup_checkpoints():
+        ckpt = os.path.basename(ckpt_dir)
+        ckpt_sha = None
+        for split, path, mode, images in split_jobs(cfg):
+            store = layout.feature_store(ckpt, split)
+            have = store.fingerprint
+            want = feature_settings(cfg, ckpt_dir, mode, images)
+            if "checkpoint_sha256" in have:  # only what the store recorded is compared (and hashed)
+                ckpt_sha = ckpt_sha or checkpoint_sha256(ckpt_dir)
+                want["checkpoint_sha256"] = ckpt_sha
+            if path and "data_sha256" in have:
+                if not os.path.exists(path):
+                    raise FileNotFoundError(f"the data file {path} of split {split} does not exist (its features "
+                                            f"in {store.root} were made from it); pass the file the run was made with")
+                want["data_sha256"] = data_sha256(path)
+            changed = [k for k in want if k in have and have[k] != want[k]]
+            if not changed:
+                continue
+            why = []
+            for k in changed:
+                if k == "data_sha256":
+                    why.append(f"the file {path} changed after these features were made "
+                               f"(sha256 {have[k][:12]}... then, {want[k][:12]}... now)")
+                elif k == "checkpoint_sha256":
+                    why.append(f"the warmup checkpoint {ckpt_dir} was retrained after these features were made")
+                else:
+                    why.append(f"{k} was {have[k]!r}, this config says {want[k]!r}")
+            if split == "train" and "data_sha256" in changed:
+                fix = (f"the warmup and every feature set depend on the pool: start a new run directory, or delete "
+                       f"{layout.path('features')} and rerun `icons-fast run` with the same flags (it retrains "
+                       f"the warmup on the new pool)")
+            elif {"data_sha256", "checkpoint_sha256"} & set(changed):
+                config = f" --config {layout.config}" if os.path.exists(layout.config) else ""
+                fix = (f"delete {layout.path('features', '*', split)} and rerun `icons-fast featurize{config} "
+                       f"--out {layout.root} --split {split}`, or pass the inputs the run was made with")
+            else:  # only settings differ: most likely flags not repeated
+                fix = (f"pass the settings the features were made with (`--config {layout.config}` holds them), "
+                       f"or featurize again under these settings into a new run directory")
+            raise StaleInputs(f"the features of {split} @ {ckpt} in {store.root} are stale: {'; '.join(why)}. "
+                              f"Fix: {fix}")
 
 
 def check_complete(store, n: int, errors_path: str, what: str) -> None:
@@ -220,11 +291,21 @@ def run_influence(cfg: Config, run_dir: str | None = None, block_size: int = DEF
     checkpoints' learning rates, renormalised, and ``agg`` = ``cfg.select.aggregate``.
     """
     layout = RunLayout(run_dir or cfg.out)
-    inputs = scores_inputs(cfg, layout)
+    with writer_lock(layout.root, "influence", cfg):
+        check_fresh(cfg, layout)
+        inputs = scores_inputs(cfg, layout)
+        paths = score_paths(layout)
+        if (scores_meta(layout) or {}).get("inputs_fingerprint") == inputs:
+            log.info("[influence] scores in %s are up to date", layout.scores)
+            return paths
+        try:
+            return _write_scores(cfg, layout, inputs, block_size)
+        except CorruptShard as exc:
+            raise explain_corrupt(exc, layout.root) from exc
+
+
+def _write_scores(cfg: Config, layout: RunLayout, inputs: str, block_size: int) -> dict:
     paths = score_paths(layout)
-    if (scores_meta(layout) or {}).get("inputs_fingerprint") == inputs:
-        log.info("[influence] scores in %s are up to date", layout.scores)
-        return paths
     out, names, valid, ckpts = _score_pool(cfg, layout, _cosine_targets, cfg.select.aggregate, True, block_size)
     os.makedirs(layout.scores, exist_ok=True)
     atomic_npy(paths["scores"], out)
@@ -245,5 +326,9 @@ def run_tracin_scores(cfg: Config, run_dir: str | None = None,
     ``p = norm * unit feature`` (``select.influence.tracin_scores``, streamed from the stores).
     """
     layout = RunLayout(run_dir or cfg.out)
-    out, names, valid, _ = _score_pool(cfg, layout, _raw_targets, "mean", False, block_size)
+    check_fresh(cfg, layout)
+    try:
+        out, names, valid, _ = _score_pool(cfg, layout, _raw_targets, "mean", False, block_size)
+    except CorruptShard as exc:
+        raise explain_corrupt(exc, layout.root) from exc
     return out.astype(np.float64), names, valid

@@ -4,7 +4,9 @@ Reads ``warmup/warmup_done.json`` (the last checkpoint of the finished warmup),
 ``features/<ckpt>/train/`` and ``features/<ckpt>/target-*/`` (building
 ``faiss.index`` beside a target split when it is missing or stale,
 ``stages.target_index``). Writes the result as JSON to ``json_out`` when given;
-nothing else. The retrieval itself is ``icons_fast.select.neighbors``.
+nothing else. Features made from another pool or target file, checkpoint or
+setting are refused (``influence.check_fresh``). The retrieval itself is
+``icons_fast.select.neighbors``.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from icons_fast.config import Config
 from icons_fast.fileio import atomic_json
 from icons_fast.rundir import RunLayout, target_splits
 from icons_fast.select.neighbors import targets_for_train, train_for_targets
+from icons_fast.stages.influence import check_fresh
 from icons_fast.stages.target_index import target_index
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,7 @@ def run_neighbors(cfg: Config, run_dir: str | None = None, m: int = 10, task: st
     also written to ``json_out`` when given.
     """
     layout = RunLayout(run_dir or cfg.out)
+    check_fresh(cfg, layout)  # never retrieve from features of another pool, target file or checkpoint
     ckpt = os.path.basename(layout.warmup_checkpoints()[-1])
     result = {}
     for name_task, subs in target_splits(cfg.data.targets).items():

@@ -15,29 +15,32 @@ import os
 import time
 
 from icons_fast.config import Config
-from icons_fast.rundir import RunLayout, target_splits
+from icons_fast.rundir import RunLayout, writer_lock
 
 log = logging.getLogger(__name__)
 
 
-def featurize_all(cfg: Config, run_dir: str, shard: str | None = None, splits: list[str] | None = None) -> None:
-    """Featurize the pool and every target set (or only ``splits``) under every warmup checkpoint."""
-    from icons_fast.stages.featurize import featurize_split
+def featurize_all(cfg: Config, run_dir: str, shard: str | None = None, splits: list[str] | None = None,
+                  verify: bool = False) -> None:
+    """Featurize the pool and every target set (or only ``splits``) under every warmup checkpoint.
 
-    ckpts = RunLayout(run_dir).warmup_checkpoints()
-    target_images = cfg.data.target_image_folder or cfg.data.image_folder
-    jobs = [("train", cfg.data.train_data, cfg.features.train_mode, cfg.data.image_folder)]
-    for task, subs in target_splits(cfg.data.targets).items():
-        for sub, split in subs.items():
-            name = task if sub is None else f"{task}/{sub}"
-            jobs.append((split, cfg.data.targets[name], cfg.features.target_mode, target_images))
-    for ckpt in ckpts:
-        for split, path, mode, images in jobs:
-            if splits and split not in splits:
-                continue
-            if not path:
-                raise ValueError(f"no data file for split {split!r}: pass --train-data / --target NAME=FILE")
-            featurize_split(cfg, run_dir, split, path, ckpt, mode, shard=shard, image_folder=images)
+    ``verify``: hash every existing shard before trusting it (``featurize --verify``).
+    Holds the writer lock throughout; one SIGTERM stops after the shard in flight
+    (``Preempted``), whichever split it belongs to.
+    """
+    from icons_fast.signals import GracefulStop
+    from icons_fast.stages.featurize import featurize_split, split_jobs
+
+    with writer_lock(run_dir, "featurize", cfg, shard), GracefulStop() as stop:
+        ckpts = RunLayout(run_dir).warmup_checkpoints()
+        for ckpt in ckpts:
+            for split, path, mode, images in split_jobs(cfg):
+                if splits and split not in splits:
+                    continue
+                if not path:
+                    raise ValueError(f"no data file for split {split!r}: pass --train-data / --target NAME=FILE")
+                featurize_split(cfg, run_dir, split, path, ckpt, mode, shard=shard, image_folder=images,
+                                verify=verify, stop=stop)
 
 
 def run(cfg: Config) -> dict:
@@ -50,15 +53,16 @@ def run(cfg: Config) -> dict:
     run_dir = cfg.out
     init_distributed()
     t0 = time.perf_counter()
-    if is_main():  # warmup is one short job; the other ranks wait for its checkpoints
-        os.makedirs(run_dir, exist_ok=True)
-        cfg.save(run_dir)
-        run_warmup(cfg, run_dir)
-    barrier()
-    featurize_all(cfg, run_dir)
-    if not is_main():
-        return {}
-    run_influence(cfg, run_dir)
-    paths = run_select(cfg, run_dir)
+    with writer_lock(run_dir, "run", cfg):  # every rank joins; the stages below run inside it
+        if is_main():  # warmup is one short job; the other ranks wait for its checkpoints
+            os.makedirs(run_dir, exist_ok=True)
+            cfg.save(run_dir)
+            run_warmup(cfg, run_dir)
+        barrier()
+        featurize_all(cfg, run_dir)
+        if not is_main():
+            return {}
+        run_influence(cfg, run_dir)
+        paths = run_select(cfg, run_dir)
     log.info("[run] done in %.1f s: %s", time.perf_counter() - t0, RunLayout(run_dir).selection)
     return paths

@@ -1,6 +1,8 @@
 """Stage 4: selection from a run's scores, exported in the pool's own format.
 
-Reads ``scores/`` (``stages.influence``; refused when stale for this config),
+Reads ``scores/`` (``stages.influence``; refused when stale for this config, or
+when the pool, target files, checkpoints or settings changed after the
+features were made: ``influence.check_fresh``),
 the pool file ``cfg.data.train_data`` and the train feature manifest of the
 last checkpoint (its sample ids guard the export against a changed pool file);
 the TracIn rule also reads every checkpoint's feature stores.
@@ -19,11 +21,11 @@ import os
 import numpy as np
 
 from icons_fast.config import Config
-from icons_fast.rundir import RunLayout
+from icons_fast.rundir import RunLayout, writer_lock
 from icons_fast.select.export import export_selection, format_summary
 from icons_fast.select.rules import RULES, select_by_rule
 from icons_fast.select.voting import consensus_select, specialist_select, vote_counts
-from icons_fast.stages.influence import load_scores, run_tracin_scores, scores_inputs, scores_meta
+from icons_fast.stages.influence import check_fresh, load_scores, run_tracin_scores, scores_inputs, scores_meta
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,12 @@ def run_rule(cfg: Config, run_dir: str, rule: str, scores, task_names, valid) ->
 def run_select(cfg: Config, run_dir: str | None = None, task: str | None = None) -> dict:
     """Vote (or one task's top budget, or ``cfg.select.rule``) and export; return the written paths."""
     layout = RunLayout(run_dir or cfg.out)
+    with writer_lock(layout.root, "select", cfg):
+        return _select(cfg, layout, task)
+
+
+def _select(cfg: Config, layout: RunLayout, task: str | None) -> dict:
+    check_fresh(cfg, layout)
     if (scores_meta(layout) or {}).get("inputs_fingerprint") != scores_inputs(cfg, layout):
         raise RuntimeError(
             f"the scores in {layout.scores} are missing or were made from other features, targets or aggregate "

@@ -2,7 +2,14 @@
 
 Saves checkpoints (adapter + Adam moments by parameter name + learning rate;
 format in ``icons_fast.train.checkpoint``) that the featurize stage reads.
-A finished warmup made under the same settings is reused, not redone.
+A finished warmup made under the same settings is reused, not redone; one
+made under other settings or from another pool file (its fingerprint differs)
+is removed and retrained.
+
+A SIGTERM finishes the optimizer step in flight and stops with ``Preempted``
+(exit code 75 at the command line). Warmup does not resume mid-way: the rerun
+starts it again from step 0 (it is the short stage: a few percent of the pool
+for one epoch). The writer lock of the run directory is held throughout.
 """
 from __future__ import annotations
 
@@ -13,10 +20,12 @@ import os
 import shutil
 
 import numpy as np
+import torch
 
 from icons_fast.config import Config
-from icons_fast.fileio import atomic_json, atomic_write, file_sha256
-from icons_fast.rundir import RunLayout
+from icons_fast.fileio import atomic_json, atomic_write
+from icons_fast.rundir import RunLayout, writer_lock
+from icons_fast.signals import GracefulStop, Preempted
 from icons_fast.train.checkpoint import list_checkpoints, save_lora_checkpoint
 
 log = logging.getLogger(__name__)
@@ -30,26 +39,37 @@ def warmup_subset(n_pool: int, fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n_pool, size=k, replace=False))
 
 
-def warmup_fingerprint(cfg: Config) -> str:
+def warmup_inputs(cfg: Config) -> dict:
     """What the warmup depends on: the pool (path and content), its images, max_length, model, warmup, seed.
 
     Target sets are left out on purpose: adding a target task must not retrain the warmup.
     """
+    from icons_fast.stages.featurize import data_sha256
+
     d = cfg.to_dict()
-    key = {
+    return {
         "train_data": os.path.abspath(cfg.data.train_data) if cfg.data.train_data else None,
-        "train_sha256": file_sha256(cfg.data.train_data) if cfg.data.train_data else None,
+        "train_sha256": data_sha256(cfg.data.train_data) if cfg.data.train_data else None,
         "image_folder": cfg.data.image_folder,
         "max_length": cfg.data.max_length,
         "model": d["model"],
         "warmup": d["warmup"],
         "seed": cfg.seed,
     }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def warmup_fingerprint(cfg: Config) -> str:
+    """sha256 (16 hex) of ``warmup_inputs(cfg)``: a finished warmup with another fingerprint is retrained."""
+    return hashlib.sha256(json.dumps(warmup_inputs(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run_warmup(cfg: Config, run_dir: str | None = None) -> list[str]:
     """Train LoRA on the warmup subset; return the checkpoint directories (by step)."""
+    with writer_lock(run_dir or cfg.out, "warmup", cfg), GracefulStop() as stop:
+        return _run_warmup(cfg, run_dir or cfg.out, stop)
+
+
+def _run_warmup(cfg: Config, run_dir: str, stop: GracefulStop) -> list[str]:
     from icons_fast.data import ErrorLog, load_records
     from icons_fast.data.loader import make_dataset
     from icons_fast.model.loading import load_model
@@ -60,13 +80,18 @@ def run_warmup(cfg: Config, run_dir: str | None = None) -> list[str]:
         raise ValueError("warmup needs the training pool: --train-data FILE.json")
     if not os.path.exists(cfg.data.train_data):
         raise FileNotFoundError(f"the pool {cfg.data.train_data!r} (--train-data) does not exist")
-    layout = RunLayout(run_dir or cfg.out)
+    layout = RunLayout(run_dir)
     done_path = layout.warmup_done
     fp = warmup_fingerprint(cfg)
     if os.path.exists(done_path):
         with open(done_path) as f:
             done = json.load(f)
-        if done.get("fingerprint") == fp:
+        if done.get("fingerprint") != fp:
+            old = done.get("inputs") or {}
+            changed = sorted(k for k, v in warmup_inputs(cfg).items() if old.get(k) != v) or ["settings"]
+            log.warning("the warmup in %s was made from other inputs (%s differ): retraining it", layout.warmup,
+                        ", ".join(changed))
+        else:
             try:
                 ckpts = layout.warmup_checkpoints()
             except FileNotFoundError:
@@ -85,6 +110,9 @@ def run_warmup(cfg: Config, run_dir: str | None = None) -> list[str]:
     atomic_write(os.path.join(layout.warmup, "subset.txt"), lambda f: np.savetxt(f, subset, fmt="%d"))
 
     lm = load_model(cfg.model.model, cfg.model.dtype, cfg.resolved_device(), seed=cfg.seed)
+    # LoRA's initial A matrices and the dropout masks come from torch's global generator: seeded,
+    # a rerun (after a preemption, say) trains exactly the warmup an uninterrupted run trains.
+    torch.manual_seed(cfg.seed)
     model = attach_lora(lm.model, cfg.model)
     errors = ErrorLog(layout.errors("train"))
     dataset, collate = make_dataset(lm, records, cfg.data.image_folder, cfg.data.max_length, errors, stage="data")
@@ -96,6 +124,11 @@ def run_warmup(cfg: Config, run_dir: str | None = None) -> list[str]:
                 layout.warmup, model, optimizer, step, lr, epoch, samples, extra={"base_model": lm.path}
             )
         )
+
+    def after_step(step: int, total: int) -> None:
+        if stop.requested and step < total:  # at the last step the warmup is finished: let it be recorded
+            raise Preempted(f"warmup stopped by SIGTERM after step {step} of {total}; warmup does not resume "
+                            f"mid-way: rerunning the same command restarts it from step 0")
 
     log.info("%d of %d samples (%.1f%%), %d epoch(s)", len(subset), len(records), 100 * cfg.warmup.fraction,
              cfg.warmup.epochs)
@@ -110,11 +143,13 @@ def run_warmup(cfg: Config, run_dir: str | None = None) -> list[str]:
         save_checkpoint=save,
         error_log=errors,
         desc="warmup",
+        after_step=after_step,
     )
     checkpoints = [c for c in list_checkpoints(layout.warmup) if c in saved]
     # names, not paths: a run directory can be moved or copied
     names = [os.path.basename(c) for c in checkpoints]
-    atomic_json(done_path, {"fingerprint": fp, "checkpoints": names, "summary": summary})
+    atomic_json(done_path, {"fingerprint": fp, "inputs": warmup_inputs(cfg), "checkpoints": names,
+                            "summary": summary})
     log.info("%d steps, %.1f samples/s, %d sample(s) excluded (see %s)", summary["steps"], summary["samples_per_s"],
              len(summary["excluded"]), layout.errors("train"))
     return checkpoints

@@ -80,8 +80,12 @@ def train_model(
     save_checkpoint: Callable[[int, float, float, int, torch.optim.Optimizer], None] | None = None,
     error_log=None,
     desc: str = "train",
+    after_step: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Train on ``dataset[indices]``; call ``save_checkpoint(step, lr, epoch, samples, optimizer)`` at checkpoints.
+
+    ``after_step(step, total)`` is called after every optimizer step (and its
+    checkpoint, if any); it may raise to stop training there (a graceful stop).
 
     Returns a summary (steps, samples seen, final loss, samples/s, excluded samples).
     """
@@ -129,6 +133,12 @@ def train_model(
             bar.set_postfix(loss=f"{ema_loss:.3f}" if ema_loss is not None else "-", samples_s=f"{samples / elapsed:.1f}")
             if step in ckpts:
                 save_checkpoint(step, last_lr, epoch + (start + batch_size) / len(order), samples, optimizer)
+            if after_step is not None:
+                try:
+                    after_step(step, total)
+                except BaseException:
+                    bar.close()
+                    raise
     bar.close()
     model.eval()
     elapsed = time.perf_counter() - t0
