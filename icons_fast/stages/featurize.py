@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from icons_fast.config import Config
 from icons_fast.distributed import barrier, device_for_rank, is_main, parse_shard, process_share
-from icons_fast.fileio import file_sha256
+from icons_fast.data.formats import source_sha256
 from icons_fast.rundir import RunLayout
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def featurize_split(
         "seed": cfg.features.seed,
         "proj_dim": cfg.features.proj_dim,
         "mode": mode,
-        "data_sha256": file_sha256(records_path),
+        "data_sha256": source_sha256(records_path),
         "max_length": cfg.data.max_length,
         "n_samples": len(records),
     }

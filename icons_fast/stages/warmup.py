@@ -15,7 +15,8 @@ import shutil
 import numpy as np
 
 from icons_fast.config import Config
-from icons_fast.fileio import atomic_json, atomic_write, file_sha256
+from icons_fast.data.formats import is_hub_id, source_sha256
+from icons_fast.fileio import atomic_json, atomic_write
 from icons_fast.rundir import RunLayout
 from icons_fast.train.checkpoint import list_checkpoints, save_lora_checkpoint
 
@@ -38,7 +39,7 @@ def warmup_fingerprint(cfg: Config) -> str:
     d = cfg.to_dict()
     key = {
         "train_data": os.path.abspath(cfg.data.train_data) if cfg.data.train_data else None,
-        "train_sha256": file_sha256(cfg.data.train_data) if cfg.data.train_data else None,
+        "train_sha256": source_sha256(cfg.data.train_data) if cfg.data.train_data else None,
         "image_folder": cfg.data.image_folder,
         "max_length": cfg.data.max_length,
         "model": d["model"],
@@ -58,7 +59,7 @@ def run_warmup(cfg: Config, run_dir: str | None = None) -> list[str]:
 
     if not cfg.data.train_data:
         raise ValueError("warmup needs the training pool: --train-data FILE.json")
-    if not os.path.exists(cfg.data.train_data):
+    if not os.path.exists(cfg.data.train_data) and not is_hub_id(cfg.data.train_data):
         raise FileNotFoundError(f"the pool {cfg.data.train_data!r} (--train-data) does not exist")
     layout = RunLayout(run_dir or cfg.out)
     done_path = layout.warmup_done
