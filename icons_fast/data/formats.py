@@ -51,6 +51,7 @@ stream file for arrow pools).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import os
@@ -272,14 +273,13 @@ def _undecoded_images(ds):
     def undecoded(feature):
         if isinstance(feature, datasets.Image):
             return datasets.Image(decode=False)
-        if isinstance(feature, datasets.Sequence):
-            return datasets.Sequence(undecoded(feature.feature), length=feature.length)
-        if isinstance(feature, list) and len(feature) == 1:
-            return [undecoded(feature[0])]
         if isinstance(feature, dict):
             return {k: undecoded(v) for k, v in feature.items()}
-        if type(feature).__name__ == "List":  # datasets >= 4: List(feature)
-            return type(feature)(undecoded(feature.feature))
+        if isinstance(feature, list) and len(feature) == 1:
+            return [undecoded(feature[0])]
+        if dataclasses.is_dataclass(feature) and hasattr(feature, "feature"):  # List / Sequence / LargeList
+            inner = undecoded(feature.feature)
+            return feature if inner == feature.feature else dataclasses.replace(feature, feature=inner)
         return feature
 
     features = datasets.Features({k: undecoded(v) for k, v in ds.features.items()})
