@@ -269,7 +269,7 @@ def _as_format(kind, demo, tmp_path):
         roles = {"human": "user", "gpt": "assistant"}
         lines = [json.dumps(dict(r, conversations=[{"from": roles[t["from"]], "value": t["value"]}
                                                     for t in r["conversations"]])) for r in pool]
-        path.write_text("\n".join(lines) + "\n")
+        path.write_text("\n".join(lines) + "\n\n{broken\n")  # a blank and a broken line: records 16 and 17
         return str(path)
     if kind == "messages_jsonl":
         path = tmp_path / "pool.jsonl"
@@ -321,13 +321,21 @@ def test_each_format_runs_end_to_end_and_its_selection_round_trips(kind, small_d
     target = next(iter(small_demo["targets"].items()))
     rc = main(["run", "--model", tiny_model_dir, "--train-data", src, "--image-folder", small_demo["image_folder"],
                "--target", f"{target[0]}={target[1]}", "--out", out, "--lora-r", "4", "--proj-dim", "32",
-               "--set", "lora_alpha=8", "--set", "warmup.fraction=0.25", "--set", "features.batch_size=8",
+               "--lora-alpha", "8", "--set", "warmup.fraction=0.25", "--set", "features.batch_size=8",
                "--set", "features.shard_size=8", "--set", "data.max_length=1024"])
     assert rc in (0, None)
     indices = np.loadtxt(os.path.join(out, "selection", "indices.txt"), dtype=int)
     assert len(indices) == int(0.2 * 16)
-    assert not os.path.exists(os.path.join(out, "errors", "train.jsonl")) or \
-        open(os.path.join(out, "errors", "train.jsonl")).read() == ""
+    from icons_fast.data import ErrorLog
+
+    log_path = os.path.join(out, "errors", "train.jsonl")
+    errors = ErrorLog.read(log_path) if os.path.exists(log_path) else []
+    if kind == "sharegpt_jsonl":  # the bad lines are errors at their own line numbers, nothing shifted
+        assert sorted((e.index, e.code) for e in errors) == [(16, "bad_record"), (17, "bad_record")]
+        assert "line 17 of pool.jsonl is blank" in errors[0].reason + errors[1].reason
+        assert not set(indices.tolist()) & {16, 17}
+    else:
+        assert errors == []
     pool = read_pool(src)
     sel_name = {"sharegpt_jsonl": "selected.jsonl", "messages_jsonl": "selected.jsonl", "parquet": "selected.parquet",
                 "arrow": "selected"}[kind]
