@@ -29,7 +29,8 @@ and the top file both follow one descending ``torch.sort`` of the concatenated
 scores (it also computes a ``torch.topk`` but selects from the sort's order);
 the file name column names the file each row comes from; record ``i`` of a
 train file is raw line ``i`` as ``readlines`` counts lines, blank lines
-included, and the selected lines are copied as they are. Our differences, on
+included, and the selected lines are copied with their endings read and
+written in text mode (``\r\n`` and ``\r`` become ``\n``). Our differences, on
 purpose: ties are broken by file order then row index (``torch.sort`` is not
 stable), ``sorted.csv`` is rewritten on every call (LESS keeps an existing one,
 so a stale file survives a rerun), a selected blank line is refused (it would
@@ -411,7 +412,7 @@ def write_less_selection(output_path: str, target_task: str, scores_by_file: Map
         if not line.strip():
             raise ValueError(f"row {i} of {name} selected, but line {i + 1} of its file is blank; LESS numbers raw "
                              "lines, so remove blank lines from the file and score it again")
-        lines.append(line if line.endswith((b"\n", b"\r")) else line + b"\n")
+        lines.append(line.rstrip(b"\r\n") + b"\n")  # LESS reads and writes text mode: every ending becomes "\n"
     paths["top"] = os.path.join(folder, top_file_name(percentage, max_samples))
     atomic_write(paths["top"], lambda f: f.write(b"".join(lines)), mode="wb")
     return paths
