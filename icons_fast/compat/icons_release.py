@@ -77,9 +77,13 @@ def read_vote_top_indices(path: str) -> np.ndarray:
 
 
 def _load_records(records) -> list:
+    """A list as given; a path: a json list's records as read, any other pool format's records as LLaVA
+    conversations (the release's trainer reads LLaVA json)."""
     if isinstance(records, (str, os.PathLike)):
-        with open(records, encoding="utf-8") as f:
-            records = json.load(f)
+        from icons_fast.data.formats import read_pool
+
+        pool = read_pool(os.fspath(records))
+        records = pool.raw if pool.container == "json" else pool.records
     if not isinstance(records, list):
         raise ValueError(f"the pool must be a JSON list of records (LLaVA format), got {type(records).__name__}")
     return records
