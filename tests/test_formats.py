@@ -107,6 +107,69 @@ def test_checked_builder_refuses_several_images_where_the_model_takes_one():
     assert CheckedBuilder(Builder()).collate == "the builder's"
 
 
+ODD = [None, 0, 1.5, True, "", "x", [], [1], {}, {"a": 1}, ["user"], {"url": 3}]
+
+
+def _mutations():
+    """Records of every schema with one field replaced by an odd value (structure the formats do not allow)."""
+    base_msgs = {"id": "m", "images": ["a.png"], "messages": [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"},
+                                     {"type": "image_url", "image_url": {"url": "b.png"}}]},
+        {"role": "assistant", "content": "a"}]}
+    base_share = {"id": "s", "images": ["a.png"], "conversations": [
+        {"from": "system", "value": "s"}, {"from": "user", "value": "<image>\nq"}, {"from": "assistant", "value": "a"}]}
+    for odd in ODD:
+        yield dict(base_msgs, images=odd)
+        yield dict(base_msgs, messages=odd)
+        for m in range(3):
+            for key in ("role", "content"):
+                msgs = json.loads(json.dumps(base_msgs["messages"]))
+                msgs[m][key] = odd
+                yield dict(base_msgs, messages=msgs)
+        for p in range(3):
+            msgs = json.loads(json.dumps(base_msgs["messages"]))
+            msgs[1]["content"][p] = odd
+            yield dict(base_msgs, messages=msgs)
+            msgs = json.loads(json.dumps(base_msgs["messages"]))
+            if isinstance(msgs[1]["content"][p], dict):
+                for key in list(msgs[1]["content"][p]):
+                    msgs[1]["content"][p][key] = odd
+            yield dict(base_msgs, messages=msgs)
+        yield dict(base_share, images=odd)
+        yield dict(base_share, conversations=odd)
+        for t in range(3):
+            for key in ("from", "value"):
+                conv = json.loads(json.dumps(base_share["conversations"]))
+                conv[t][key] = odd
+                yield dict(base_share, conversations=conv)
+        yield odd
+
+
+def test_odd_records_never_crash_and_keep_their_index(tiny_model_dir, tmp_path):
+    from transformers import AutoConfig, AutoProcessor
+
+    from icons_fast.data import ErrorLog, LlavaDataset, LlavaSampleBuilder
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
+    records = list(_mutations())
+    path = tmp_path / "odd.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    pool = read_pool(str(path))
+    assert len(pool) == len(records)
+    for table in (None, "t[0]"):  # as json lines and as table rows
+        for i, r in enumerate(records):
+            normalise_record(r, f"record {i}", table=table)  # never raises
+    builder = CheckedBuilder(LlavaSampleBuilder(AutoProcessor.from_pretrained(tiny_model_dir),
+                                                AutoConfig.from_pretrained(tiny_model_dir), str(tmp_path), 4096))
+    log = ErrorLog(None)
+    out = [LlavaDataset(pool.records, builder, log)[i] for i in range(len(pool))]
+    assert [o.index if hasattr(o, "index") else o["index"] for o in out] == list(range(len(pool)))
+    n_bad = sum(1 for o in out if not isinstance(o, dict))
+    assert 0 < n_bad < len(pool)  # odd fields are errors; the untouched ones still give good samples
+
+
 # --------------------------------------------------------------------------- embedded images
 
 

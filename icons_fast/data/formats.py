@@ -262,7 +262,8 @@ def load_hub_dataset(source: str):
         if isinstance(exc, ValueError) and "split" in str(exc).lower():
             raise ValueError(f"dataset {name!r} has no split {split or 'train'!r} ({exc}); "
                              f"pass {name}:<split>") from exc
-        raise ConnectionError(f"cannot load the Hugging Face dataset {name!r} ({type(exc).__name__}: "
+        raise ConnectionError(f"{name!r} is no local file or folder, and loading it as a Hugging Face dataset failed "
+                              f"({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}); {NO_NETWORK_HELP}") from None
 
 
@@ -325,7 +326,7 @@ def _from_sharegpt(record: dict, table: str | None):
         turns = turns[1:]
     renamed = []
     for t, turn in enumerate(turns):
-        role = SHAREGPT_ROLES.get(turn.get("from"))
+        role = SHAREGPT_ROLES.get(turn.get("from")) if isinstance(turn.get("from"), str) else None
         renamed.append(dict(turn, **{"from": role}) if role and role != turn.get("from") else turn)
     out["conversations"] = renamed
     return _with_images(out, table)
@@ -394,7 +395,7 @@ def _from_messages(record: dict, table: str | None) -> dict:
         if role == "system" and m == 0:
             out["system"] = _text_only(content, m)
             continue
-        if role not in MESSAGE_ROLES:
+        if not isinstance(role, str) or role not in MESSAGE_ROLES:
             raise _Unreadable(f"message {m} has role {str(role)[:40]!r}; expected user or assistant "
                               "(system only first)")
         if isinstance(content, str):
@@ -410,8 +411,11 @@ def _from_messages(record: dict, table: str | None) -> dict:
             elif kind in ("image", "image_url"):
                 if role != "user":
                     raise _Unreadable(f"message {m} ({role}) has an image part; images belong to user messages")
-                value = (part.get("image_url") or {}).get("url") if kind == "image_url" else \
-                    next((part.get(k) for k in ("image", "path", "url") if part.get(k) is not None), None)
+                if kind == "image_url":  # {"url": ...} as OpenAI's API has it, or the url itself
+                    value = part.get("image_url")
+                    value = value.get("url") if isinstance(value, dict) else value
+                else:
+                    value = next((part.get(k) for k in ("image", "path", "url") if part.get(k) is not None), None)
                 if value is None:  # a placeholder: the record's next listed image
                     if next_listed >= len(pool_images):
                         raise _Unreadable(f"message {m} part {p} is an image placeholder but the record lists "
