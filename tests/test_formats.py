@@ -256,6 +256,22 @@ def test_tables_with_embedded_images_round_trip(tmp_path, layout):
     assert back.dataset.features == pool.dataset.features  # the image column is still an Image feature
 
 
+def test_messages_table_with_a_list_of_images(tmp_path):
+    png = _png((0, 90, 0))
+    rows = [{"id": "m0", "images": [{"bytes": png, "path": None}, {"bytes": png, "path": "b.png"}],
+             "messages": [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "image", "text": None},
+                                                       {"type": "text", "text": "same?"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "yes"}]}]}]
+    ds = datasets.Dataset.from_list(rows).cast_column("images", datasets.List(datasets.Image()))
+    ds.to_parquet(str(tmp_path / "m.parquet"))
+    rec = read_pool(str(tmp_path / "m.parquet")).records[0]
+    assert [str(x) for x in rec["image"]] == ["m.parquet[0]/image[0]", "b.png"]
+    assert load_image(None, rec["image"][0]).getpixel((0, 0)) == (0, 90, 0)
+    assert rec["conversations"][0] == {"from": "human", "value": "<image>\n<image>\nsame?"}
+    with pytest.raises(SampleProblem, match="multiple_images"):
+        CheckedBuilder(object()).build(0, rec)
+
+
 # --------------------------------------------------------------------------- hub ids
 
 

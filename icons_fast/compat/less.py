@@ -299,9 +299,10 @@ def less_scores_ref(train, val, checkpoint_weights=None, n_subtasks: int = 1) ->
 
 
 def write_less_scores(output_path: str, target_task: str, train_file_name: str, scores) -> str:
-    """``output_path/<target_task>/<train_file_name>_influence_score.pt``: float32 ``Tensor[N]``, whatever dtype is given.
+    """``output_path/<target_task>/<train_file_name>_influence_score.pt``: float32 ``Tensor[N]``, whatever is given.
 
-    LESS's ``matching.py`` computes in float32 (it calls ``.float()`` on both gradient sets), so float32 is what its files hold.
+    LESS's ``matching.py`` computes in float32 (it calls ``.float()`` on both gradient
+    sets), so float32 is what its files hold.
     """
     s = (scores.detach() if torch.is_tensor(scores) else torch.as_tensor(np.asarray(scores))).reshape(-1).float()
     path = os.path.join(output_path, target_task, f"{train_file_name}_influence_score.pt")

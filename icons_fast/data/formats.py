@@ -56,7 +56,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from icons_fast.data.errors import SampleProblem
 from icons_fast.data.images import EmbeddedImage
@@ -124,7 +124,6 @@ class Pool:
     records: list
     raw: list | None = None
     dataset: object = None
-    extra: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -402,7 +401,8 @@ def _from_messages(record: dict, table: str | None) -> dict:
             turns.append({"from": MESSAGE_ROLES[role], "value": content})
             continue
         if not isinstance(content, list):
-            raise _Unreadable(f"message {m} content is a {type(content).__name__}; expected a string or a list of parts")
+            raise _Unreadable(f"message {m} content is a {type(content).__name__}; "
+                              "expected a string or a list of parts")
         pieces = []
         for p, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
@@ -448,7 +448,7 @@ def _text_only(content, m: int) -> str:
 
 
 def source_sha256(source: str) -> str:
-    """Hex sha256 of a pool's content: the file; every file of a folder (names and bytes); a hub dataset's cache files."""
+    """Hex sha256 of a pool's content: the file; a folder's files (names and bytes); a hub dataset's cache files."""
     from icons_fast.fileio import file_sha256
 
     if os.path.isfile(source):

@@ -78,7 +78,8 @@ def load_image(folder: str | None, rel_path: str) -> Image.Image:
 
 
 def _decode(source, path: str) -> Image.Image:
-    """Open ``source`` (a file path or a bytes buffer named ``path``), check its format against ``path``'s suffix, decode."""
+    """Open ``source`` (a file path, or a bytes buffer named ``path``), check its format against ``path``'s suffix,
+    decode."""
     try:
         with Image.open(source) as img:
             fmt = img.format
