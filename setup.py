@@ -264,6 +264,7 @@ if __name__ == "__main__":  # pip's build backend runs this file as __main__; te
             "cpu": ["faiss-cpu", "triton"],
             "gpu": ["faiss-gpu-cu12", "triton"],
             "test": ["pytest"],
+            "formats": ["datasets==5.2.0"],  # parquet / arrow pools and hub dataset ids
         },
         entry_points={"console_scripts": ["icons-fast=icons_fast.cli:main"]},
     )

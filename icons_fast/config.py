@@ -94,8 +94,9 @@ def setting(default: Any = dataclasses.MISSING, *, help: str, flag: str | None =
 
 @dataclass
 class DataConfig:
-    train_data: str | None = setting(None, flag="--train-data", metavar="FILE.json",
-                                     help="the pool: LLaVA json list of records")
+    train_data: str | None = setting(None, flag="--train-data", metavar="FILE_DIR_OR_ID",
+                                     help="the pool: LLaVA .json, .jsonl (ShareGPT / OpenAI messages), parquet or "
+                                          "arrow file or folder, or a Hugging Face dataset id owner/name[:split]")
     image_folder: str | None = setting(None, flag="--image-folder", metavar="DIR",
                                        help="folder the records' image paths are relative to")
     targets: dict[str, str] = setting(
@@ -110,7 +111,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     model: str = setting("tiny", flag="--model", metavar="NAME_OR_DIR",
-                         help="llava-hf or causal-LM directory, or 'tiny' / 'small' (built-in test model)")
+                         help="llava-hf or causal-LM directory or Hugging Face id, or 'tiny' / 'small' (built-in test model)")
     dtype: str = setting("float32", flag="--dtype", choices=MODEL_DTYPES, help="model weights and activations")
     lora_r: int = setting(128, flag="--lora-r", help="LoRA rank r")
     lora_alpha: int = setting(256, flag="--lora-alpha", help="LoRA alpha (the adapter is scaled by alpha / r)")

@@ -395,3 +395,90 @@ def test_docs_api_lists_every_public_name():
     text = open(DOCS, encoding="utf-8").read()
     missing = [name for name in icons_fast.__all__ if name != "__version__" and f"`{name}" not in text]
     assert not missing, f"docs/api.md does not document {missing}"
+
+
+# --------------------------------------------------------------------------- drop-in fidelity (LESS and ICONS heads)
+
+
+def test_release_influence_refuses_layouts_the_generalist_would_drop(tmp_path):
+    m = torch.zeros(3, 2)
+    with pytest.raises(ValueError, match="plain matrix.*only subtask folders"):
+        rel.write_icons_influence(str(tmp_path), {"mme": m})
+    with pytest.raises(ValueError, match="'gqa' has subtasks.*only\\s+for 'mme'"):
+        rel.write_icons_influence(str(tmp_path), {"gqa": {"a": m, "b": m}})
+    with pytest.raises(ValueError, match="no subtasks"):
+        rel.write_icons_influence(str(tmp_path), {"mme": {}})
+    assert not os.listdir(tmp_path)  # refused before anything is written
+
+
+def test_release_exact_scores_use_raw_validation_rows_for_mme_only():
+    rng = np.random.default_rng(5)
+    n, k = 23, 8
+    f, _ = _unit_np(rng.normal(size=(n, k)))
+    targets = {}
+    for task, subs in (("gqa", None), ("mme", ("count", "OCR"))):
+        def pair(m):
+            u, norms = _unit_np(rng.normal(size=(m, k)) * rng.uniform(0.5, 4, size=(m, 1)))
+            return torch.tensor(u, dtype=torch.float32), norms.astype(np.float32)
+        targets[task] = pair(4) if subs is None else {s: pair(3 + j) for j, s in enumerate(subs)}
+    scores, names = rel.release_scores(torch.tensor(f, dtype=torch.float32), targets)
+    assert names == ["gqa", "mme"]
+    gqa = f @ targets["gqa"][0].double().numpy().T
+    mme = [f @ (u.double().numpy() * nrm[:, None]).T for u, nrm in targets["mme"].values()]
+    np.testing.assert_allclose(scores[:, 0], gqa.mean(1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scores[:, 1], np.maximum(mme[0].mean(1), mme[1].mean(1)), rtol=1e-5, atol=1e-5)
+    # the release's own reader, fed the release's matrices, gives the same columns
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as base:
+        rel.write_icons_influence(base, {"gqa": torch.tensor(gqa), "mme": {"count": torch.tensor(mme[0]),
+                                                                          "OCR": torch.tensor(mme[1])}})
+        read, read_names = rel.read_icons_influence(base)
+    np.testing.assert_allclose(read[:, [read_names.index("gqa"), read_names.index("mme")]], scores,
+                               rtol=1e-5, atol=1e-5)
+    cosine, _ = rel.release_scores(torch.tensor(f, dtype=torch.float32), targets, unnormalised_task=None)
+    np.testing.assert_allclose(cosine[:, 0], scores[:, 0], rtol=1e-6)  # only the MME column differs
+    assert not np.allclose(cosine[:, 1], scores[:, 1])
+
+
+def test_run_to_less_writes_the_n_subtasks_line_and_one_folder_per_task(tmp_path):
+    rng = np.random.default_rng(6)
+    run = tmp_path / "run"
+    stores = {}
+    for split, m in (("train", 9), ("target-mme--a", 3), ("target-mme--b", 3), ("target-gqa", 4)):
+        f, nrm = _unit_np(rng.normal(size=(m, 6)))
+        stores[split] = _store(str(run / "features" / "checkpoint-7" / split), torch.tensor(f),
+                               nrm.astype(np.float32), range(m), m)
+    written = less.run_to_less(str(run), str(tmp_path / "less"))
+    assert str(tmp_path / "less" / "mme-ckpt7-adam") in written
+    text = open(tmp_path / "less" / "N_SUBTASKS.py").read()
+    namespace = {}
+    exec(text, namespace)
+    assert namespace["N_SUBTASKS"] == {"mmlu": 57, "bbh": 27, "tydiqa": 9, "mme": 2, "gqa": 1}
+    combined = less.read_less_grads(str(tmp_path / "less" / "mme-ckpt7-adam"))
+    parts = [stores[s].load()[2] for s in ("target-mme--a", "target-mme--b")]
+    assert torch.equal(combined, torch.cat(parts))
+    # LESS's matching on the combined folder with N_SUBTASKS["mme"] groups = the max over our two subtasks
+    train = less.read_less_grads(str(tmp_path / "less" / "train-ckpt7-adam"))
+    got = less.less_scores(train, combined, n_subtasks=namespace["N_SUBTASKS"]["mme"])
+    per_sub = [less.less_scores(train, p) for p in parts]
+    torch.testing.assert_close(got, torch.maximum(*per_sub))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_less_scores_files_are_float32_whatever_they_are_given(tmp_path, dtype):
+    path = less.write_less_scores(str(tmp_path), "mmlu", "dolly", torch.arange(5, dtype=dtype))
+    assert less.read_less_scores(path).dtype == torch.float32
+    path = less.write_less_scores(str(tmp_path), "bbh", "dolly", np.arange(5, dtype=np.float64))
+    assert less.read_less_scores(path).dtype == torch.float32
+
+
+def test_less_selection_numbers_raw_jsonl_lines_as_less_does(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(b'{"id": 0}\n\n{"id": 2}\r\n{"id": 3}')  # a blank line 1, CRLF, no final newline
+    out = less.write_less_selection(str(tmp_path / "sel"), "t", {"d": torch.tensor([0.1, -1.0, 0.9, 0.5])},
+                                    [str(data)], max_samples=2)
+    assert open(out["top"], "rb").read() == b'{"id": 2}\n{"id": 3}\n'  # lines 2 and 3, endings as text mode writes
+    with pytest.raises(ValueError, match="line 2 of its file is blank"):
+        less.write_less_selection(str(tmp_path / "sel"), "t", {"d": torch.tensor([0.1, 2.0, 0.9, 0.5])},
+                                  [str(data)], max_samples=1)

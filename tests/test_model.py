@@ -55,8 +55,8 @@ def test_lora_fingerprint_changes_with_rank(tiny_model_dir):
     assert a != b
 
 
-def test_missing_model_directory_says_no_download(tmp_path):
-    with pytest.raises(FileNotFoundError, match="never downloads"):
+def test_missing_model_directory_is_not_taken_for_a_hub_id(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a local directory nor a Hugging Face id"):
         resolve_model_dir(str(tmp_path / "llava-1.5-7b-hf"))
 
 

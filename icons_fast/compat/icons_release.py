@@ -34,6 +34,7 @@ from icons_fast.fileio import atomic_write
 INDICES_FILE = "vote_top_indices.txt"
 SELECTED_FILE = "vote_selected_data.json"
 SCORE_SUFFIX = "_influence_score.pt"
+MME = "mme"  # the one task the released code splits into subtasks
 
 
 def _atomic_text(path: str, text: str) -> str:
@@ -76,9 +77,13 @@ def read_vote_top_indices(path: str) -> np.ndarray:
 
 
 def _load_records(records) -> list:
+    """A list as given; a path: a json list's records as read, any other pool format's records as LLaVA
+    conversations (the release's trainer reads LLaVA json)."""
     if isinstance(records, (str, os.PathLike)):
-        with open(records, encoding="utf-8") as f:
-            records = json.load(f)
+        from icons_fast.data.formats import read_pool
+
+        pool = read_pool(os.fspath(records))
+        records = pool.raw if pool.container == "json" else pool.records
     if not isinstance(records, list):
         raise ValueError(f"the pool must be a JSON list of records (LLaVA format), got {type(records).__name__}")
     return records
@@ -137,14 +142,27 @@ def run_to_icons_release(run_dir: str, out_dir: str | None = None, records_path:
 def write_icons_influence(base: str, matrices: Mapping[str, object], tag: str = "icons-fast") -> list[str]:
     """Per-task ``[N, M]`` matrices in the release's layout; return the files written.
 
-    ``matrices``: task -> ``Tensor[N, M_t]``, or task -> {subtask: Tensor} (the
-    release reads subtasks only for a task named "mme"). Task names may not
-    contain "-": the release takes the task name as the folder name up to the first "-".
+    ``matrices``: task -> ``Tensor[N, M_t]``, or "mme" -> {subtask: Tensor}.
+    Layouts the released generalist would silently drop are refused with the
+    reason: it reads subtask folders only under ``mme-<tag>/`` and nothing else
+    there (so "mme" must come as subtasks, never as one plain matrix), and reads
+    only ``<task>_influence_score.pt`` for every other task (so no other task may
+    have subtasks). Task names may not contain "-": the release takes the task
+    name as the folder name up to the first "-".
     """
-    written = []
     for task, value in matrices.items():
         if "-" in task:
             raise ValueError(f"task name {task!r} contains '-'; the release parses <task>-<tag> at the first '-'")
+        if task == MME and not isinstance(value, Mapping):
+            raise ValueError("task 'mme' is one plain matrix; the released generalist reads only subtask folders "
+                             "under mme-<tag>/ and would drop it: give {subtask: matrix} (or rename the task)")
+        if task != MME and isinstance(value, Mapping):
+            raise ValueError(f"task {task!r} has subtasks; the released generalist takes the max over subtasks only "
+                             f"for 'mme' and would skip {task}'s subtask folders: give one matrix for {task!r}")
+        if task == MME and not value:
+            raise ValueError("task 'mme' has no subtasks; the released generalist would write no mme column")
+    written = []
+    for task, value in matrices.items():
         folder = os.path.join(base, f"{task}-{tag}")
         items = value.items() if isinstance(value, Mapping) else [(None, value)]
         for sub, m in items:
@@ -198,3 +216,78 @@ def _row_means(path: str) -> np.ndarray:
         raise ValueError(f"{path} holds shape {tuple(m.shape)}; expected an [N, M] influence matrix")
     return m.double().mean(dim=1).numpy()
 
+
+
+# --------------------------------------------------------------------------- the release-exact scores
+
+
+def release_scores(train, targets, checkpoint_weights=None, unnormalised_task: str | None = MME,
+                   backend: str = "auto") -> tuple[np.ndarray, list[str]]:
+    """Per-task scores ``[N, T]`` exactly as the released specialist + generalist compute them.
+
+    The release (``scripts/3_specialist.sh``) multiplies the pool's normalised
+    gradients with each task's normalised validation gradients (``all_normalized.pt``),
+    except for the MME subtasks, whose validation side is ``all_unormalized.pt``::
+
+        I_t(i)   = mean_{v in V_t} <f(i), f(v)>                       (every task but MME)
+        I_mme(i) = max_s mean_{v in V_s} <f(i), p(v)>,   p(v) = n(v) f(v)
+
+    with ``f`` the unit features and ``n`` their stored norms. Only the MME column
+    differs from the default (cosine on both sides); the mode exists to reproduce
+    the release's numbers, not as a recommendation. Rows are used as stored (no
+    renormalisation), as the release does; checkpoints are summed with weights
+    ``w_c`` renormalised to 1 (the release uses one checkpoint).
+
+    Arguments:
+        train: unit features ``Tensor[N, k]``, or a list per checkpoint.
+        targets: task -> ``(features [M, k], norms [M])`` or task -> {subtask: pair};
+            or a list of such dicts, one per checkpoint.
+        unnormalised_task: the task scored with raw validation projections ("mme";
+            None: none, which gives the default cosine-mean scores).
+    Return: (float64 ``ndarray[N, T]``, task names in the order given).
+    """
+    from icons_fast.select.influence import raw_projections, task_influence
+
+    per_ckpt = [targets] if isinstance(targets, Mapping) else list(targets)
+    mixed = []
+    for d in per_ckpt:
+        out = {}
+        for task, value in d.items():
+            subs = value if isinstance(value, Mapping) else {None: value}
+            rows = {}
+            for sub, (feats, norms) in subs.items():
+                f = torch.as_tensor(feats).float()
+                rows[sub] = raw_projections(f, norms) if task == unnormalised_task else f
+            out[task] = rows if isinstance(value, Mapping) else rows[None]
+        mixed.append(out)
+    trains = [torch.as_tensor(t).float() for t in (train if isinstance(train, (list, tuple)) else [train])]
+    scores, names = task_influence(trains if len(trains) > 1 else trains[0], mixed if len(mixed) > 1 else mixed[0],
+                                   aggregate="mean", checkpoint_weights=checkpoint_weights, backend=backend,
+                                   normalise=False)
+    return scores.double().numpy(), names
+
+
+def release_scores_from_stores(train_store, target_stores: Mapping, unnormalised_task: str | None = MME):
+    """:func:`release_scores` from feature stores (or their folders) of one checkpoint.
+
+    ``target_stores``: task -> store, or task -> {subtask: store}. Return
+    ``(scores [N, T] float64 with NaN on samples the pool store lacks, task names)``.
+    """
+    from icons_fast.features.store import FeatureStore
+
+    def opened(s):
+        return FeatureStore.open(os.fspath(s)) if isinstance(s, (str, os.PathLike)) else s
+
+    def pair(s):
+        _, _, feats, norms = opened(s).load()
+        return feats, norms
+
+    train = opened(train_store)
+    idx, _, feats, _ = train.load()
+    targets = {task: ({sub: pair(x) for sub, x in v.items()} if isinstance(v, Mapping) else pair(v))
+               for task, v in target_stores.items()}
+    part, names = release_scores(feats, targets, unnormalised_task=unnormalised_task)
+    n = int(train.fingerprint.get("n_samples", int(idx.max()) + 1 if len(idx) else 0))
+    scores = np.full((n, len(names)), np.nan)
+    scores[idx] = part
+    return scores, names

@@ -24,15 +24,29 @@ validation rows (``matching.py``; MMLU 57, BBH 27, TydiQA 9)::
 Selection is per target task (``write_selected_data.py``): the top
 ``int(percentage * N)`` (or ``max_samples``) rows by that score.
 
-Two differences from LESS's code, on purpose: ties in ``sorted.csv`` are
-broken by file order then row index (LESS uses an unstable sort), and the file
-name column names the file each row really comes from (LESS's writer indexes
-its per-row file list with the in-file index, which mislabels rows when more
-than one train file is given).
+As LESS's ``write_selected_data.py`` (at its current head) does it: ``sorted.csv``
+and the top file both follow one descending ``torch.sort`` of the concatenated
+scores (it also computes a ``torch.topk`` but selects from the sort's order);
+the file name column names the file each row comes from; record ``i`` of a
+train file is raw line ``i`` as ``readlines`` counts lines, blank lines
+included, and the selected lines are copied with their endings read and
+written in text mode (``\r\n`` and ``\r`` become ``\n``). Our differences, on
+purpose: ties are broken by file order then row index (``torch.sort`` is not
+stable), ``sorted.csv`` is rewritten on every call (LESS keeps an existing one,
+so a stale file survives a rerun), a selected blank line is refused (it would
+be an empty training example), and a last line without a newline gets one.
+
+Task names: LESS's ``matching.py`` looks each target task up in its
+``N_SUBTASKS`` dict (``{"mmlu": 57, "bbh": 27, "tydiqa": 9}``) and splits that
+task's validation rows into that many contiguous equal groups; a name missing
+from it is a ``KeyError``. ``run_to_less`` therefore also writes, for each task,
+one validation folder with its subtasks' rows in order, and ``N_SUBTASKS.py``
+with the line to put in ``matching.py`` (``less_n_subtasks`` returns the dict).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from typing import Mapping, Sequence
@@ -42,6 +56,8 @@ import torch
 
 from icons_fast.fileio import atomic_write
 from icons_fast.select.influence import checkpoint_weights_normalised
+
+log = logging.getLogger(__name__)
 
 ORIG = "all_orig.pt"
 UNNORMALIZED = "all_unormalized.pt"
@@ -167,6 +183,10 @@ def store_to_less(store, out_path: str, dtype: torch.dtype | None = None, unnorm
     return write_less_grads(out_path, feats, norms, dtype=dtype, unnormalized=unnormalized)
 
 
+LESS_N_SUBTASKS = {"mmlu": 57, "bbh": 27, "tydiqa": 9}  # matching.py's own dict, kept in the snippet
+N_SUBTASKS_FILE = "N_SUBTASKS.py"
+
+
 def run_to_less(run_dir: str, out_root: str, dtype: torch.dtype | None = None) -> list[str]:
     """Every feature store of a run as LESS gradient folders; return the folders written.
 
@@ -174,14 +194,22 @@ def run_to_less(run_dir: str, out_root: str, dtype: torch.dtype | None = None) -
     with ``name`` = "train" for the pool and the task (``task--subtask``) for a
     target split, ``step`` and ``mode`` (adam / sgd) from the store's fingerprint.
     Target splits may miss bad samples (their rows are only averaged); the pool may not.
+
+    For LESS's ``matching.py`` each task with subtasks also gets one folder
+    ``<task>-ckpt<step>-sgd`` holding its subtasks' rows in split-name order
+    (LESS splits a task's rows into ``N_SUBTASKS[task]`` contiguous equal groups;
+    subtasks of unequal sizes cannot be represented and are logged instead), and
+    ``out_root/N_SUBTASKS.py`` holds the ``N_SUBTASKS = {...}`` line to put in
+    ``matching.py``: LESS's three tasks plus every task of the run.
     """
     from icons_fast.features.store import FeatureStore
 
     root = os.path.join(run_dir, "features")
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{run_dir} has no features/ folder; run `icons-fast featurize` first")
-    written = []
+    written, n_subtasks = [], {}
     for ckpt in sorted(os.listdir(root)):
+        by_task: dict[str, list] = {}
         for split in sorted(os.listdir(os.path.join(root, ckpt))):
             path = os.path.join(root, ckpt, split)
             if not os.path.exists(os.path.join(path, "manifest.json")):
@@ -192,6 +220,31 @@ def run_to_less(run_dir: str, out_root: str, dtype: torch.dtype | None = None) -
             folder = less_grad_dir(out_root, name, fp.get("checkpoint_step", ckpt), fp.get("mode", "sgd"))
             store_to_less(store, folder, dtype=dtype, allow_missing=split != "train")
             written.append(folder)
+            if name != "train":
+                by_task.setdefault(name.split("--")[0], []).append((name, store))
+        for task, subs in by_task.items():
+            n_subtasks[task] = len(subs)
+            if len(subs) == 1:
+                continue
+            loaded = [store.load() for _, store in subs]
+            sizes = [len(idx) for idx, *_ in loaded]
+            if len(set(sizes)) != 1:
+                log.warning("task %s: subtasks %s have %s rows; LESS splits a task's rows into equal groups, so "
+                            "they are written only one folder per subtask", task, [n for n, _ in subs], sizes)
+                continue
+            fp = subs[0][1].fingerprint
+            folder = less_grad_dir(out_root, task, fp.get("checkpoint_step", ckpt), fp.get("mode", "sgd"))
+            feats = torch.cat([torch.as_tensor(f) for _, _, f, _ in loaded])
+            norms = np.concatenate([np.asarray(n, dtype=np.float32) for *_, n in loaded])
+            write_less_grads(folder, feats, norms, dtype=dtype)
+            written.append(folder)
+    if n_subtasks:
+        merged = {**LESS_N_SUBTASKS, **n_subtasks}
+        text = ("# the line for LESS's less/data_selection/matching.py (its own three tasks and this run's)\n"
+                f"N_SUBTASKS = {json.dumps(merged)}\n")
+        _atomic_text(os.path.join(out_root, N_SUBTASKS_FILE), text)
+        log.info("LESS needs N_SUBTASKS to list the run's tasks: %s (written to %s)", n_subtasks,
+                 os.path.join(out_root, N_SUBTASKS_FILE))
     return written
 
 
@@ -246,8 +299,12 @@ def less_scores_ref(train, val, checkpoint_weights=None, n_subtasks: int = 1) ->
 
 
 def write_less_scores(output_path: str, target_task: str, train_file_name: str, scores) -> str:
-    """``output_path/<target_task>/<train_file_name>_influence_score.pt`` (float32 ``Tensor[N]``)."""
-    s = torch.as_tensor(np.asarray(scores)).reshape(-1).float() if not torch.is_tensor(scores) else scores.reshape(-1)
+    """``output_path/<target_task>/<train_file_name>_influence_score.pt``: float32 ``Tensor[N]``, whatever is given.
+
+    LESS's ``matching.py`` computes in float32 (it calls ``.float()`` on both gradient
+    sets), so float32 is what its files hold.
+    """
+    s = (scores.detach() if torch.is_tensor(scores) else torch.as_tensor(np.asarray(scores))).reshape(-1).float()
     path = os.path.join(output_path, target_task, f"{train_file_name}_influence_score.pt")
     _atomic_torch_save(s.detach().cpu().contiguous(), path)
     return path
@@ -315,15 +372,15 @@ def top_file_name(percentage: float | None = None, max_samples: int | None = Non
     raise ValueError("give percentage or max_samples")
 
 
-def _records(path: str) -> list[str]:
-    """One JSON text per sample: the lines of a ``.jsonl`` file, or the records of a JSON list (LLaVA)."""
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            return [line.rstrip("\n") for line in f if line.strip()]
-        data = json.load(f)
-    if not isinstance(data, list):
-        raise ValueError(f"{path} holds a JSON {type(data).__name__}; expected a list of records or a .jsonl file")
-    return [json.dumps(r, ensure_ascii=False) for r in data]
+def _records(path: str) -> list[bytes]:
+    """One line per sample, newline included: the raw lines of a ``.jsonl`` file (``readlines`` numbering,
+    blank lines included, as LESS counts them), or the records of a JSON list (LLaVA) as one json line each."""
+    if path.endswith(".jsonl"):
+        with open(path, "rb") as f:
+            return f.read().splitlines(keepends=True)
+    from icons_fast.data.formats import load_json_list
+
+    return [(json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8") for r in load_json_list(path)]
 
 
 def write_less_selection(output_path: str, target_task: str, scores_by_file: Mapping[str, object],
@@ -350,6 +407,13 @@ def write_less_selection(output_path: str, target_task: str, scores_by_file: Map
         n_scores = len(np.asarray(s).reshape(-1))
         if len(records[name]) < n_scores:
             raise ValueError(f"{path} has {len(records[name])} records but {name} has {n_scores} scores")
+    lines = []
+    for name, i, _ in rows[:count]:
+        line = records[name][i]
+        if not line.strip():
+            raise ValueError(f"row {i} of {name} selected, but line {i + 1} of its file is blank; LESS numbers raw "
+                             "lines, so remove blank lines from the file and score it again")
+        lines.append(line.rstrip(b"\r\n") + b"\n")  # LESS reads and writes text mode: every ending becomes "\n"
     paths["top"] = os.path.join(folder, top_file_name(percentage, max_samples))
-    _atomic_text(paths["top"], "".join(records[name][i] + "\n" for name, i, _ in rows[:count]))
+    atomic_write(paths["top"], lambda f: f.write(b"".join(lines)), mode="wb")
     return paths

@@ -1,8 +1,10 @@
-"""Data layer: LLaVA json records, the vicuna_v1 template, images, batches, error records, demo data.
+"""Data layer: pool formats, LLaVA records, the vicuna_v1 template, images, batches, error records, demo data.
 
 Modules (one job each):
 
-- ``records``: load LLaVA-665K style json (records untouched, addressed by index).
+- ``formats``: pool files in and out (json, jsonl, ShareGPT, OpenAI messages, parquet, arrow,
+  hub datasets) normalised to LLaVA records; the selection written back in the same format.
+- ``records``: the internal records (LLaVA-665K style, addressed by index) and their ids.
 - ``conversation``: the LLaVA-1.5 template -> ``input_ids`` / ``labels`` with exact masks.
 - ``images``: image loading with every failure named.
 - ``collate``: sample builder, torch dataset, padding collate.

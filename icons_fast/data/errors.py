@@ -20,7 +20,8 @@ from icons_fast.fileio import raise_write_error
 
 # Every reason code the data layer emits, with what it means.
 REASONS = {
-    "bad_record": "the record is not a dict with a 'conversations' list of {'from', 'value'} turns",
+    "bad_record": "the record is not a dict with a 'conversations' list of {'from', 'value'} turns "
+                  "(or, in its file's format, not readable: a blank or invalid json line, a bad message or row)",
     "bad_text": "a turn's text holds a character UTF-8 cannot encode (a lone surrogate from a json \\ud800 escape)",
     "empty_conversation": "'conversations' is empty",
     "no_gpt_turn": "no turn comes from 'gpt', so there is nothing to learn",
@@ -28,6 +29,7 @@ REASONS = {
     "image_token_without_image": "the text has <image> but the record has no 'image' key",
     "image_without_image_token": "the record has an 'image' key but no <image> in its text",
     "multiple_image_tokens": "more than one <image> in the conversation (one image per record)",
+    "multiple_images": "the record has several images but the model takes one per sample (LLaVA-1.5)",
     "image_token_in_answer": "a gpt turn contains <image>",
     "too_long": "the tokenised sample is longer than max_length (never truncated)",
     "all_labels_masked": "no answer token carries a label (every gpt answer is empty)",

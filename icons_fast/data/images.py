@@ -8,6 +8,7 @@ path, instead of crashing or silently training on something else.
 """
 from __future__ import annotations
 
+import io
 import os
 
 from PIL import Image, UnidentifiedImageError
@@ -28,19 +29,43 @@ FORMATS_BY_SUFFIX = {
 }
 
 
+class EmbeddedImage(str):
+    """An image carried inside a record as encoded bytes (a dataset's image column) instead of a file.
+
+    It is a ``str`` (its value is a name such as ``"pool.parquet[12]/image"`` or the
+    file name the dataset kept), so every place that handles a record's image path
+    (checks, ids, logs, json) handles it unchanged; :func:`load_image` decodes
+    ``.data`` instead of opening a file.
+    """
+
+    data: bytes
+
+    def __new__(cls, data: bytes, name: str):
+        obj = super().__new__(cls, name)
+        obj.data = bytes(data)
+        return obj
+
+    def __reduce__(self):  # DataLoader workers receive records by pickling
+        return (EmbeddedImage, (self.data, str(self)))
+
+
 def image_path(folder: str | None, rel_path: str) -> str:
     """``folder/rel_path`` (``rel_path`` alone when folder is None or rel_path is absolute)."""
     return rel_path if folder is None else os.path.join(folder, rel_path)
 
 
 def load_image(folder: str | None, rel_path: str) -> Image.Image:
-    """Open, fully decode and convert to RGB the image ``folder/rel_path``.
+    """Open, fully decode and convert to RGB the image ``folder/rel_path`` (or an :class:`EmbeddedImage`'s bytes).
 
     Raises :class:`SampleProblem` with ``missing_image``, ``empty_image``
     (zero bytes or a zero width/height), ``image_format_mismatch`` (e.g. a GIF
     named ``.jpg``; unknown extensions accept any format) or
     ``corrupt_image`` (not decodable, truncated).
     """
+    if isinstance(rel_path, EmbeddedImage):
+        if not rel_path.data:
+            raise SampleProblem("empty_image", f"{rel_path} has zero bytes")
+        return _decode(io.BytesIO(rel_path.data), str(rel_path))
     path = image_path(folder, rel_path)
     if not os.path.isfile(path):
         if os.path.lexists(path):  # a directory, a device, a dangling or looping symlink
@@ -49,8 +74,14 @@ def load_image(folder: str | None, rel_path: str) -> Image.Image:
         raise SampleProblem("missing_image", f"{path} does not exist (check the image folder)")
     if os.path.getsize(path) == 0:
         raise SampleProblem("empty_image", f"{path} has zero bytes")
+    return _decode(path, path)
+
+
+def _decode(source, path: str) -> Image.Image:
+    """Open ``source`` (a file path, or a bytes buffer named ``path``), check its format against ``path``'s suffix,
+    decode."""
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             fmt = img.format
             allowed = FORMATS_BY_SUFFIX.get(os.path.splitext(path)[1].lower())
             if allowed is not None and fmt not in allowed:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from icons_fast.data.collate import LlavaDataset, LlavaSampleBuilder
 from icons_fast.data.errors import ErrorLog
+from icons_fast.data.formats import CheckedBuilder
 
 
 def make_dataset(loaded_model, records: list, image_folder: str | None, max_length: int | None,
@@ -10,9 +11,10 @@ def make_dataset(loaded_model, records: list, image_folder: str | None, max_leng
     """``(dataset, collate_fn)`` for ``records`` fed to ``loaded_model`` (an ``icons_fast.model.loading.LoadedModel``).
 
     ``dataset[i]`` is record i's sample dict or its ``SampleError`` (recorded in
-    ``error_log`` under ``stage``); ``collate_fn`` pads with the tokenizer's pad id
-    and keeps errors under ``batch["errors"]``.
+    ``error_log`` under ``stage``; a record its format could not read, or with more
+    images than the model takes, is one too: ``formats.CheckedBuilder``);
+    ``collate_fn`` pads with the tokenizer's pad id and keeps errors under ``batch["errors"]``.
     """
     config = loaded_model.model.config if loaded_model.is_llava else None
-    builder = LlavaSampleBuilder(loaded_model.processor, config, image_folder, max_length)
+    builder = CheckedBuilder(LlavaSampleBuilder(loaded_model.processor, config, image_folder, max_length))
     return LlavaDataset(records, builder, error_log, stage=stage), builder.collate

@@ -1,13 +1,14 @@
-"""LLaVA-665K style json records.
+"""Records: the pool as the data layer sees it, addressed by index.
 
-The file is one json list. A record looks like::
+The internal record is LLaVA-665K's (every other format is normalised to it
+by :mod:`icons_fast.data.formats`). A record looks like::
 
     {"id": "000000033471", "image": "coco/train2017/000000033471.jpg",
      "conversations": [{"from": "human", "value": "<image>\\nWhat are the colors of the bus?"},
                        {"from": "gpt", "value": "White and red."}, ...]}
 
 Text-only records have no ``image`` key. Any other key is kept untouched (the
-export writes records back exactly as read). A record is addressed by its index
+export writes the source records back exactly as read). A record is addressed by its index
 in the file, never re-ordered; its id is ``str(record["id"])`` (LLaVA-665K
 mixes string and integer ids), or ``"#<index>"`` when it has none.
 
@@ -18,31 +19,20 @@ line for its index rather than a failure for the whole file.
 from __future__ import annotations
 
 import json
-import os
 
 
 def load_records(path: str) -> list:
-    """The list of records in the json file ``path`` (order and content untouched).
+    """The pool at ``path`` as internal records, one per source record, in source order.
 
-    Raises ``FileNotFoundError`` / ``ValueError`` naming the file when it is
-    missing, is not valid json, or does not hold a list.
+    ``path``: a json list (LLaVA-665K: its records returned exactly as read), a
+    ``.jsonl`` file, parquet / arrow files or folders, or a Hugging Face dataset
+    id; ShareGPT and OpenAI ``messages`` records are normalised to the LLaVA
+    conversation (:mod:`icons_fast.data.formats`). Raises ``FileNotFoundError`` /
+    ``ValueError`` naming the file when it is missing or unreadable as a whole.
     """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"data file {path!r} does not exist")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: invalid json at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
-    except RecursionError as exc:
-        raise ValueError(f"{path}: json nested too deeply to read (a corrupt or hostile file)") from exc
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text ({exc}); LLaVA json files are UTF-8") from exc
-    if not isinstance(data, list):
-        raise ValueError(
-            f"{path}: expected a json list of records (LLaVA-665K format), got a {type(data).__name__}"
-        )
-    return data
+    from icons_fast.data.formats import read_pool
+
+    return read_pool(path).records
 
 
 def record_id(record, index: int) -> str:

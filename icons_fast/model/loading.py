@@ -7,7 +7,9 @@ Supported:
 - ``"tiny"`` / ``"small"``: a tiny LLaVA built from configs, saved to a cache
   directory and loaded back through ``from_pretrained`` like a real one.
 
-Nothing is downloaded: a path that is not a local directory raises with the fix.
+A Hugging Face id (``llava-hf/llava-1.5-7b-hf``) is fetched into, or found in,
+the user's Hugging Face cache (``resolve_model_source``); anything else that is
+not a local directory raises with the fix.
 """
 from __future__ import annotations
 
@@ -55,11 +57,7 @@ def resolve_model_dir(model: str, seed: int = 0) -> str:
             else:
                 os.replace(tmp, out)
         return out
-    if not os.path.isdir(model):
-        raise FileNotFoundError(
-            f"model {model!r} is not a local directory. icons-fast never downloads weights: pass a llava-hf "
-            f"or causal-LM directory saved with save_pretrained, or 'tiny' / 'small' for the built-in test model."
-        )
+    model, _ = resolve_model_source(model)  # a hub id -> its snapshot in the Hugging Face cache
     if not os.path.exists(os.path.join(model, "config.json")):
         raise FileNotFoundError(f"{model!r} has no config.json; is it a Hugging Face model directory?")
     return model
@@ -85,3 +83,47 @@ def load_model(model: str, dtype: str = "float32", device: str | torch.device = 
             processor.pad_token = processor.eos_token
     net.to(device)
     return LoadedModel(model=net, processor=processor, path=path, is_llava=is_llava)
+
+
+# Files a model snapshot needs: configs, tokenizer and processor files, chat templates, weights.
+MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py"]
+HUB_MODEL_ID = r"^[A-Za-z0-9][\w.-]*/[\w.-]+$"
+
+
+def resolve_model_source(name: str) -> tuple[str, bool]:
+    """``(local directory, is_hub)`` for a model directory or a Hugging Face model id.
+
+    A hub id ``owner/name`` (not an existing local path) is resolved by
+    ``huggingface_hub.snapshot_download``, the cache and download code
+    ``from_pretrained`` itself uses: the user's cache (``HF_HOME`` /
+    ``HF_HUB_CACHE``) and offline setting (``HF_HUB_OFFLINE=1``: the cached
+    snapshot or an error) apply unchanged, and the returned directory is the
+    snapshot of one revision, so a run's fingerprint changes when the hub
+    revision does. Weights: ``*.safetensors``, falling back to ``*.bin`` for
+    repositories that have no safetensors. Failing to reach the hub raises one
+    ``ConnectionError`` line naming ``HF_HUB_OFFLINE`` and local directories.
+    """
+    import re
+
+    if os.path.isdir(name):
+        return name, False
+    if not re.match(HUB_MODEL_ID, name) or os.path.exists(name):
+        raise FileNotFoundError(
+            f"model {name!r} is neither a local directory nor a Hugging Face id (owner/name): pass a llava-hf "
+            f"or causal-LM directory saved with save_pretrained, a hub id, or 'tiny' / 'small' for the built-in "
+            f"test model."
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(repo_id=name, allow_patterns=MODEL_FILES)
+        if not any(f.endswith(".safetensors") for f in os.listdir(path)):
+            path = snapshot_download(repo_id=name, allow_patterns=MODEL_FILES + ["*.bin"])
+    except Exception as exc:  # noqa: BLE001 - network, offline-cache and auth errors all get the same advice
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConnectionError(
+            f"cannot load model {name!r} from the Hugging Face hub ({type(exc).__name__}: {first[:200]}); with no "
+            f"network set HF_HUB_OFFLINE=1 to use the cached copy (HF_HOME), or pass a local directory saved with "
+            f"save_pretrained"
+        ) from None
+    return path, True

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from icons_fast.data.records import load_records
 from icons_fast.rundir import RunLayout
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def read_run(run_dir: str, selection: str | None = None) -> dict:
     pool = None
     for path in (summary.get("records_path"), config.get("data", {}).get("train_data")):
         if path and os.path.exists(path):
-            pool = _read_json(path)
+            pool = load_records(path)  # any pool format, as the internal records
             break
     if pool is not None and len(pool) != len(valid):
         log.warning("pool file has %d records but the scores have %d rows: composition from selected.json only",

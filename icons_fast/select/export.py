@@ -2,8 +2,12 @@
 
 ``export_selection`` writes into ``out_dir``:
 
-- ``selected.json``: the input records (a LLaVA-style JSON list) at the selected
-  indices, values unchanged, in original order;
+- ``selected.<ext>``: the input records at the selected indices, in original order,
+  in the input's own format (``icons_fast.data.formats.write_selected``):
+  ``selected.json`` (a json list of the records as read), ``selected.jsonl`` (the
+  raw lines, byte for byte), ``selected.parquet`` (parquet and hub pools: the rows
+  with every column, images embedded), ``selected.arrow`` or a ``selected/``
+  ``save_to_disk`` folder (arrow pools);
 - ``indices.txt``: the selected sample indices, ascending, one per line;
 - ``votes.npy`` (int64 ``[N]``), ``scores.npy`` (``[N, T]``) and ``task_names.json``
   when given;
@@ -21,6 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from icons_fast.data.formats import read_pool, selected_file_name, write_selected
 from icons_fast.data.records import record_id
 from icons_fast.fileio import atomic_write
 
@@ -108,7 +113,7 @@ def export_selection(
     """Write the selected records and the selection's data into ``out_dir``.
 
     Arguments:
-        records_path: the input pool, a JSON list of records (LLaVA format), N records.
+        records_path: the input pool (any format ``icons_fast.data.formats`` reads), N records.
         indices: selected sample indices into that list (any order, no duplicates).
         out_dir: created if missing.
         scores: optional ``[N, T]`` per-task influence (saved as ``scores.npy``).
@@ -123,10 +128,8 @@ def export_selection(
         dict name -> written path (keys among selected, indices, votes, scores,
         task_names, summary).
     """
-    with open(records_path, encoding="utf-8") as f:
-        records = json.load(f)
-    if not isinstance(records, list):
-        raise ValueError(f"{records_path} holds a JSON {type(records).__name__}; expected a list of records (LLaVA format)")
+    pool = read_pool(records_path)
+    records = pool.records  # internal records: their ids are the ones the features were made with
     n = len(records)
     given = _as_array(indices).reshape(-1)
     idx = _check_indices(given, n, records_path)
@@ -148,8 +151,8 @@ def export_selection(
     os.makedirs(out_dir, exist_ok=True)
     out = lambda name: os.path.join(out_dir, name)  # noqa: E731
     written = {}
-    selected = [records[i] for i in idx.tolist()]  # ascending index = original order
-    written["selected"] = atomic_write(out("selected.json"), lambda f: json.dump(selected, f, ensure_ascii=False))
+    # ascending index = original order
+    written["selected"] = write_selected(pool, idx.tolist(), out(selected_file_name(pool)))
     written["indices"] = atomic_write(out("indices.txt"), lambda f: f.write("".join(f"{i}\n" for i in idx.tolist())))
     if votes is not None:
         written["votes"] = atomic_write(out("votes.npy"), lambda f: np.save(f, votes), mode="wb")
@@ -159,7 +162,8 @@ def export_selection(
         names = [str(t) for t in task_names]
         written["task_names"] = atomic_write(out("task_names.json"), lambda f: json.dump(names, f, ensure_ascii=False))
     summary = {
-        "records_path": os.path.abspath(records_path),
+        "records_path": os.path.abspath(records_path) if os.path.exists(records_path) else records_path,
+        "format": pool.container,
         "n_records": n,
         "n_selected": int(idx.shape[0]),
         "task_names": [str(t) for t in task_names] if task_names is not None else None,

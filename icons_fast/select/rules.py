@@ -45,7 +45,9 @@ The rules (``I_t(i)`` = column ``t`` of ``scores``; ``V`` = valid samples):
   ``numpy.random.default_rng(seed)``.
 
 Top budget: descending ``s(i)`` over valid samples, ties broken by lower index
-(LESS leaves ties to an unstable ``torch.topk``); the output is ascending.
+(LESS's ``write_selected_data`` takes the first rows of a descending
+``torch.sort``, which is not stable, so its ties fall in no defined order; the
+``torch.topk`` it also computes is unused); the output is ascending.
 """
 from __future__ import annotations
 

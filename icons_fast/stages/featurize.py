@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 
 from icons_fast.config import Config
 from icons_fast.distributed import barrier, device_for_rank, is_main, parse_shard, process_share
-from icons_fast.fileio import file_sha256, raise_write_error
+from icons_fast.data.formats import source_sha256
+from icons_fast.fileio import raise_write_error
 from icons_fast.rundir import RunLayout, target_splits, writer_lock
 from icons_fast.signals import GracefulStop, Preempted
 
@@ -50,12 +51,16 @@ log = logging.getLogger(__name__)
 _sha_memo: dict[tuple, str] = {}
 
 
-def data_sha256(path: str) -> str:
-    """``file_sha256(path)``, remembered per (path, size, mtime) so the stages of one process hash a file once."""
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+def data_sha256(source: str) -> str:
+    """``source_sha256(source)`` (a pool or target file, folder or hub dataset), remembered per
+    (path, size, mtime) so the stages of one process hash a source once."""
+    try:
+        st = os.stat(source)
+        key = (os.path.abspath(source), st.st_size, st.st_mtime_ns)
+    except FileNotFoundError:  # a hub dataset id: its cache files are hashed
+        key = (source, None, None)
     if key not in _sha_memo:
-        _sha_memo[key] = file_sha256(path)
+        _sha_memo[key] = source_sha256(source)
     return _sha_memo[key]
 
 

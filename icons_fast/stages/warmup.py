@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from icons_fast.config import Config
+from icons_fast.data.formats import is_hub_id
 from icons_fast.fileio import atomic_json, atomic_write
 from icons_fast.rundir import RunLayout, writer_lock
 from icons_fast.signals import GracefulStop, Preempted
@@ -78,7 +79,7 @@ def _run_warmup(cfg: Config, run_dir: str, stop: GracefulStop) -> list[str]:
 
     if not cfg.data.train_data:
         raise ValueError("warmup needs the training pool: --train-data FILE.json")
-    if not os.path.exists(cfg.data.train_data):
+    if not os.path.exists(cfg.data.train_data) and not is_hub_id(cfg.data.train_data):
         raise FileNotFoundError(f"the pool {cfg.data.train_data!r} (--train-data) does not exist")
     layout = RunLayout(run_dir)
     done_path = layout.warmup_done
