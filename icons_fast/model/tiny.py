@@ -37,8 +37,13 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer():
-    """Byte-level BPE tokenizer (vocab 512) wrapped as a ``PreTrainedTokenizerFast``."""
+def build_tokenizer(extra_special: tuple[str, ...] = (), **token_names):
+    """Byte-level BPE tokenizer (vocab 512) wrapped as a ``PreTrainedTokenizerFast``.
+
+    ``extra_special``: more special tokens (a chat template's markers), added
+    after the built-in ones so the built-in ids do not move. ``token_names``
+    override the bos/eos/pad names (e.g. ``eos_token="<|im_end|>"``).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -47,19 +52,18 @@ def build_tokenizer():
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + [t for t in extra_special if t not in SPECIAL_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    names = dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    names.update(token_names)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
         extra_special_tokens={"image_token": IMAGE_TOKEN},
         padding_side="right",
+        **names,
     )
 
 
@@ -136,4 +140,112 @@ def build_tiny_llava(out_dir: str, size: str = "tiny", seed: int = 0) -> str:
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny random models of the other families (issue 15): each built from a config, saved with
+# save_pretrained (model, tokenizer with its chat template, image processor) and loaded back by
+# icons_fast.model.loading like a real checkpoint. Hidden size 32-64, 1-2 layers.
+
+# Chat templates written for the tiny models, one per template style the families use. Each
+# takes content as a string or as a list of parts ({"type": "image"} / {"type": "text"}).
+_CONTENT = ("{%- if m['content'] is string -%}{{ m['content'] }}{%- else -%}{%- for p in m['content'] -%}"
+            "{%- if p['type'] == 'image' -%}IMAGE{%- else -%}{{ p['text'] }}{%- endif -%}{%- endfor -%}{%- endif -%}")
+NL = "{{ '\\n' }}"  # a newline the template engine's whitespace trimming cannot eat
+CHAT_TEMPLATES = {
+    # ChatML (Qwen2.5, Qwen2-VL): <|im_start|>role\ncontent<|im_end|>\n
+    "chatml": ("{%- for m in messages -%}<|im_start|>{{ m['role'] }}" + NL + _CONTENT + "<|im_end|>" + NL
+               + "{%- endfor -%}{%- if add_generation_prompt -%}<|im_start|>assistant" + NL + "{%- endif -%}"),
+    # Llama-3 headers: <|begin_of_text|><|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>
+    "llama3": ("{{- bos_token -}}{%- for m in messages -%}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
+               + NL + NL + _CONTENT + "<|eot_id|>{%- endfor -%}{%- if add_generation_prompt -%}"
+               "<|start_header_id|>assistant<|end_header_id|>" + NL + NL + "{%- endif -%}"),
+    # Mistral: <s>[INST] user [/INST] answer</s>
+    "mistral": ("{{- bos_token -}}{%- for m in messages -%}{%- if m['role'] == 'user' -%}[INST]{{ ' ' }}" + _CONTENT
+                + "{{ ' ' }}[/INST]{%- else -%}{{ ' ' }}" + _CONTENT + "{{ eos_token }}{%- endif -%}{%- endfor -%}"),
+    # Idefics3 / SmolVLM: User:content<end_of_utterance>\nAssistant: answer<end_of_utterance>\n
+    "idefics3": ("{{- bos_token -}}{%- for m in messages -%}{{ m['role'] | capitalize }}:"
+                 "{%- if m['role'] == 'assistant' -%}{{ ' ' }}{%- endif -%}" + _CONTENT + "<end_of_utterance>" + NL
+                 + "{%- endfor -%}{%- if add_generation_prompt -%}Assistant:{%- endif -%}"),
+}
+
+# family: (chat template style, its special tokens, the string the template writes for an image)
+FAMILY_TOKENS = {
+    "qwen2": ("chatml", ("<|im_start|>", "<|im_end|>"), None),
+    "llama": ("llama3", ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), None),
+    "mistral": ("mistral", ("[INST]", "[/INST]"), None),
+    "qwen2_vl": ("chatml", ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                            "<|video_pad|>"), "<|vision_start|><|image_pad|><|vision_end|>"),
+    "llava_next": ("chatml", ("<|im_start|>", "<|im_end|>"), IMAGE_TOKEN),
+    "llava_onevision": ("chatml", ("<|im_start|>", "<|im_end|>"), IMAGE_TOKEN),
+    "idefics3": ("idefics3", ("<end_of_utterance>", "<fake_token_around_image>", "<global-img>")
+                 + tuple(f"<row_{r}_col_{c}>" for r in range(1, 5) for c in range(1, 5)), IMAGE_TOKEN),
+}
+TINY_FAMILIES = tuple(FAMILY_TOKENS)
+
+
+def family_tokenizer(family: str):
+    """The tiny tokenizer with ``family``'s special tokens and chat template."""
+    style, extra, image_text = FAMILY_TOKENS[family]
+    names = {"qwen2": dict(bos_token="<s>", eos_token="<|im_end|>"),
+             "qwen2_vl": dict(eos_token="<|im_end|>"),
+             "llama": dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")}.get(family, {})
+    tok = build_tokenizer(extra, **names)
+    tok.chat_template = CHAT_TEMPLATES[style].replace("IMAGE", image_text or "")
+    return tok
+
+
+def _text_config(cls, tok, hidden=64, layers=2, heads=4, kv_heads=2, mlp=128, **extra):
+    return cls(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads,
+               num_key_value_heads=kv_heads, vocab_size=len(tok), max_position_embeddings=4096,
+               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+               tie_word_embeddings=False, **extra)
+
+
+def build_tiny_family(out_dir: str, family: str, seed: int = 0) -> str:
+    """Build, save and return the directory of a random tiny model of ``family``.
+
+    Families: ``llama``, ``qwen2``, ``mistral`` (text-only chat LMs, ``AutoModelForCausalLM``),
+    ``qwen2_vl`` (dynamic resolution: patches + ``image_grid_thw``, multimodal rotary
+    positions), ``llava_next`` / ``llava_onevision`` (any-resolution tiles + ``image_sizes``),
+    ``idefics3`` (image splitting). The directory holds the model, the tokenizer with its
+    chat template and, for vision families, the image processor; nothing is downloaded.
+    """
+    import transformers as tf
+
+    if family not in FAMILY_TOKENS:
+        raise ValueError(f"unknown tiny family {family!r}; choose from {', '.join(TINY_FAMILIES)}")
+    tok = family_tokenizer(family)
+    torch.manual_seed(seed)
+    image_processor = None
+    if family in ("llama", "qwen2", "mistral"):
+        cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}[family]
+        model = tf.AutoModelForCausalLM.from_config(_text_config(cls, tok))
+    elif family == "qwen2_vl":
+        ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                                         "<|vision_end|>")}
+        config = tf.Qwen2VLConfig(
+            text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=4096,
+                             rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]},
+                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id),
+            vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4,
+                               spatial_merge_size=2, temporal_patch_size=2),
+            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+            tie_word_embeddings=False,
+        )
+        model = tf.Qwen2VLForConditionalGeneration(config)
+        # 8x8-pixel units (patch 4, merge 2): a 24x16 image is 6x4 patches, 6 tokens
+        image_processor = tf.Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                                   min_pixels=8 * 8, max_pixels=32 * 32)
+    else:
+        raise ValueError(f"tiny family {family!r} is not built yet")
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    if image_processor is not None:
+        image_processor.save_pretrained(out_dir)
     return out_dir

@@ -41,6 +41,7 @@ def warmup_fingerprint(cfg: Config) -> str:
         "train_sha256": file_sha256(cfg.data.train_data) if cfg.data.train_data else None,
         "image_folder": cfg.data.image_folder,
         "max_length": cfg.data.max_length,
+        "template": cfg.data.template,
         "model": d["model"],
         "warmup": d["warmup"],
         "seed": cfg.seed,
@@ -87,7 +88,8 @@ def run_warmup(cfg: Config, run_dir: str | None = None) -> list[str]:
     lm = load_model(cfg.model.model, cfg.model.dtype, cfg.resolved_device(), seed=cfg.seed)
     model = attach_lora(lm.model, cfg.model)
     errors = ErrorLog(layout.errors("train"))
-    dataset, collate = make_dataset(lm, records, cfg.data.image_folder, cfg.data.max_length, errors, stage="data")
+    dataset, collate = make_dataset(lm, records, cfg.data.image_folder, cfg.data.max_length, errors, stage="data",
+                                   template=cfg.data.template)
     saved: list[str] = []
 
     def save(step, lr, epoch, samples, optimizer):
