@@ -25,9 +25,9 @@ from icons_fast.model.lora import EXCLUDED_PARTS, attach_lora, check_lora_placem
 from icons_fast.model.tiny import build_tiny_family
 
 TEXT_FAMILIES = ["llama", "qwen2", "mistral"]
-VISION_FAMILIES = ["qwen2_vl"]
+VISION_FAMILIES = ["qwen2_vl", "llava_next", "llava_onevision", "idefics3"]
 FAMILIES = TEXT_FAMILIES + VISION_FAMILIES
-IMAGE_SIZES = [(24, 16), (40, 32), (16, 16)]  # (width, height): different token counts per image
+IMAGE_SIZES = [(48, 12), (40, 32), (16, 16)]  # (width, height): different token counts per image
 
 QUESTIONS = [("What color is the shape?", "red"), ("How many shapes are there?", "three"),
              ("Where is the shape?", "on the left"), ("What is 3 plus 4?", "7")]
@@ -132,6 +132,16 @@ def test_lora_on_the_language_model_only(family, family_dirs):
             check_lora_placement(names + ["base_model.model.model.visual.blocks.0.mlp.up_proj"], True)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loaded_through_the_auto_classes_with_family_and_template(family, family_dirs):
+    lm = load_model(family_dirs[family])
+    assert lm.family == ("causal_lm" if family in TEXT_FAMILIES else family)
+    assert type(lm.model).__name__.endswith("ForCausalLM" if family in TEXT_FAMILIES else "ForConditionalGeneration")
+    assert lm.chat_template and not lm.is_llava
+    if family in VISION_FAMILIES:
+        assert lm.processor.image_processor is not None and lm.tokenizer.pad_token_id is not None
+
+
 def test_qwen2_vl_batch_layout(family_dirs, images):
     """Patches of a batch are concatenated (not stacked); each image's tokens match its grid."""
     lm = load_model(family_dirs["qwen2_vl"])
@@ -150,14 +160,53 @@ def test_qwen2_vl_batch_layout(family_dirs, images):
     assert set(model_kwargs(batch)) >= {"pixel_values", "image_grid_thw", "mm_token_type_ids"}
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen2_vl"])
+def test_anyres_token_count_matches_the_llava_next_processor(family_dirs):
+    """Our any-resolution count against LlavaNextProcessor's own expansion, over many image shapes."""
+    from transformers import AutoProcessor
+
+    from icons_fast.data.collate import anyres_image_tokens
+
+    path = family_dirs["llava_next"]
+    processor = AutoProcessor.from_pretrained(path)
+    config = load_model(path).model.config
+    token = processor.image_token
+    seen = set()
+    for w, h in [(16, 16), (48, 12), (12, 48), (40, 32), (33, 17), (17, 33), (64, 64), (100, 7), (9, 9)]:
+        img = Image.new("RGB", (w, h), (10, 200, 30))
+        out = processor(text=[token], images=[img], add_special_tokens=False, return_tensors="pt")
+        expected = int((out["input_ids"][0] == config.image_token_index).sum())
+        got = anyres_image_tokens((h, w), tuple(out["pixel_values"].shape[-2:]), 2, config.image_grid_pinpoints,
+                                  cls_token=True, drop_first=True)
+        assert got == expected, (w, h)
+        seen.add(expected)
+    assert len(seen) > 2
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "idefics3"])
+def test_tiles_and_crops_are_zero_padded_per_image(family, family_dirs, images):
+    """Images with different tile/crop counts: padded to the batch's largest, each image's own tiles first."""
+    lm = load_model(family_dirs[family])
+    samples, collate = _samples(lm, family, images)
+    image_rows = [s["image_inputs"] for s in samples if s["image_inputs"] is not None]
+    counts = [d["pixel_values"].shape[1] for d in image_rows]
+    assert len(set(counts)) > 1
+    batch = collate(samples)
+    assert batch["pixel_values"].shape[:2] == (len(image_rows), max(counts))
+    for k, (d, n) in enumerate(zip(image_rows, counts)):
+        assert torch.equal(batch["pixel_values"][k, :n], d["pixel_values"][0])
+        assert not batch["pixel_values"][k, n:].any()
+    if family == "idefics3":
+        assert batch["pixel_attention_mask"].shape[:2] == (len(image_rows), max(counts))
+    else:
+        assert torch.equal(batch["image_sizes"], torch.cat([d["image_sizes"] for d in image_rows]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_icons_fast_run_end_to_end(family, family_dirs, images, tmp_path):
     from icons_fast.cli import main
 
     pool = _records(family in VISION_FAMILIES) * 4  # 24 records
-    for i, r in enumerate(pool):
-        r = dict(r, id=f"p{i}")
-        pool[i] = r
+    pool = [dict(r, id=f"p{i}") for i, r in enumerate(pool)]
     target = _records(family in VISION_FAMILIES)[:3]
     pool_path, target_path = tmp_path / "pool.json", tmp_path / "target.json"
     pool_path.write_text(json.dumps(pool))
@@ -176,4 +225,5 @@ def test_icons_fast_run_end_to_end(family, family_dirs, images, tmp_path):
     assert scores.shape == (24, 1) and np.isfinite(scores).all()
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["data"]["template"] == "auto"
-    assert not os.path.exists(out / "errors" / "train.jsonl") or not open(out / "errors" / "train.jsonl").read()
+    errors = out / "errors" / "train.jsonl"
+    assert not os.path.exists(errors) or not errors.read_text().strip()  # every sample featurized

@@ -83,6 +83,48 @@ def image_token_info(model_config, tokenizer=None) -> tuple[int | None, int]:
     return int(token_id), int(n)
 
 
+def anyres_image_tokens(image_hw: tuple[int, int], tile_hw: tuple[int, int], side: int, pinpoints,
+                        cls_token: bool, drop_first: bool, max_tiles: int | None = None) -> int:
+    """Image tokens of one LLaVA-NeXT / LLaVA-OneVision any-resolution image.
+
+    The image (``image_hw`` = original height, width) is resized into the
+    pinpoint grid that fits it best (``select_best_resolution``), cut into tiles
+    of ``tile_hw``, and each tile gives ``side x side`` features. The grid's
+    features are unpadded back to the image's aspect ratio (the rows or columns
+    that only covered padding are dropped), a newline feature ends each row,
+    and the base tile (the whole image at tile size) adds ``side**2`` (+1 for a
+    CLS feature, ``cls_token``; -1 under the "default" select strategy,
+    ``drop_first``). OneVision (``max_tiles``, its ``anyres_max_N``) shrinks a grid
+    of more than ``~1.1**2 * N`` tiles' features by the square root of the excess.
+    """
+    import math
+
+    from transformers.image_processing_utils import select_best_resolution
+
+    best_h, best_w = select_best_resolution(list(image_hw), pinpoints)
+    h, w = side * (best_h // tile_hw[0]), side * (best_w // tile_hw[1])
+    orig_h, orig_w = image_hw
+    if orig_w / orig_h > w / h:  # wider than the grid: padding rows at the top and bottom
+        kept = int(round(orig_h * (w / orig_w), 7))
+        h -= 2 * ((h - kept) // 2)
+    else:  # taller (or equal): padding columns left and right
+        kept = int(round(orig_w * (h / orig_h), 7))
+        w -= 2 * ((w - kept) // 2)
+    features = h * w + h
+    if max_tiles is not None:
+        ratio = math.sqrt(h * w / (max_tiles * side**2))
+        if ratio > 1.1:
+            features = int(h // ratio) * int(w // ratio) + int(h // ratio)
+    return features + side**2 + int(cls_token) - int(drop_first)
+
+
+def _max_tiles(aspect: str | None) -> int | None:
+    """``anyres_max_9`` -> 9 (LLaVA-OneVision's ``vision_aspect_ratio``); None for plain ``anyres``."""
+    if aspect and aspect.startswith("anyres_max_"):
+        return int(aspect[len("anyres_max_"):])
+    return None
+
+
 class LlavaSampleBuilder:
     """Build one model-ready sample from one record.
 
@@ -106,6 +148,8 @@ class LlavaSampleBuilder:
     def __init__(self, processor_or_tokenizer, model_config=None, image_folder: str | None = None,
                  max_length: int | None = 2048, pad_to_square: bool = True, template: str = "vicuna_v1",
                  family: str | None = None, chat_template: str | None = None):
+        self.processor = processor_or_tokenizer
+        self.model_config = model_config
         self.tokenizer = getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
         self.image_processor = getattr(processor_or_tokenizer, "image_processor", None)
         has_vision = getattr(model_config, "vision_config", None) is not None
@@ -148,18 +192,34 @@ class LlavaSampleBuilder:
         """``(ids that replace the image token, the image's tensors with a leading image axis)``.
 
         The number of image tokens depends on the image for every family but
-        LLaVA-1.5: Qwen2-VL has one token per 2x2 merged patch group
-        (``prod(image_grid_thw) / merge_size**2``).
+        LLaVA-1.5: Qwen2-VL has one token per merged patch group
+        (``prod(image_grid_thw) / merge_size**2``); LLaVA-NeXT/OneVision count the
+        tiles' features after unpadding (:func:`anyres_image_tokens`); Idefics3
+        writes a row/column-tagged run per crop plus the global image, which its
+        processor expands.
         """
         if self.family == "llava":
             return [self.image_token_id] * self.n_image_tokens, {"pixel_values": self._pixels(rel_path)[None]}
         img = load_image(self.image_folder, rel_path)
+        if self.family == "idefics3":
+            out = self.processor(text=[self.image_token], images=[[img]], add_special_tokens=False,
+                                 return_tensors="pt")
+            inputs = {k: out[k] for k in ("pixel_values", "pixel_attention_mask") if k in out}
+            return out["input_ids"][0].tolist(), inputs
         out = self.image_processor(images=[img], return_tensors="pt")
         if self.family == "qwen2_vl":
             thw = out["image_grid_thw"]  # [1, 3]
             n = int(thw.prod()) // self.image_processor.merge_size ** 2
             return [self.image_token_id] * n, {"pixel_values": out["pixel_values"], "image_grid_thw": thw}
-        raise ValueError(f"family {self.family!r}: image expansion not implemented")
+        # llava_next / llava_onevision: pixel_values [1, tiles, 3, H, W] (base image first), image_sizes [1, 2]
+        c = self.model_config
+        n = anyres_image_tokens(
+            tuple(int(v) for v in out["image_sizes"][0]), tuple(out["pixel_values"].shape[-2:]),
+            c.vision_config.image_size // c.vision_config.patch_size, c.image_grid_pinpoints,
+            cls_token=self.family == "llava_next", drop_first=c.vision_feature_select_strategy == "default",
+            max_tiles=_max_tiles(getattr(c, "vision_aspect_ratio", None)) if self.family == "llava_onevision" else None,
+        )
+        return [self.image_token_id] * n, {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"]}
 
     def build(self, index: int, record) -> dict:
         """``dict(index, id, input_ids[T], labels[T], pixel_values, image_inputs)``.

@@ -218,7 +218,7 @@ def build_tiny_family(out_dir: str, family: str, seed: int = 0) -> str:
         raise ValueError(f"unknown tiny family {family!r}; choose from {', '.join(TINY_FAMILIES)}")
     tok = family_tokenizer(family)
     torch.manual_seed(seed)
-    image_processor = None
+    image_processor = processor = None
     if family in ("llama", "qwen2", "mistral"):
         cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}[family]
         model = tf.AutoModelForCausalLM.from_config(_text_config(cls, tok))
@@ -241,11 +241,51 @@ def build_tiny_family(out_dir: str, family: str, seed: int = 0) -> str:
         # 8x8-pixel units (patch 4, merge 2): a 24x16 image is 6x4 patches, 6 tokens
         image_processor = tf.Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2,
                                                    min_pixels=8 * 8, max_pixels=32 * 32)
-    else:
-        raise ValueError(f"tiny family {family!r} is not built yet")
+    elif family in ("llava_next", "llava_onevision"):
+        # 16x16 base tiles of 8x8 patches (4 per tile); a grid of up to 2x2 tiles by aspect ratio
+        pinpoints = [[16, 32], [32, 16], [32, 32]]
+        image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+        text = _text_config(tf.Qwen2Config, tok).to_dict()
+        if family == "llava_next":
+            vision = tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                         image_size=16, patch_size=8, projection_dim=32)
+            config = tf.LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
+                                        image_grid_pinpoints=pinpoints, vision_feature_layer=-1,
+                                        vision_feature_select_strategy="default", image_seq_length=4)
+            model = tf.LlavaNextForConditionalGeneration(config)
+            image_processor = tf.LlavaNextImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+                                                         image_grid_pinpoints=pinpoints)
+            processor = tf.LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8,
+                                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                              chat_template=tok.chat_template)
+        else:
+            vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=16, patch_size=8)
+            config = tf.LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
+                                             image_grid_pinpoints=pinpoints, vision_feature_layer=-1,
+                                             vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9")
+            model = tf.LlavaOnevisionForConditionalGeneration(config)
+            image_processor = tf.LlavaOnevisionImageProcessor(size={"height": 16, "width": 16},
+                                                              image_grid_pinpoints=pinpoints)
+            processor = None
+    elif family == "idefics3":
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                      patch_size=4)
+        config = tf.Idefics3Config(vision_config=vision, text_config=_text_config(tf.LlamaConfig, tok).to_dict(),
+                                   image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN), scale_factor=2,
+                                   tie_word_embeddings=False)
+        model = tf.Idefics3ForConditionalGeneration(config)
+        # images resized to a longest edge of 32 and split into 16x16 crops (+ the whole image at 16x16);
+        # each crop is (16/4)^2 / 2^2 = 4 tokens
+        image_processor = tf.Idefics3ImageProcessor(do_image_splitting=True, size={"longest_edge": 32},
+                                                    max_image_size={"longest_edge": 16})
+        processor = tf.Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=4,
+                                         chat_template=tok.chat_template)
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
-    if image_processor is not None:
+    if processor is not None:
+        processor.save_pretrained(out_dir)
+    elif image_processor is not None:
         image_processor.save_pretrained(out_dir)
     return out_dir
