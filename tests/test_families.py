@@ -25,7 +25,7 @@ from icons_fast.model.lora import EXCLUDED_PARTS, attach_lora, check_lora_placem
 from icons_fast.model.tiny import build_tiny_family
 
 TEXT_FAMILIES = ["llama", "qwen2", "mistral"]
-VISION_FAMILIES = ["qwen2_vl", "llava_next", "llava_onevision", "idefics3"]
+VISION_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava_next", "llava_onevision", "idefics3"]
 FAMILIES = TEXT_FAMILIES + VISION_FAMILIES
 IMAGE_SIZES = [(48, 12), (40, 32), (16, 16)]  # (width, height): different token counts per image
 
@@ -128,6 +128,10 @@ def test_lora_on_the_language_model_only(family, family_dirs):
     assert not any(part in n.split(".") for n in names for part in EXCLUDED_PARTS)
     if family in VISION_FAMILIES:
         assert all(".language_model." in n or ".text_model." in n for n in names)
+        vision_like = [n for n, _ in lm.model.named_modules() if n.rsplit(".", 1)[-1] in ModelConfig().lora_targets
+                       and not any(p in n.split(".") for p in ("language_model", "text_model"))]
+        if family == "qwen2_5_vl":
+            assert vision_like  # its vision MLP has gate/up/down_proj: a plain PEFT list would adapt them
         with pytest.raises(ValueError, match="outside the language model"):
             check_lora_placement(names + ["base_model.model.model.visual.blocks.0.mlp.up_proj"], True)
 
@@ -135,7 +139,7 @@ def test_lora_on_the_language_model_only(family, family_dirs):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_loaded_through_the_auto_classes_with_family_and_template(family, family_dirs):
     lm = load_model(family_dirs[family])
-    assert lm.family == ("causal_lm" if family in TEXT_FAMILIES else family)
+    assert lm.family == {"qwen2_5_vl": "qwen2_vl"}.get(family, "causal_lm" if family in TEXT_FAMILIES else family)
     assert type(lm.model).__name__.endswith("ForCausalLM" if family in TEXT_FAMILIES else "ForConditionalGeneration")
     assert lm.chat_template and not lm.is_llava
     if family in VISION_FAMILIES:

@@ -177,6 +177,8 @@ FAMILY_TOKENS = {
     "mistral": ("mistral", ("[INST]", "[/INST]"), None),
     "qwen2_vl": ("chatml", ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                             "<|video_pad|>"), "<|vision_start|><|image_pad|><|vision_end|>"),
+    "qwen2_5_vl": ("chatml", ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                              "<|video_pad|>"), "<|vision_start|><|image_pad|><|vision_end|>"),
     "llava_next": ("chatml", ("<|im_start|>", "<|im_end|>"), IMAGE_TOKEN),
     "llava_onevision": ("chatml", ("<|im_start|>", "<|im_end|>"), IMAGE_TOKEN),
     "idefics3": ("idefics3", ("<end_of_utterance>", "<fake_token_around_image>", "<global-img>")
@@ -189,7 +191,7 @@ def family_tokenizer(family: str):
     """The tiny tokenizer with ``family``'s special tokens and chat template."""
     style, extra, image_text = FAMILY_TOKENS[family]
     names = {"qwen2": dict(bos_token="<s>", eos_token="<|im_end|>"),
-             "qwen2_vl": dict(eos_token="<|im_end|>"),
+             "qwen2_vl": dict(eos_token="<|im_end|>"), "qwen2_5_vl": dict(eos_token="<|im_end|>"),
              "llama": dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")}.get(family, {})
     tok = build_tokenizer(extra, **names)
     tok.chat_template = CHAT_TEMPLATES[style].replace("IMAGE", image_text or "")
@@ -207,8 +209,8 @@ def build_tiny_family(out_dir: str, family: str, seed: int = 0) -> str:
     """Build, save and return the directory of a random tiny model of ``family``.
 
     Families: ``llama``, ``qwen2``, ``mistral`` (text-only chat LMs, ``AutoModelForCausalLM``),
-    ``qwen2_vl`` (dynamic resolution: patches + ``image_grid_thw``, multimodal rotary
-    positions), ``llava_next`` / ``llava_onevision`` (any-resolution tiles + ``image_sizes``),
+    ``qwen2_vl`` / ``qwen2_5_vl`` (dynamic resolution: patches + ``image_grid_thw``,
+    multimodal rotary positions), ``llava_next`` / ``llava_onevision`` (any-resolution tiles + ``image_sizes``),
     ``idefics3`` (image splitting). The directory holds the model, the tokenizer with its
     chat template and, for vision families, the image processor; nothing is downloaded.
     """
@@ -222,22 +224,27 @@ def build_tiny_family(out_dir: str, family: str, seed: int = 0) -> str:
     if family in ("llama", "qwen2", "mistral"):
         cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}[family]
         model = tf.AutoModelForCausalLM.from_config(_text_config(cls, tok))
-    elif family == "qwen2_vl":
+    elif family in ("qwen2_vl", "qwen2_5_vl"):
         ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
                                                          "<|vision_end|>")}
-        config = tf.Qwen2VLConfig(
+        if family == "qwen2_vl":
+            vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
+                          temporal_patch_size=2)
+        else:  # Qwen2.5-VL's vision blocks have gate/up/down_proj too (what the LoRA exclusion must skip)
+            vision = dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, patch_size=4,
+                          spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1])
+        config = (tf.Qwen2VLConfig if family == "qwen2_vl" else tf.Qwen2_5_VLConfig)(
             text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=4096,
                              rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]},
                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.pad_token_id),
-            vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4,
-                               spatial_merge_size=2, temporal_patch_size=2),
+            vision_config=vision,
             image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
             vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
             tie_word_embeddings=False,
         )
-        model = tf.Qwen2VLForConditionalGeneration(config)
+        model = tf.AutoModelForImageTextToText.from_config(config)
         # 8x8-pixel units (patch 4, merge 2): a 24x16 image is 6x4 patches, 6 tokens
         image_processor = tf.Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2,
                                                    min_pixels=8 * 8, max_pixels=32 * 32)
