@@ -166,6 +166,9 @@ class LlavaSampleBuilder:
         if self.template == "vicuna_v1" and self.family not in ("llava", "causal_lm"):
             raise ValueError(f"vicuna_v1 is the LLaVA-1.5 template; a {self.family} model needs its own "
                              f"(--template chat or auto)")
+        if self.supports_images and self.family == "idefics3" and not callable(processor_or_tokenizer):
+            raise ValueError("Idefics3/SmolVLM images are expanded by the model's own processor, which could not be "
+                             "loaded (SmolVLM's also builds a video processor: install torchvision matching torch)")
         if self.supports_images and self.family not in IMAGE_FAMILIES:
             raise ValueError(f"no image batching rule for family {self.family!r}; known: {', '.join(IMAGE_FAMILIES)}")
         self.render = template_renderer(self.tokenizer, chat_template) if self.template == "chat" else None

@@ -1,4 +1,8 @@
-"""LLaVA-1.5 ("vicuna_v1") conversation template -> ``input_ids`` and ``labels``.
+"""Conversation templates -> ``input_ids`` and ``labels`` with exact answer masks.
+
+Two templates: LLaVA-1.5's ``vicuna_v1`` (below; the ICONS recipe) and the
+model's own chat template (``tokenize_chat``, further down), chosen by
+``resolve_template`` (``--template auto|vicuna_v1|chat``).
 
 The text of a record with pairs ``(h_1, a_1), ..., (h_n, a_n)`` is::
 
@@ -369,10 +373,13 @@ def tokenize_chat(record, tokenizer, render, image_token: str | None, image_ids:
         ``(input_ids, labels)``, both ``LongTensor[T]``; ``labels`` copy the ids
         on answer pieces (answer text and its end-of-turn token), -100 elsewhere.
 
-    Pieces are tokenised one by one (special tokens of the template parsed, no
-    tokenizer-added bos/eos: the template writes them) and concatenated, as
-    the vicuna_v1 path does; :func:`tokenize_chat` with one-go tokenisation of
-    the rendered string is what the tests compare against.
+    Pieces are tokenised in one batched call, each on its own (no
+    tokenizer-added bos/eos: the template writes them), and concatenated, as
+    the vicuna_v1 path does; the tests compare the ids with the rendered
+    conversation tokenised in one go. Special-token strings are parsed as
+    special tokens everywhere (the template's markers must be), so a literal
+    ``<|im_end|>`` inside a record's text becomes that control token, as it
+    does when the rendered text is tokenised whole.
     """
     pairs = conversation_pairs(record)
     if has_image(record) and image_token is None:
@@ -397,11 +404,23 @@ def tokenize_chat(record, tokenizer, render, image_token: str | None, image_ids:
     return _check_and_pack(ids, labels, n_answer, max_length)
 
 
+_special: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _special_strings(tokenizer) -> list[str]:
-    """The tokenizer's special-token strings, longest first (a template's end-of-turn is one of them)."""
+    """The tokenizer's special-token strings, longest first (a template's end-of-turn is one of them). Cached."""
+    try:
+        return _special[tokenizer]
+    except (KeyError, TypeError):
+        pass
     names = set(getattr(tokenizer, "all_special_tokens", []) or [])
     names |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
-    return sorted(names, key=len, reverse=True)
+    out = sorted(names, key=len, reverse=True)
+    try:
+        _special[tokenizer] = out
+    except TypeError:  # not weak-referenceable: recompute next time
+        pass
+    return out
 
 
 def template_renderer(tokenizer, chat_template: str):
