@@ -231,3 +231,27 @@ def test_icons_fast_run_end_to_end(family, family_dirs, images, tmp_path):
     assert config["config"]["data"]["template"] == "auto"
     errors = out / "errors" / "train.jsonl"
     assert not os.path.exists(errors) or not errors.read_text().strip()  # every sample featurized
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen2_vl", "llava_next", "llava_onevision", "idefics3"])
+def test_evaluate_decodes_with_each_familys_image_tensors(family, family_dirs, images):
+    """Greedy answers (the evaluate step) equal ``model.generate`` fed the processor-style inputs."""
+    from icons_fast.train.evaluate import evaluate_task, greedy_answer
+
+    lm = load_model(family_dirs[family])
+    recs = _records(family in VISION_FAMILIES)
+    result = evaluate_task(lm, recs, images, 512, batch_size=4)
+    assert result["n"] == len(recs) and result["excluded"] == 0
+    assert 0.0 <= result["accuracy"] <= 1.0 and np.isfinite(result["answer_loss"])
+    samples, _ = _samples(lm, family, images)
+    s = samples[0]  # an image record for the vision families
+    first = int((s["labels"] != -100).nonzero()[0])
+    kw = dict(input_ids=s["input_ids"][:first][None], attention_mask=torch.ones(1, first, dtype=torch.long))
+    kw.update(s["image_inputs"] or {})
+    if "mm_token_type_ids" in s:
+        kw["mm_token_type_ids"] = s["mm_token_type_ids"][:first][None]
+    eos = lm.tokenizer.eos_token_id
+    out = lm.model.generate(**kw, max_new_tokens=6, do_sample=False, eos_token_id=eos,
+                            pad_token_id=lm.tokenizer.pad_token_id)[0, first:].tolist()
+    out = out[: out.index(eos)] if eos in out else out
+    assert greedy_answer(lm.model, s, lm.tokenizer, max_new_tokens=6) == lm.tokenizer.decode(out, skip_special_tokens=True)
