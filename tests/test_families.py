@@ -23,6 +23,7 @@ from icons_fast.model.inputs import MODEL_INPUT_KEYS, per_sample_losses
 from icons_fast.model.loading import load_model
 from icons_fast.model.lora import EXCLUDED_PARTS, attach_lora, check_lora_placement, lora_modules, trainable_parameters
 from icons_fast.model.tiny import build_tiny_family
+from icons_fast.stages.featurize import featurize_resilient
 
 TEXT_FAMILIES = ["llama", "qwen2", "mistral"]
 VISION_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava_next", "llava_onevision", "idefics3"]
@@ -116,6 +117,21 @@ def test_batched_per_sample_gradients_equal_batch_of_one(family, family_dirs, im
     # the out-of-memory halving re-batches rows with their own image tensors
     half = batch_rows(batch, [1, 2, 5])
     assert _rel(GradientExtractor(model, proj_dim=None).featurize(half), ref[[1, 2, 5]]) < 1e-4
+    halved, oom_rows = featurize_resilient(_OOMAbove(GradientExtractor(model, proj_dim=None), 2), batch,
+                                           lambda size, indices: None)
+    assert oom_rows == [] and _rel(halved, ref) < 1e-4
+
+
+class _OOMAbove:
+    """An extractor that runs out of memory on batches of more than ``limit`` rows."""
+
+    def __init__(self, inner, limit):
+        self.inner, self.limit, self.proj_dim = inner, limit, inner.proj_dim
+
+    def featurize(self, batch):
+        if len(batch["ids"]) > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.inner.featurize(batch)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
