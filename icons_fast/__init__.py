@@ -28,6 +28,7 @@ _EXPORTS = {
     "load_model": "icons_fast.model.loading",
     "attach_lora": "icons_fast.model.lora",
     "build_tiny_llava": "icons_fast.model.tiny",
+    "build_tiny_family": "icons_fast.model.tiny",
     "has_cuda_ext": "icons_fast.ops.backend",
     "has_cpu_ext": "icons_fast.ops.backend",
     "backends": "icons_fast.ops.backend",

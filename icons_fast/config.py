@@ -44,6 +44,7 @@ BACKENDS = ("auto", "torch", "triton", "cpp")  # names icons_fast.ops.backend.re
 TIE_BREAKS = ("mean_rank", "index", "random")  # icons_fast.select.voting.TIE_BREAKS
 RULES = ("icons", "less", "tracin", "mean", "max", "rank", "znorm", "random")  # icons_fast.select.rules.RULES
 AGGREGATES = ("mean", "max", "topm:<m>")  # icons_fast.select.influence.parse_aggregate
+TEMPLATES = ("auto", "vicuna_v1", "chat")  # icons_fast.data.conversation.TEMPLATES
 
 
 class ConfigError(KeyError, ValueError):
@@ -106,6 +107,9 @@ class DataConfig:
                                               default_help="--image-folder", help="folder of the target sets' images")
     max_length: int = setting(2048, flag="--max-length",
                               help="samples longer than this many tokens are recorded and excluded")
+    template: str = setting("auto", flag="--template", choices=TEMPLATES,
+                            help="conversation template: the model's own chat template (chat), LLaVA-1.5's "
+                                 "vicuna_v1, or auto (vicuna_v1 for LLaVA-1.5 and models without a chat template)")
 
 
 @dataclass

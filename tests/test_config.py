@@ -97,6 +97,7 @@ def test_config_error_is_both_key_and_value_error():
 
 
 def test_choice_tables_agree_with_the_code_that_uses_them():
+    from icons_fast.data.conversation import TEMPLATES as TEMPLATE_TABLE
     from icons_fast.features.store import _DTYPE_ALIASES, DTYPES as STORE_TABLE
     from icons_fast.model.loading import DTYPES as MODEL_TABLE
     from icons_fast.select.rules import RULES as RULE_TABLE
@@ -106,6 +107,7 @@ def test_choice_tables_agree_with_the_code_that_uses_them():
     assert set(config.STORE_DTYPES) == set(STORE_TABLE) and set(config.STORE_DTYPE_ALIASES) == set(_DTYPE_ALIASES)
     assert set(config.RULES) == set(RULE_TABLE)
     assert tuple(config.TIE_BREAKS) == tuple(VOTING_TIE_BREAKS)
+    assert tuple(config.TEMPLATES) == tuple(TEMPLATE_TABLE)
 
 
 def test_every_setting_is_documented():

@@ -428,3 +428,105 @@ def test_error_log_survives_a_line_cut_short_by_a_crash(tmp_path):
     again = ErrorLog(str(path))
     again.add(SampleError(3, "c", "data", "too_long: 9 tokens"))
     assert [e.index for e in ErrorLog.read(str(path))] == [1, 3]
+
+
+# ------------------------------------------------------------------ the model's own chat template
+
+CHAT_STYLES = {"qwen2": "<|im_end|>", "llama": "<|eot_id|>", "mistral": "</s>", "idefics3": "<end_of_utterance>"}
+
+
+def _chat(family):
+    from icons_fast.data.conversation import template_renderer
+    from icons_fast.model.tiny import family_tokenizer
+
+    tok = family_tokenizer(family)
+    return tok, template_renderer(tok, tok.chat_template)
+
+
+def _labelled_runs(ids, labels):
+    runs, cur = [], []
+    for i, l in zip(ids.tolist(), labels.tolist()):
+        if l != IGNORE_INDEX:
+            cur.append(i)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    return runs + ([cur] if cur else [])
+
+
+@pytest.mark.parametrize("family", sorted(CHAT_STYLES))
+def test_chat_template_labels_are_exactly_the_answers_and_their_end_of_turn(family):
+    from icons_fast.data.conversation import chat_messages, tokenize_chat
+
+    tok, render = _chat(family)
+    end = CHAT_STYLES[family]
+    rng = random.Random(21)
+    for trial in range(15):
+        rec = _random_record(rng, rng.randint(1, 4), with_image=False)
+        ids, labels = tokenize_chat(rec, tok, render, None, None, None)
+        assert all(l == i for l, i in zip(labels.tolist(), ids.tolist()) if l != IGNORE_INDEX)
+        answers = [t["value"] for t in rec["conversations"][1::2]]
+        decoded = [tok.decode(r) for r in _labelled_runs(ids, labels)]
+        assert [d.strip() for d in decoded] == [a + end for a in answers]  # answer text + its end-of-turn, nothing else
+        # independent reference: the rendered conversation tokenised in one go
+        full = render(chat_messages([(h["value"], g["value"]) for h, g in zip(rec["conversations"][::2],
+                                                                                 rec["conversations"][1::2])]
+                                    , False), False)
+        assert ids.tolist() == tok(full, add_special_tokens=False)["input_ids"]
+
+
+def test_chat_template_image_piece_and_problems():
+    from icons_fast.data.conversation import tokenize_chat
+
+    tok, render = _chat("idefics3")
+    rec = {"id": "i", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": "red"}]}
+    image_ids = [7, 8, 9, 8, 7]  # what the family's expansion gives for this image
+    ids, labels = tokenize_chat(rec, tok, render, "<image>", image_ids, None)
+    at = [k for k in range(len(ids) - 4) if ids[k : k + 5].tolist() == image_ids]
+    assert len(at) == 1 and (labels[at[0] : at[0] + 5] == IGNORE_INDEX).all()
+    assert tok.convert_tokens_to_ids("<image>") not in ids.tolist()  # replaced, not kept
+    with pytest.raises(SampleProblem, match="no_image_support"):
+        tokenize_chat(rec, tok, render, None, None, None)
+    with pytest.raises(SampleProblem, match="too_long"):
+        tokenize_chat(rec, tok, render, "<image>", image_ids, 8)
+    empty = {"id": "e", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "  "}]}
+    with pytest.raises(SampleProblem, match="all_labels_masked"):
+        tokenize_chat(empty, tok, render, None, None, None)
+
+
+def test_chat_template_that_is_not_prefix_stable_is_refused():
+    from icons_fast.data.conversation import template_renderer, tokenize_chat
+
+    tok, _ = _chat("qwen2")
+    # marks the last message, so a shorter conversation is not a prefix of the longer one
+    unstable = "{% for m in messages %}<|im_start|>{{ m['role'] }}{% if loop.last %}!{% endif %}" \
+               "{{ m['content'] }}<|im_end|>{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant{% endif %}"
+    rec = {"id": "u", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "yes"}]}
+    with pytest.raises(ValueError, match="not prefix-stable at turn 1"):
+        tokenize_chat(rec, tok, template_renderer(tok, unstable), None, None, None)
+
+
+def test_template_auto_picks_the_models_own_but_vicuna_for_llava():
+    from icons_fast.data.conversation import resolve_template
+
+    assert resolve_template("auto", "llava", "{{ x }}") == "vicuna_v1"
+    assert resolve_template("auto", "causal_lm", "{{ x }}") == "chat"
+    assert resolve_template("auto", "qwen2_vl", "{{ x }}") == "chat"
+    assert resolve_template("auto", "causal_lm", None) == "vicuna_v1"  # a base LM without a template
+    assert resolve_template("vicuna_v1", "causal_lm", "{{ x }}") == "vicuna_v1"
+    with pytest.raises(ValueError, match="no chat template"):
+        resolve_template("chat", "llava", None)
+    with pytest.raises(ValueError, match="unknown template"):
+        resolve_template("alpaca", "llava", None)
+
+
+def test_text_lm_builder_uses_its_chat_template_and_vicuna_on_request(tmp_path):
+    tok, _ = _chat("qwen2")
+    rec = {"id": "t", "conversations": [{"from": "human", "value": "What is 1 plus 2?"}, {"from": "gpt", "value": "3"}]}
+    chat = LlavaSampleBuilder(tok, None, str(tmp_path), 256, template="auto", chat_template=tok.chat_template)
+    vicuna = LlavaSampleBuilder(tok, None, str(tmp_path), 256, template="vicuna_v1", chat_template=tok.chat_template)
+    assert (chat.template, vicuna.template) == ("chat", "vicuna_v1")
+    a, b = chat.build(0, rec), vicuna.build(0, rec)
+    assert tok.decode(a["input_ids"]).startswith("<|im_start|>user\nWhat is 1 plus 2?")
+    assert tok.decode(b["input_ids"]).startswith("<s>A chat between")

@@ -4,7 +4,7 @@ import torch
 
 from icons_fast.config import ModelConfig
 from icons_fast.model.loading import load_model, resolve_model_dir
-from icons_fast.model.lora import attach_lora, lora_fingerprint, lora_modules, lora_target_regex
+from icons_fast.model.lora import attach_lora, check_lora_placement, lora_fingerprint, lora_modules, lora_target_regex
 
 
 def test_tiny_llava_loads_through_from_pretrained(tiny_model_dir):
@@ -47,6 +47,26 @@ def test_target_regex_excludes_vision_parts():
     assert rx.fullmatch("model.layers.0.mlp.down_proj")  # plain causal LM naming
     assert not rx.fullmatch("model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj")
     assert not rx.fullmatch("model.language_model.layers.3.self_attn.q_proj.lora_A")
+    # each family's vision and projector names (Qwen2.5-VL's vision MLP, Idefics3's connector)
+    assert not rx.fullmatch("model.visual.blocks.0.mlp.down_proj")
+    assert not rx.fullmatch("model.visual.merger.mlp.0.down_proj")
+    assert not rx.fullmatch("model.connector.modality_projection.down_proj")
+    assert rx.fullmatch("model.text_model.layers.0.mlp.down_proj")
+
+
+def test_lora_placement_check_names_the_module():
+    lm_names = ["base_model.model.model.language_model.layers.0.self_attn.q_proj",
+                "base_model.model.model.text_model.layers.1.mlp.down_proj"]
+    check_lora_placement(lm_names, has_vision=True)
+    check_lora_placement(["base_model.model.model.layers.0.self_attn.q_proj"], has_vision=False)  # a causal LM
+    for bad in ["base_model.model.model.visual.blocks.0.mlp.up_proj", "base_model.model.lm_head",
+                "base_model.model.model.connector.modality_projection.proj"]:
+        with pytest.raises(ValueError, match=bad.replace(".", r"\.")):
+            check_lora_placement(lm_names + [bad], has_vision=True)
+    with pytest.raises(ValueError, match="outside the language model"):  # vision model, adapter outside its LM
+        check_lora_placement(["base_model.model.model.layers.0.q_proj"], has_vision=True)
+    with pytest.raises(ValueError, match="no LoRA module was placed"):
+        check_lora_placement([], has_vision=False, targets=["q_proj"])
 
 
 def test_lora_fingerprint_changes_with_rank(tiny_model_dir):

@@ -1,13 +1,14 @@
-"""Data layer: pool formats, LLaVA records, the vicuna_v1 template, images, batches, error records, demo data.
+"""Data layer: pool formats, LLaVA records, the templates (vicuna_v1, the model's own chat template), images, batches, errors, demo data.
 
 Modules (one job each):
 
 - ``formats``: pool files in and out (json, jsonl, ShareGPT, OpenAI messages, parquet, arrow,
   hub datasets) normalised to LLaVA records; the selection written back in the same format.
 - ``records``: the internal records (LLaVA-665K style, addressed by index) and their ids.
-- ``conversation``: the LLaVA-1.5 template -> ``input_ids`` / ``labels`` with exact masks.
+- ``conversation``: the LLaVA-1.5 template or the model's chat template -> ``input_ids`` / ``labels``
+  with exact masks.
 - ``images``: image loading with every failure named.
-- ``collate``: sample builder, torch dataset, padding collate.
+- ``collate``: sample builder (each family's image expansion), torch dataset, padding collate.
 - ``errors``: ``SampleProblem`` / ``SampleError`` / ``ErrorLog`` (``errors.jsonl``).
 - ``demo``: the embedded multi-task demo pool and the malformed-sample pool.
 """

@@ -1,4 +1,8 @@
-"""LLaVA-1.5 ("vicuna_v1") conversation template -> ``input_ids`` and ``labels``.
+"""Conversation templates -> ``input_ids`` and ``labels`` with exact answer masks.
+
+Two templates: LLaVA-1.5's ``vicuna_v1`` (below; the ICONS recipe) and the
+model's own chat template (``tokenize_chat``, further down), chosen by
+``resolve_template`` (``--template auto|vicuna_v1|chat``).
 
 The text of a record with pairs ``(h_1, a_1), ..., (h_n, a_n)`` is::
 
@@ -247,3 +251,183 @@ def tokenize_record_ref(record, tokenizer, image_token_id, n_image_tokens, max_l
     ]
     ids, labels, n_answer = _assemble(pieces, encoded, tokenizer, image_token_id, n_image_tokens)
     return _check_and_pack(ids, labels, n_answer, max_length)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's own chat template ("chat")
+
+TEMPLATES = ("auto", "vicuna_v1", "chat")  # config.TEMPLATES mirrors this
+
+
+def resolve_template(name: str, family: str, chat_template: str | None) -> str:
+    """``"vicuna_v1"`` or ``"chat"`` for the setting ``name`` (auto|vicuna_v1|chat).
+
+    ``auto``: vicuna_v1 for LLaVA-1.5 (``family == "llava"``, the ICONS recipe and
+    the built-in tiny model) and for a model without a chat template; the
+    model's own template otherwise. ``chat`` without a template raises.
+    """
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown template {name!r}; choose from {', '.join(TEMPLATES)}")
+    if name == "auto":
+        return "vicuna_v1" if family == "llava" or not chat_template else "chat"
+    if name == "chat" and not chat_template:
+        raise ValueError("template 'chat' asked for, but the model directory has no chat template "
+                         "(no chat_template in its tokenizer or processor files); use --template vicuna_v1")
+    return name
+
+
+def chat_messages(pairs: list[tuple[str, str]], image_parts: bool) -> list[dict]:
+    """The (human, gpt) pairs as chat messages ``[{"role": "user"|"assistant", "content": ...}]``.
+
+    ``image_parts``: content as a list of parts (``{"type": "image"}`` where the
+    ``<image>`` placeholder was, ``{"type": "text", "text": ...}`` around it),
+    the form multimodal templates read; else content is the plain string.
+    """
+    messages = []
+    for human, gpt in pairs:
+        if image_parts:
+            parts = []
+            for k, text in enumerate(human.split(IMAGE_PLACEHOLDER)):
+                if k:
+                    parts.append({"type": "image"})
+                if text:
+                    parts.append({"type": "text", "text": text})
+            user = parts
+        else:
+            user = human
+        answer = [{"type": "text", "text": gpt}] if image_parts else gpt
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    return messages
+
+
+def chat_pieces(pairs, render, special_tokens, image_token: str | None) -> list[tuple[str, str | None]]:
+    """The rendered chat template cut into ``(kind, text)`` pieces: prompt / answer / image.
+
+    ``render(messages, add_generation_prompt) -> str`` applies the template.
+    The answer of turn i is what rendering the conversation up to turn i adds
+    after rendering it up to the question with the generation prompt: the
+    answer text, any text the template puts before it, and the end-of-turn
+    special token right after it (the model must learn to stop); what follows
+    (a newline, the next turn) is prompt. The template must be prefix-stable
+    (each shorter conversation renders as a prefix of the longer one); one
+    that is not raises ``ValueError`` naming the turn. ``image_token``: the
+    string the template writes for an image (split out as an ``image`` piece).
+    """
+    messages = chat_messages(pairs, image_parts=image_token is not None)
+    full = render(messages, False)
+    spans = []  # (answer start, answer end) in `full`
+    done = 0
+    for i, (_, gpt) in enumerate(pairs):
+        prompt = render(messages[: 2 * i + 1], True)
+        upto = render(messages[: 2 * i + 2], False)
+        if not (full.startswith(upto) and upto.startswith(prompt) and len(prompt) >= done):
+            raise ValueError(f"the chat template is not prefix-stable at turn {2 * i + 1} (rendering fewer turns "
+                             f"does not give a prefix of the whole); use --template vicuna_v1")
+        added = upto[len(prompt):]
+        content = gpt.strip()
+        end = 0
+        if content:
+            at = added.find(content)
+            if at < 0:
+                raise ValueError(f"the chat template rewrote the answer of turn {2 * i + 1}; "
+                                 f"its text is not in the rendered conversation")
+            end = at + len(content)
+        closing = next((t for t in special_tokens if t and added.startswith(t, end)), "")
+        spans.append((len(prompt), len(prompt) + end + len(closing)))
+        done = spans[-1][1]
+    pieces: list[tuple[str, str | None]] = []
+    pos = 0
+    for start, stop in spans:
+        pieces += _split_images(full[pos:start], image_token)
+        pieces.append(("answer", full[start:stop]))
+        pos = stop
+    pieces += _split_images(full[pos:], image_token)
+    return [(kind, text) for kind, text in pieces if kind == "image" or text]
+
+
+def _split_images(text: str, image_token: str | None) -> list[tuple[str, str | None]]:
+    if image_token is None or image_token not in text:
+        return [("prompt", text)]
+    out: list[tuple[str, str | None]] = []
+    for k, part in enumerate(text.split(image_token)):
+        if k:
+            out.append(("image", None))
+        out.append(("prompt", part))
+    return out
+
+
+def tokenize_chat(record, tokenizer, render, image_token: str | None, image_ids: list[int] | None,
+                  max_length: int | None):
+    """Tokenise one record with the model's own chat template; exact answer masks.
+
+    Arguments:
+        record: a LLaVA json record (one ``<image>`` at most).
+        tokenizer: the model's tokenizer.
+        render: ``render(messages, add_generation_prompt) -> str`` (the template).
+        image_token: what the template writes for an image (``<|image_pad|>``,
+            ``<image>``); None for a text-only model.
+        image_ids: the ids that replace that image token for this record's image
+            (the family's expansion, from the image's size); None without image.
+        max_length: longest allowed sequence (None: no limit). Never truncates.
+    Return:
+        ``(input_ids, labels)``, both ``LongTensor[T]``; ``labels`` copy the ids
+        on answer pieces (answer text and its end-of-turn token), -100 elsewhere.
+
+    Pieces are tokenised in one batched call, each on its own (no
+    tokenizer-added bos/eos: the template writes them), and concatenated, as
+    the vicuna_v1 path does; the tests compare the ids with the rendered
+    conversation tokenised in one go. Special-token strings are parsed as
+    special tokens everywhere (the template's markers must be), so a literal
+    ``<|im_end|>`` inside a record's text becomes that control token, as it
+    does when the rendered text is tokenised whole.
+    """
+    pairs = conversation_pairs(record)
+    if has_image(record) and image_token is None:
+        raise SampleProblem("no_image_support", f"image {_short(record['image'])} given but the model is text-only")
+    if not any(gpt.strip() for _, gpt in pairs):
+        raise SampleProblem("all_labels_masked", "every gpt answer is empty; only the end-of-turn would be supervised")
+    pieces = chat_pieces(pairs, render, _special_strings(tokenizer), image_token if has_image(record) else None)
+    if max_length is not None:
+        chars = sum(len(text) for kind, text in pieces if kind != "image")
+        if chars > max_length * max_token_chars(tokenizer):
+            raise SampleProblem("too_long", f"{chars} characters cannot fit in max_length {max_length} tokens "
+                                            f"(raise max_length or drop the record)")
+    ids: list[int] = []
+    labels: list[int] = []
+    texts = [text for kind, text in pieces if kind != "image"]
+    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+    for kind, _ in pieces:
+        piece = list(image_ids) if kind == "image" else list(next(encoded))
+        ids += piece
+        labels += piece if kind == "answer" else [IGNORE_INDEX] * len(piece)
+    n_answer = sum(1 for v in labels if v != IGNORE_INDEX)
+    return _check_and_pack(ids, labels, n_answer, max_length)
+
+
+_special: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _special_strings(tokenizer) -> list[str]:
+    """The tokenizer's special-token strings, longest first (a template's end-of-turn is one of them). Cached."""
+    try:
+        return _special[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    names = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    names |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    out = sorted(names, key=len, reverse=True)
+    try:
+        _special[tokenizer] = out
+    except TypeError:  # not weak-referenceable: recompute next time
+        pass
+    return out
+
+
+def template_renderer(tokenizer, chat_template: str):
+    """``render(messages, add_generation_prompt) -> str`` applying ``chat_template`` with ``tokenizer``."""
+
+    def render(messages, add_generation_prompt):
+        return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+
+    return render

@@ -7,14 +7,19 @@ from icons_fast.data.formats import CheckedBuilder
 
 
 def make_dataset(loaded_model, records: list, image_folder: str | None, max_length: int | None,
-                 error_log: ErrorLog | None, stage: str):
+                 error_log: ErrorLog | None, stage: str, template: str = "auto"):
     """``(dataset, collate_fn)`` for ``records`` fed to ``loaded_model`` (an ``icons_fast.model.loading.LoadedModel``).
 
     ``dataset[i]`` is record i's sample dict or its ``SampleError`` (recorded in
     ``error_log`` under ``stage``; a record its format could not read, or with more
     images than the model takes, is one too: ``formats.CheckedBuilder``);
     ``collate_fn`` pads with the tokenizer's pad id and keeps errors under ``batch["errors"]``.
+    ``template``: auto | vicuna_v1 | chat (``icons_fast.data.conversation.resolve_template``
+    with the model's family and chat template).
     """
-    config = loaded_model.model.config if loaded_model.is_llava else None
-    builder = CheckedBuilder(LlavaSampleBuilder(loaded_model.processor, config, image_folder, max_length))
+    family = getattr(loaded_model, "family", "llava" if loaded_model.is_llava else "causal_lm")
+    config = loaded_model.model.config if family != "causal_lm" else None
+    builder = CheckedBuilder(LlavaSampleBuilder(loaded_model.processor, config, image_folder, max_length,
+                                                template=template, family=family,
+                                                chat_template=getattr(loaded_model, "chat_template", None)))
     return LlavaDataset(records, builder, error_log, stage=stage), builder.collate

@@ -12,7 +12,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "position_ids")
+# Every family's image tensors (icons_fast.data.collate's batch layout): LLaVA pixel_values;
+# Qwen2-VL patches + image_grid_thw (the model builds its multimodal rotary positions from them
+# the image-token types and the attention mask); LLaVA-NeXT/OneVision tiles + image_sizes; Idefics3 crops +
+# pixel_attention_mask. Text-only chat LMs take input_ids and attention_mask.
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "image_sizes",
+                    "pixel_attention_mask", "mm_token_type_ids", "position_ids")
 
 
 def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

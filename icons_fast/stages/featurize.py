@@ -91,6 +91,7 @@ def feature_settings(cfg: Config, ckpt_dir: str, mode: str, image_folder: str | 
         "proj_dim": cfg.features.proj_dim,
         "mode": mode,
         "max_length": cfg.data.max_length,
+        "template": cfg.data.template,
     }
 
 
@@ -120,22 +121,10 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def sub_batch(batch: dict, rows: list[int]) -> dict:
-    """Rows ``rows`` of a collated batch with their own images, trailing padding trimmed.
+    """Rows ``rows`` of a collated batch with their own images (``icons_fast.data.collate.batch_rows``)."""
+    from icons_fast.data.collate import batch_rows
 
-    ``pixel_values`` holds the images of the image rows only, in batch order,
-    so each kept image row's image is found by counting image rows before it.
-    """
-    image_row = torch.cumsum(batch["has_image"].long(), 0) - 1  # [B] position in pixel_values
-    out = {k: batch[k][rows] for k in ("input_ids", "attention_mask", "labels", "indices", "has_image")}
-    out["ids"] = [batch["ids"][r] for r in rows]
-    images = [int(image_row[r]) for r in rows if bool(batch["has_image"][r])]
-    if images:
-        out["pixel_values"] = batch["pixel_values"][images]
-    length = int(out["attention_mask"].sum(dim=1).max())
-    for k in ("input_ids", "attention_mask", "labels"):
-        out[k] = out[k][:, :length]
-    out["errors"] = []
-    return out
+    return batch_rows(batch, rows)
 
 
 def featurize_resilient(extractor, batch: dict, on_retry) -> tuple[torch.Tensor, list[int]]:
@@ -226,7 +215,8 @@ def _featurize_split(cfg: Config, run_dir: str, split: str, records_path: str, c
     store = FeatureStore(out_dir, fingerprint, cfg.features.proj_dim, dtype=cfg.features.store_dtype)
     errors = ErrorLog(layout.errors(split))
     folder = image_folder or cfg.data.image_folder
-    dataset, collate = make_dataset(lm, records, folder, cfg.data.max_length, errors, stage="data")
+    dataset, collate = make_dataset(lm, records, folder, cfg.data.max_length, errors, stage="data",
+                                   template=cfg.data.template)
     t_loaded = time.perf_counter()
 
     rank, world = parse_shard(shard)

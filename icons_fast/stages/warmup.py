@@ -53,6 +53,7 @@ def warmup_inputs(cfg: Config) -> dict:
         "train_sha256": data_sha256(cfg.data.train_data) if cfg.data.train_data else None,
         "image_folder": cfg.data.image_folder,
         "max_length": cfg.data.max_length,
+        "template": cfg.data.template,
         "model": d["model"],
         "warmup": d["warmup"],
         "seed": cfg.seed,
@@ -116,7 +117,8 @@ def _run_warmup(cfg: Config, run_dir: str, stop: GracefulStop) -> list[str]:
     torch.manual_seed(cfg.seed)
     model = attach_lora(lm.model, cfg.model)
     errors = ErrorLog(layout.errors("train"))
-    dataset, collate = make_dataset(lm, records, cfg.data.image_folder, cfg.data.max_length, errors, stage="data")
+    dataset, collate = make_dataset(lm, records, cfg.data.image_folder, cfg.data.max_length, errors, stage="data",
+                                   template=cfg.data.template)
     saved: list[str] = []
 
     def save(step, lr, epoch, samples, optimizer):

@@ -33,9 +33,11 @@ def greedy_answer(model, sample: dict, tokenizer, max_new_tokens: int = 12) -> s
     labels = sample["labels"]
     first = int((labels != -100).nonzero()[0])
     ids = sample["input_ids"][:first][None].to(next(model.parameters()).device)
-    kwargs = {}
-    if sample["pixel_values"] is not None:
-        kwargs["pixel_values"] = sample["pixel_values"][None].to(ids.device, next(model.parameters()).dtype)
+    dtype = next(model.parameters()).dtype
+    kwargs = {k: v.to(ids.device, dtype if v.is_floating_point() else v.dtype)
+              for k, v in (sample.get("image_inputs") or {}).items()}  # each family's image tensors
+    if "mm_token_type_ids" in sample:  # Qwen2-VL: the prompt's image-token types (multimodal positions)
+        kwargs["mm_token_type_ids"] = sample["mm_token_type_ids"][:first][None].to(ids.device)
     eos = tokenizer.eos_token_id
     out = []
     past = None

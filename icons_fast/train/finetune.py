@@ -37,7 +37,8 @@ def run_train(cfg: Config, data_path: str, out_dir: str) -> str:
         model = attach_lora(model, cfg.model)
     os.makedirs(out_dir, exist_ok=True)
     errors = ErrorLog(os.path.join(out_dir, "errors.jsonl"))
-    dataset, collate = make_dataset(lm, records, cfg.data.image_folder, cfg.data.max_length, errors, stage="data")
+    dataset, collate = make_dataset(lm, records, cfg.data.image_folder, cfg.data.max_length, errors, stage="data",
+                                   template=cfg.data.template)
     kind = "full fine-tune" if cfg.train.full_finetune else f"LoRA r={cfg.model.lora_r}"
     log.info("%s on %d samples from %s, %d epoch(s)", kind, len(records), data_path, cfg.train.epochs)
     summary = train_model(
