@@ -1,16 +1,32 @@
-"""Does the selection work? A small-scale replica of the paper's table on the demo data.
+"""Does the selection work? A small-scale replica of the paper's table on the generated replica.
 
-For each seed: select 20% of the demo pool with the ICONS pipeline (warmup ->
-featurize -> influence -> vote) from the same pre-trained tiny base, then
-LoRA fine-tune that base on the full pool, a random 20%, the ICONS 20%, the
-LESS-rule 20% and the mean / max cross-task aggregates at 20%, and evaluate
-every model on every task's held-out set. Relative performance of a subset
-is the paper's: the mean over tasks of accuracy / full-pool accuracy x 100.
+Data (``icons_fast.data.replica``): a stage-2 pool built like LLaVA-665K from
+sources of different quality (clean VQA, lettered multiple choice,
+conversations, captions, a low-quality source with 60% wrong answers,
+near-duplicate re-renders, answers that uninformative images do not support,
+text-only instructions), four target benchmarks that share the same
+perception (vqa, pope, mmbench, count: a small validation set each, used as
+the selection target, and a separate held-out test set) and one benchmark
+that is never a target (position).
+
+Base: the built-in model after stage-1 caption pre-training
+(``icons_fast.demo.stage1_base``, cached). For each seed: select with the
+ICONS pipeline (LoRA warmup -> featurize -> influence), then fine-tune the
+base on every subset (full pool; random, ICONS, LESS rule, mean, max at 20%;
+ICONS and random at 10% and 40%; optionally the remedies of
+``icons_fast.select.remedies``) with the same recipe, and evaluate every model
+on every benchmark's test set. Each seed redoes warmup, selection and
+fine-tuning. Relative performance is the paper's: the mean over benchmarks of
+accuracy / full-pool accuracy x 100.
 
     python benchmarks/quality.py --seeds 0 1 2 --out runs/quality
 
-Prints the per-task table (mean +- std over seeds) and writes
-``quality.json`` and ``quality.md`` under ``--out``.
+Stage-2 fine-tuning is a full fine-tune: on this base a LoRA fine-tune cannot
+learn the new answer formats (lettered options, yes/no) in the steps a 20%
+subset gives (measured in ``benchmarks/RESULTS.md`` section 9).
+
+Writes ``seed<k>/result.json`` as each seed finishes (a rerun skips finished
+seeds), then ``quality.json`` and ``quality.md`` under ``--out``.
 """
 from __future__ import annotations
 
@@ -19,6 +35,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 
@@ -26,21 +43,60 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from icons_fast.config import Config  # noqa: E402
-from icons_fast.data import load_records, make_demo_data, save_records  # noqa: E402
+from icons_fast.data import load_records, save_records  # noqa: E402
+from icons_fast.data.replica import BENCHMARKS, SOURCES, make_replica_data  # noqa: E402
 
-CONDITIONS = ("full", "random", "icons", "less", "mean", "max")
+# (name, rule, budget); a name may carry a remedy: "icons+dedup", "icons+quota".
+CONDITIONS = (
+    ("full", "full", 1.0), ("random", "random", 0.2), ("icons", "icons", 0.2), ("less", "less", 0.2),
+    ("mean", "mean", 0.2), ("max", "max", 0.2),
+    ("random10", "random", 0.1), ("icons10", "icons", 0.1), ("random40", "random", 0.4), ("icons40", "icons", 0.4),
+)
+REMEDIES = (("icons+dedup", "icons+dedup", 0.2), ("icons+quota", "icons+quota", 0.2))
+CHANCE = {"vqa": 0.29, "pope": 0.5, "mmbench": 0.29, "count": 1 / 3, "position": 0.25}
 
 
-def selection_for(rule: str, run_dir: str, budget: float, seed: int) -> np.ndarray:
-    """Indices chosen by ``rule`` from the run's influence scores (``random``: seeded uniform over valid samples)."""
+# ---------------------------------------------------------------- the one place that calls the selection engine
+
+def engine_run(cfg: Config) -> dict:
+    """Run warmup -> featurize -> influence -> select into ``cfg.out``; load what the rules need.
+
+    Returns ``dict(scores [N, T], names, valid [N], features [N, k])``, ``features``
+    being the pool's unit features under the last warmup checkpoint.
+    """
+    from icons_fast.pipeline import run
+    from icons_fast.rundir import RunLayout
+    from icons_fast.select.stage import _open_store, load_scores
+    from icons_fast.train.warmup import current_checkpoints
+
+    run(cfg)
+    scores, names, valid = load_scores(cfg.out)
+    layout = RunLayout(cfg.out)
+    last = os.path.basename(current_checkpoints(layout.warmup)[-1])
+    idx, _, feats, _ = _open_store(layout.features(last, "train")).load()
+    features = np.zeros((scores.shape[0], feats.shape[1]), dtype=np.float32)
+    features[idx] = feats.float().numpy()
+    return {"scores": scores, "names": names, "valid": valid, "features": features}
+
+
+def engine_select(rule: str, sel: dict, budget: float, seed: int, dedup_threshold: float = 0.95) -> np.ndarray:
+    """Indices chosen by ``rule`` (``select_by_rule``'s names, or ``icons+dedup`` / ``icons+quota``), ascending."""
+    from icons_fast.select import remedies
     from icons_fast.select.rules import select_by_rule
-    from icons_fast.select.stage import load_scores
 
-    scores, names, valid = load_scores(run_dir)
-    return np.sort(np.asarray(select_by_rule(rule, scores, names, budget, valid, seed, run_dir=run_dir)))
+    scores, names, valid = sel["scores"], sel["names"], sel["valid"]
+    if rule == "icons+dedup":
+        keep = remedies.collapse_near_duplicates(sel["features"], dedup_threshold, valid)
+        count = int(budget * int(valid.sum()))  # the same size as the other 20% subsets
+        return np.sort(np.asarray(select_by_rule("icons", scores, names, count, valid & keep, seed)))
+    if rule == "icons+quota":
+        return remedies.quota_vote(scores, budget, valid)
+    return np.sort(np.asarray(select_by_rule(rule, scores, names, budget, valid, seed)))
 
 
-def train_and_eval(base: str, data: dict, subset: list, out: str, seed: int, epochs: int) -> dict:
+# ---------------------------------------------------------------- fine-tuning and evaluation
+
+def train_and_eval(base: str, data: dict, subset: list, out: str, seed: int, args) -> dict:
     from icons_fast.train.evaluate import run_evaluate
     from icons_fast.train.finetune import run_train
 
@@ -48,65 +104,105 @@ def train_and_eval(base: str, data: dict, subset: list, out: str, seed: int, epo
     path = os.path.join(out, "subset.json")
     save_records(subset, path)
     cfg = Config()
-    cfg.override({"model.model": base, "model.lora_r": 8, "model.lora_alpha": 16, "train.epochs": epochs,
-                  "train.lr": 3e-3, "train.batch_size": 8, "data.max_length": 512, "seed": seed})
+    cfg.override({"model.model": base, "train.full_finetune": True, "train.epochs": args.epochs,
+                  "train.lr": args.lr, "train.batch_size": 16, "data.max_length": 512, "seed": seed})
     cfg.data.image_folder = data["image_folder"]
     model_dir = run_train(cfg, path, out)
-    return run_evaluate(cfg, model_dir, data["eval"], json_out=os.path.join(out, "eval.json"))
+    res = run_evaluate(cfg, model_dir, data["eval"], json_out=os.path.join(out, "eval.json"))
+    return {b: r["accuracy"] for b, r in res.items()}
 
 
-def run_seed(seed: int, out: str, data: dict, base: str, epochs: int, budget: float) -> dict:
+def wrong_answer(rec: dict) -> bool:
+    """Some answer differs from the truth the image supports (uninformative images excluded: no truth)."""
+    answers = [t["value"] for t in rec["conversations"][1::2]]
+    return any(t is not None and t != a for t, a in zip(rec["demo_answers"], answers))
+
+
+def composition(pool: list, idx) -> dict:
+    """Shares of a subset: per source, and of wrong-answer / duplicate / uninformative / text-only records."""
+    sub = [pool[i] for i in idx]
+    n = max(1, len(sub))
+    by_source = Counter(r["source"] for r in sub)
+    kinds = Counter(r["demo_task"] for r in sub if r["source"] in ("vqa", "mc", "lowquality", "duplicate"))
+    return {"n": len(sub), "source": {s: by_source.get(s, 0) / n for s in SOURCES},
+            "wrong": sum(wrong_answer(r) for r in sub) / n,
+            "duplicate": by_source.get("duplicate", 0) / n, "uninformative": by_source.get("unsupported", 0) / n,
+            "text": by_source.get("text", 0) / n, "question_kinds": dict(sorted(kinds.items()))}
+
+
+def run_seed(seed: int, out: str, data: dict, base: str, args, conditions) -> dict:
     from icons_fast.demo import demo_config
-    from icons_fast.pipeline import run
 
-    run_dir = os.path.join(out, f"seed{seed}", "select")
-    cfg = demo_config(None, data, run_dir)
+    result_path = os.path.join(out, f"seed{seed}", "result.json")
+    if os.path.exists(result_path):
+        with open(result_path) as f:
+            done = json.load(f)
+        if all(name in done["accuracy"] for name, _, _ in conditions):
+            print(f"[quality] seed {seed}: reusing {result_path}", flush=True)
+            return done
+    cfg = demo_config(None, data, os.path.join(out, f"seed{seed}", "select"))
     cfg.model.model = base
-    cfg.seed = seed
-    cfg.features.seed = seed
-    cfg.select.budget = budget
+    cfg.seed = cfg.features.seed = seed
+    cfg.warmup.fraction, cfg.warmup.epochs = args.warmup_fraction, args.warmup_epochs
+    cfg.features.proj_dim = args.proj_dim
+    cfg.model.lora_r, cfg.model.lora_alpha = args.lora_r, 2 * args.lora_r
     t = time.perf_counter()
-    run(cfg)
-    select_s = time.perf_counter() - t
+    sel = engine_run(cfg)
+    results = {"select_seconds": time.perf_counter() - t, "accuracy": {}, "composition": {}, "train_seconds": {}}
     pool = load_records(data["train"])
-    results = {"select_seconds": select_s, "accuracy": {}, "answer_loss": {}, "sizes": {}}
-    for cond in CONDITIONS:
-        if cond == "full":
-            idx = np.arange(len(pool))
-        else:
-            idx = selection_for(cond, run_dir, budget, seed)
-        results["sizes"][cond] = int(len(idx))
-        res = train_and_eval(base, data, [pool[i] for i in idx], os.path.join(out, f"seed{seed}", cond), seed, epochs)
-        results["accuracy"][cond] = {t: r["accuracy"] for t, r in res.items()}
-        results["answer_loss"][cond] = {t: r["answer_loss"] for t, r in res.items()}
-        print(f"[quality] seed {seed} {cond:<7s} n={len(idx):4d} " +
-              " ".join(f"{t}={r['accuracy']:.3f}/{r['answer_loss']:.3f}" for t, r in res.items()), flush=True)
+    for name, rule, budget in conditions:
+        idx = np.arange(len(pool)) if rule == "full" else engine_select(rule, sel, budget, seed)
+        results["composition"][name] = composition(pool, idx)
+        t = time.perf_counter()
+        results["accuracy"][name] = train_and_eval(base, data, [pool[i] for i in idx],
+                                                   os.path.join(out, f"seed{seed}", name), seed, args)
+        results["train_seconds"][name] = time.perf_counter() - t
+        print(f"[quality] seed {seed} {name:<12s} n={len(idx):4d} "
+              + " ".join(f"{b}={a:.3f}" for b, a in results["accuracy"][name].items())
+              + f"  ({results['train_seconds'][name]:.0f} s)", flush=True)
+        with open(result_path, "w") as f:
+            json.dump(results, f, indent=2)
     return results
 
 
-def relative(score: dict, full: dict, lower_is_better: bool = False) -> float:
-    """The paper's relative performance: mean over tasks of score / full x 100.
+# ---------------------------------------------------------------- tables
 
-    For a loss (lower is better) the ratio is inverted, full / score x 100, so
-    100 still means "as good as the full pool". Tasks where the full model
-    scores 0 are skipped.
-    """
-    if lower_is_better:
-        ratios = [full[t] / score[t] * 100 for t in full if score[t] > 0]
-    else:
-        ratios = [score[t] / full[t] * 100 for t in full if full[t] > 0]
+def relative(score: dict, full: dict) -> float:
+    """The paper's relative performance: mean over benchmarks of score / full x 100 (full = 0 skipped)."""
+    ratios = [score[b] / full[b] * 100 for b in full if full[b] > 0]
     return float(np.mean(ratios)) if ratios else float("nan")
 
 
-def table(per_seed: dict, tasks: list, metric: str) -> str:
-    """Per-task mean ± std over seeds of ``metric`` ("accuracy" or "answer_loss"), and relative performance."""
-    lower = metric == "answer_loss"
-    lines = [f"| subset ({metric}) | " + " | ".join(tasks) + " | relative % |", "|---" * (len(tasks) + 2) + "|"]
-    for cond in CONDITIONS:
-        vals = np.array([[r[metric][cond][t] for t in tasks] for r in per_seed.values()])
-        rel = np.array([relative(r[metric][cond], r[metric]["full"], lower) for r in per_seed.values()])
+def accuracy_table(per_seed: dict, benches: list, names: list) -> str:
+    lines = ["| subset | " + " | ".join(benches) + " | relative % |", "|---" * (len(benches) + 2) + "|"]
+    lines.append("| chance | " + " | ".join(f"{CHANCE[b]:.2f}" for b in benches) + " | |")
+    for name in names:
+        vals = np.array([[r["accuracy"][name][b] for b in benches] for r in per_seed.values()])
+        rel = np.array([relative(r["accuracy"][name], r["accuracy"]["full"]) for r in per_seed.values()])
         cells = [f"{m:.3f} ± {s:.3f}" for m, s in zip(vals.mean(0), vals.std(0))]
-        lines.append(f"| {cond} | " + " | ".join(cells) + f" | {rel.mean():.1f} ± {rel.std():.1f} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {rel.mean():.1f} ± {rel.std():.1f} |")
+    return "\n".join(lines)
+
+
+def composition_table(rows: dict) -> str:
+    """``rows``: {subset name: [composition per seed]} -> mean shares in %."""
+    keys = ("wrong", "duplicate", "uninformative", "text")
+    lines = ["| subset | " + " | ".join(f"{k} %" for k in keys) + " | " + " | ".join(SOURCES) + " |",
+             "|---" * (len(keys) + len(SOURCES) + 1) + "|"]
+    for name, comps in rows.items():
+        cells = [f"{100 * np.mean([c[k] for c in comps]):.1f}" for k in keys]
+        cells += [f"{100 * np.mean([c['source'][s] for c in comps]):.1f}" for s in SOURCES]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def kinds_table(per_seed: dict, names: list) -> str:
+    """Question kinds of the single-turn short-answer records (vqa, mc, lowquality, duplicate) per subset."""
+    kinds = sorted({k for r in per_seed.values() for c in r["composition"].values() for k in c["question_kinds"]})
+    lines = ["| subset | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+    for name in names:
+        comps = [r["composition"][name]["question_kinds"] for r in per_seed.values()]
+        lines.append(f"| {name} | " + " | ".join(" / ".join(str(c.get(k, 0)) for c in comps) for k in kinds) + " |")
     return "\n".join(lines)
 
 
@@ -114,27 +210,51 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default="runs/quality")
-    ap.add_argument("--n-train", type=int, default=600)
-    ap.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs, the same for every subset")
-    ap.add_argument("--budget", type=float, default=0.2)
+    ap.add_argument("--n-train", type=int, default=800, help="stage-2 pool size")
+    ap.add_argument("--n-target", type=int, default=16, help="validation (target) records per benchmark")
+    ap.add_argument("--n-eval", type=int, default=60, help="held-out test records per benchmark")
+    ap.add_argument("--epochs", type=int, default=2, help="stage-2 fine-tuning epochs, the same for every subset")
+    ap.add_argument("--lr", type=float, default=1e-3, help="stage-2 fine-tuning learning rate")
+    ap.add_argument("--warmup-fraction", type=float, default=0.1)
+    ap.add_argument("--warmup-epochs", type=int, default=2)
+    ap.add_argument("--lora-r", type=int, default=8, help="LoRA rank of the selection warmup")
+    ap.add_argument("--proj-dim", type=int, default=1024, help="k, the projection dimension")
+    ap.add_argument("--remedies", action="store_true", help="also fine-tune on icons+dedup and icons+quota at 20%%")
+    ap.add_argument("--only", nargs="+", default=None, help="only these conditions (full is always run)")
     args = ap.parse_args(argv)
-    from icons_fast.demo import pretrained_demo_base
+    from icons_fast.demo import stage1_base
 
-    data = make_demo_data(os.path.join(args.out, "data"), n_train=args.n_train, seed=0)
-    base = pretrained_demo_base()
+    conditions = list(CONDITIONS) + (list(REMEDIES) if args.remedies else [])
+    if args.only:
+        conditions = [c for c in conditions if c[0] == "full" or c[0] in args.only]
+    data = make_replica_data(os.path.join(args.out, "data"), n_train=args.n_train, seed=0,
+                             n_target=args.n_target, n_eval=args.n_eval)
     t0 = time.perf_counter()
-    per_seed = {s: run_seed(s, args.out, data, base, args.epochs, args.budget) for s in args.seeds}
-    tasks = list(data["eval"])
-    md = table(per_seed, tasks, "accuracy") + "\n\n" + table(per_seed, tasks, "answer_loss")
+    base = stage1_base()
+    with open(os.path.join(os.path.dirname(base), "base_report.json")) as f:
+        base_report = json.load(f)
+    base_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    per_seed = {s: run_seed(s, args.out, data, base, args, conditions) for s in args.seeds}
+    names = [c[0] for c in conditions]
+    benches = list(BENCHMARKS)
+    pool = load_records(data["train"])
+    comp = {"pool": composition(pool, range(len(pool)))}
+    rows = {"pool": [comp["pool"]], **{n: [r["composition"][n] for r in per_seed.values()] for n in names}}
+    md = (accuracy_table(per_seed, benches, names) + "\n\nComposition (mean over seeds, % of the subset):\n\n"
+          + composition_table(rows)
+          + "\n\nQuestion kinds of the short-answer records (seed by seed):\n\n"
+          + kinds_table(per_seed, names))
     print(md)
-    header = (f"demo pool n={args.n_train} (15% near-duplicates, 15% label noise), budget {args.budget:.0%}, "
-              f"seeds {args.seeds}, LoRA r=8 lr 3e-3 fine-tune {args.epochs} epoch(s) from the pre-trained tiny base, "
-              f"accuracy = exact match, answer loss = mean answer cross-entropy, on 48 held-out samples per task; "
-              f"{time.perf_counter() - t0:.0f} s in all")
+    header = (f"replica pool n={args.n_train}, targets {args.n_target} per benchmark, test {args.n_eval} per benchmark; "
+              f"seeds {args.seeds}; warmup LoRA r={args.lora_r} on {args.warmup_fraction:.0%} for "
+              f"{args.warmup_epochs} epoch(s), k={args.proj_dim}; stage 2 full fine-tune {args.epochs} epoch(s) "
+              f"lr {args.lr:g}; base {base} (held-out captions: {base_report['held_out_captions']}); "
+              f"base {base_s:.0f} s, study {time.perf_counter() - t0:.0f} s")
     with open(os.path.join(args.out, "quality.md"), "w") as f:
         f.write(header + "\n\n" + md + "\n")
     with open(os.path.join(args.out, "quality.json"), "w") as f:
-        json.dump({"config": vars(args), "per_seed": per_seed}, f, indent=2)
+        json.dump({"config": vars(args), "base": base_report, "pool": comp, "per_seed": per_seed}, f, indent=2)
     return 0
 
 
