@@ -147,7 +147,7 @@ def run_seed(seed: int, out: str, data: dict, base: str, args, conditions) -> di
     cfg.features.proj_dim = args.proj_dim
     cfg.model.lora_r, cfg.model.lora_alpha = args.lora_r, 2 * args.lora_r
     t = time.perf_counter()
-    sel = engine_run(cfg)
+    sel = engine_run(cfg) if any(rule != "full" for _, rule, _ in conditions) else None
     results = {"select_seconds": time.perf_counter() - t, "accuracy": {}, "composition": {}, "train_seconds": {}}
     pool = load_records(data["train"])
     for name, rule, budget in conditions:
@@ -206,6 +206,39 @@ def kinds_table(per_seed: dict, names: list) -> str:
     return "\n".join(lines)
 
 
+def run_parallel(argv: list, args) -> None:
+    """Run each seed in its own single-threaded process, ``args.jobs`` at a time; they write ``seed<k>/result.json``."""
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    rest = []
+    skip = False
+    for a in argv:  # drop --seeds / --jobs and their values
+        if a in ("--seeds", "--jobs"):
+            skip = True
+            continue
+        if skip and not a.startswith("--"):
+            continue
+        skip = False
+        rest.append(a)
+    pending = list(args.seeds)
+    running = []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            seed = pending.pop(0)
+            log_path = os.path.join(args.out, f"seed{seed}.log")
+            os.makedirs(args.out, exist_ok=True)
+            cmd = [sys.executable, os.path.abspath(__file__), *rest, "--seeds", str(seed), "--jobs", "1"]
+            running.append((seed, subprocess.Popen(cmd, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)))
+            print(f"[quality] seed {seed} running in process {running[-1][1].pid}, log {log_path}", flush=True)
+        time.sleep(2)
+        for item in list(running):
+            if item[1].poll() is not None:
+                running.remove(item)
+                if item[1].returncode != 0:
+                    raise RuntimeError(f"seed {item[0]} failed (exit {item[1].returncode}); see its log in {args.out}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -221,7 +254,10 @@ def main(argv=None) -> int:
     ap.add_argument("--proj-dim", type=int, default=1024, help="k, the projection dimension")
     ap.add_argument("--remedies", action="store_true", help="also fine-tune on icons+dedup and icons+quota at 20%%")
     ap.add_argument("--only", nargs="+", default=None, help="only these conditions (full is always run)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="seeds run in this many processes at once, one thread each (tiny models gain little "
+                         "from a second thread, so 2 processes on 2 cores beat 1 process with 2 threads)")
+    args = ap.parse_args(argv if argv is not None else sys.argv[1:])
     from icons_fast.demo import stage1_base
 
     conditions = list(CONDITIONS) + (list(REMEDIES) if args.remedies else [])
@@ -235,6 +271,8 @@ def main(argv=None) -> int:
         base_report = json.load(f)
     base_s = time.perf_counter() - t0
     t0 = time.perf_counter()
+    if args.jobs > 1 and len(args.seeds) > 1:
+        run_parallel(argv if argv is not None else sys.argv[1:], args)
     per_seed = {s: run_seed(s, args.out, data, base, args, conditions) for s in args.seeds}
     names = [c[0] for c in conditions]
     benches = list(BENCHMARKS)

@@ -133,14 +133,16 @@ def quota_vote(scores, budget, valid=None, top_percent: float | None = None) -> 
     quota = np.full(t, count // t)
     quota[: count % t] += 1
     taken = np.zeros(n, dtype=bool)
+    n_taken = 0
     for i in order:
-        if taken.sum() == count:
-            break
         if quota[home[i]] > 0:
             quota[home[i]] -= 1
             taken[i] = True
-    for i in order:  # fill what the quotas left over, in vote order
-        if taken.sum() >= count:
+            n_taken += 1
+    for i in order:  # fill what the quotas left over (tasks with too few home samples), in vote order
+        if n_taken >= count:
             break
-        taken[i] = True
+        if not taken[i]:
+            taken[i] = True
+            n_taken += 1
     return np.flatnonzero(taken).astype(np.int64)
