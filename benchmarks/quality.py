@@ -254,6 +254,7 @@ def main(argv=None) -> int:
     ap.add_argument("--proj-dim", type=int, default=1024, help="k, the projection dimension")
     ap.add_argument("--remedies", action="store_true", help="also fine-tune on icons+dedup and icons+quota at 20%%")
     ap.add_argument("--only", nargs="+", default=None, help="only these conditions (full is always run)")
+    ap.add_argument("--base", default=None, help="model to fine-tune (default: the cached stage-1 base)")
     ap.add_argument("--jobs", type=int, default=2,
                     help="seeds run in this many processes at once, one thread each (tiny models gain little "
                          "from a second thread, so 2 processes on 2 cores beat 1 process with 2 threads)")
@@ -266,9 +267,12 @@ def main(argv=None) -> int:
     data = make_replica_data(os.path.join(args.out, "data"), n_train=args.n_train, seed=0,
                              n_target=args.n_target, n_eval=args.n_eval)
     t0 = time.perf_counter()
-    base = stage1_base()
-    with open(os.path.join(os.path.dirname(base), "base_report.json")) as f:
-        base_report = json.load(f)
+    base = args.base or stage1_base()
+    report_path = os.path.join(os.path.dirname(os.path.abspath(base)), "base_report.json")
+    base_report = {"held_out_captions": None}
+    if os.path.exists(report_path):
+        with open(report_path) as f:
+            base_report = json.load(f)
     base_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     if args.jobs > 1 and len(args.seeds) > 1:

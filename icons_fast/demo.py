@@ -36,7 +36,7 @@ DEMO_OVERRIDES = {
     "data.max_length": 512,
 }
 # The stage-1 recipe (alignment pre-training on captions); the cache key holds every value.
-STAGE1 = {"size": "tiny", "n_captions": 3000, "epochs": 6, "lr": 3e-3, "batch_size": 16, "seed": 0}
+STAGE1 = {"size": "tiny", "n_captions": 3000, "epochs": 8, "lr": 3e-3, "batch_size": 16, "seed": 0}
 DEMO_POOL = 600
 
 
