@@ -254,7 +254,10 @@ def main(argv=None) -> int:
     ap.add_argument("--lora-r", type=int, default=8, help="LoRA rank of the selection warmup")
     ap.add_argument("--proj-dim", type=int, default=1024, help="k, the projection dimension")
     ap.add_argument("--remedies", action="store_true", help="also fine-tune on icons+dedup and icons+quota at 20%%")
-    ap.add_argument("--only", nargs="+", default=None, help="only these conditions (full is always run)")
+    ap.add_argument("--only", nargs="+", default=None, help="only these conditions (ablations: with --full-from)")
+    ap.add_argument("--full-from", default=None,
+                    help="take the full-pool accuracies from this earlier --out (same pool and recipe) instead of "
+                         "fine-tuning on the full pool again")
     ap.add_argument("--base", default=None, help="model to fine-tune (default: the cached stage-1 base)")
     ap.add_argument("--jobs", type=int, default=2,
                     help="seeds run in this many processes at once, one thread each (tiny models gain little "
@@ -264,7 +267,7 @@ def main(argv=None) -> int:
 
     conditions = list(CONDITIONS) + (list(REMEDIES) if args.remedies else [])
     if args.only:
-        conditions = [c for c in conditions if c[0] == "full" or c[0] in args.only]
+        conditions = [c for c in conditions if c[0] in args.only or (c[0] == "full" and not args.full_from)]
     data = make_replica_data(os.path.join(args.out, "data"), n_train=args.n_train, seed=0,
                              n_target=args.n_target, n_eval=args.n_eval)
     t0 = time.perf_counter()
@@ -279,6 +282,12 @@ def main(argv=None) -> int:
     if args.jobs > 1 and len(args.seeds) > 1:
         run_parallel(argv if argv is not None else sys.argv[1:], args)
     per_seed = {s: run_seed(s, args.out, data, base, args, conditions) for s in args.seeds}
+    if args.full_from:  # the reference run's full-pool model, seed by seed
+        for s, r in per_seed.items():
+            with open(os.path.join(args.full_from, f"seed{s}", "result.json")) as f:
+                ref = json.load(f)
+            r["accuracy"]["full"], r["composition"]["full"] = ref["accuracy"]["full"], ref["composition"]["full"]
+        conditions = [("full", "full", 1.0)] + conditions
     names = [c[0] for c in conditions]
     benches = list(BENCHMARKS)
     pool = load_records(data["train"])
