@@ -21,9 +21,9 @@ accuracy / full-pool accuracy x 100.
 
     python benchmarks/quality.py --seeds 0 1 2 --out runs/quality
 
-Stage-2 fine-tuning is a full fine-tune: on this base a LoRA fine-tune cannot
-learn the new answer formats (lettered options, yes/no) in the steps a 20%
-subset gives (measured in ``benchmarks/RESULTS.md`` section 9).
+Stage-2 fine-tuning is a full fine-tune: on a caption-only base the answer
+formats (lettered options, yes/no, digits) are new, and LoRA r=8 does not learn
+them (``benchmarks/RESULTS.md`` section 9).
 
 Writes ``seed<k>/result.json`` as each seed finishes (a rerun skips finished
 seeds), then ``quality.json`` and ``quality.md`` under ``--out``.
@@ -64,16 +64,17 @@ def engine_run(cfg: Config) -> dict:
     Returns ``dict(scores [N, T], names, valid [N], features [N, k])``, ``features``
     being the pool's unit features under the last warmup checkpoint.
     """
+    from icons_fast.features.store import FeatureStore
     from icons_fast.pipeline import run
     from icons_fast.rundir import RunLayout
-    from icons_fast.select.stage import _open_store, load_scores
+    from icons_fast.select.stage import load_scores
     from icons_fast.train.warmup import current_checkpoints
 
     run(cfg)
     scores, names, valid = load_scores(cfg.out)
     layout = RunLayout(cfg.out)
     last = os.path.basename(current_checkpoints(layout.warmup)[-1])
-    idx, _, feats, _ = _open_store(layout.features(last, "train")).load()
+    idx, _, feats, _ = FeatureStore.open(layout.features(last, "train")).load()
     features = np.zeros((scores.shape[0], feats.shape[1]), dtype=np.float32)
     features[idx] = feats.float().numpy()
     return {"scores": scores, "names": names, "valid": valid, "features": features}
