@@ -145,6 +145,7 @@ def run_seed(seed: int, out: str, data: dict, base: str, args, conditions) -> di
     cfg.model.model = base
     cfg.seed = cfg.features.seed = seed
     cfg.warmup.fraction, cfg.warmup.epochs = args.warmup_fraction, args.warmup_epochs
+    cfg.warmup.num_checkpoints = args.warmup_checkpoints
     cfg.features.proj_dim = args.proj_dim
     cfg.model.lora_r, cfg.model.lora_alpha = args.lora_r, 2 * args.lora_r
     t = time.perf_counter()
@@ -252,6 +253,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8, help="stage-2 fine-tuning batch size")
     ap.add_argument("--warmup-fraction", type=float, default=0.1)
     ap.add_argument("--warmup-epochs", type=int, default=2)
+    ap.add_argument("--warmup-checkpoints", type=int, default=1, help="warmup checkpoints the influence sums over")
     ap.add_argument("--lora-r", type=int, default=8, help="LoRA rank of the selection warmup")
     ap.add_argument("--proj-dim", type=int, default=1024, help="k, the projection dimension")
     ap.add_argument("--remedies", action="store_true", help="also fine-tune on icons+dedup and icons+quota at 20%%")
@@ -301,7 +303,7 @@ def main(argv=None) -> int:
     print(md)
     header = (f"replica pool n={args.n_train}, targets {args.n_target} per benchmark, test {args.n_eval} per benchmark; "
               f"seeds {args.seeds}; warmup LoRA r={args.lora_r} on {args.warmup_fraction:.0%} for "
-              f"{args.warmup_epochs} epoch(s), k={args.proj_dim}; stage 2 full fine-tune {args.epochs} epoch(s) "
+              f"{args.warmup_epochs} epoch(s), {args.warmup_checkpoints} checkpoint(s), k={args.proj_dim}; stage 2 full fine-tune {args.epochs} epoch(s) "
               f"lr {args.lr:g}; base {base} (held-out captions: {base_report['held_out_captions']}); "
               f"base {base_s:.0f} s, study {time.perf_counter() - t0:.0f} s")
     with open(os.path.join(args.out, "quality.md"), "w") as f:
