@@ -21,6 +21,6 @@ from icons_fast.data.replica import make_caption_data, make_replica_data
 __all__ = [
     "ErrorLog", "IGNORE_INDEX", "LlavaDataset", "LlavaSampleBuilder", "REASONS", "SYSTEM_PROMPT",
     "SampleError", "SampleProblem", "collate", "image_token_info", "load_image", "load_records",
-    "make_bad_samples", "make_caption_data", "make_replica_data", "model_kwargs", "record_id", "record_ids", "render_prompt",
-    "save_records", "tokenize_record",
+    "make_bad_samples", "make_caption_data", "make_replica_data", "model_kwargs", "record_id", "record_ids",
+    "render_prompt", "save_records", "tokenize_record",
 ]
