@@ -304,7 +304,8 @@ def main(argv=None) -> int:
     header = (f"replica pool n={args.n_train}, targets {args.n_target} per benchmark, "
               f"test {args.n_eval} per benchmark; seeds {args.seeds}; warmup LoRA r={args.lora_r} on "
               f"{args.warmup_fraction:.0%} for {args.warmup_epochs} epoch(s), {args.warmup_checkpoints} "
-              f"checkpoint(s), k={args.proj_dim}; stage 2 full fine-tune {args.epochs} epoch(s) lr {args.lr:g}; base {base} (held-out captions: {base_report['held_out_captions']}); "
+              f"checkpoint(s), k={args.proj_dim}; stage 2 full fine-tune {args.epochs} epoch(s) lr {args.lr:g}; "
+              f"base {base} (held-out captions: {base_report['held_out_captions']}); "
               f"base {base_s:.0f} s, study {time.perf_counter() - t0:.0f} s")
     with open(os.path.join(args.out, "quality.md"), "w") as f:
         f.write(header + "\n\n" + md + "\n")
