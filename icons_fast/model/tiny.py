@@ -17,8 +17,6 @@ import torch
 TINY_SIZES = {
     # name: (vision hidden, vision layers, image size, patch, text hidden, text layers, heads, kv heads, mlp)
     "tiny": dict(v_hidden=32, v_layers=2, image_size=32, patch=8, hidden=64, layers=2, heads=4, kv_heads=2, mlp=128),
-    # between the two: a vision tower wide enough to tell colours, shapes and quadrants apart after stage 1
-    "compact": dict(v_hidden=64, v_layers=2, image_size=32, patch=8, hidden=128, layers=2, heads=4, kv_heads=2, mlp=256),
     "small": dict(v_hidden=64, v_layers=2, image_size=32, patch=8, hidden=256, layers=4, heads=8, kv_heads=4, mlp=688),
 }
 IMAGE_TOKEN = "<image>"
