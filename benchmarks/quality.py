@@ -1,16 +1,32 @@
-"""Does the selection work? A small-scale replica of the paper's table on the demo data.
+"""Does the selection work? A small-scale replica of the paper's table on the generated replica.
 
-For each seed: select 20% of the demo pool with the ICONS pipeline (warmup ->
-featurize -> influence -> vote) from the same pre-trained tiny base, then
-LoRA fine-tune that base on the full pool, a random 20%, the ICONS 20%, the
-LESS-rule 20% and the mean / max cross-task aggregates at 20%, and evaluate
-every model on every task's held-out set. Relative performance of a subset
-is the paper's: the mean over tasks of accuracy / full-pool accuracy x 100.
+Data (``icons_fast.data.replica``): a stage-2 pool built like LLaVA-665K from
+sources of different quality (clean VQA, lettered multiple choice,
+conversations, captions, a low-quality source with 60% wrong answers,
+near-duplicate re-renders, answers that uninformative images do not support,
+text-only instructions), four target benchmarks that share the same
+perception (vqa, pope, mmbench, count: a small validation set each, used as
+the selection target, and a separate held-out test set) and one benchmark
+that is never a target (position).
+
+Base: the built-in model after stage-1 caption pre-training
+(``icons_fast.demo.stage1_base``, cached). For each seed: select with the
+ICONS pipeline (LoRA warmup -> featurize -> influence), then fine-tune the
+base on every subset (full pool; random, ICONS, LESS rule, mean, max at 20%;
+ICONS and random at 10% and 40%; optionally the remedies of
+``icons_fast.select.remedies``) with the same recipe, and evaluate every model
+on every benchmark's test set. Each seed redoes warmup, selection and
+fine-tuning. Relative performance is the paper's: the mean over benchmarks of
+accuracy / full-pool accuracy x 100.
 
     python benchmarks/quality.py --seeds 0 1 2 --out runs/quality
 
-Prints the per-task table (mean +- std over seeds) and writes
-``quality.json`` and ``quality.md`` under ``--out``.
+Stage-2 fine-tuning is a full fine-tune: on a caption-only base the answer
+formats (lettered options, yes/no, digits) are new, and LoRA r=8 does not learn
+them (``benchmarks/RESULTS.md`` section 9).
+
+Writes ``seed<k>/result.json`` as each seed finishes (a rerun skips finished
+seeds), then ``quality.json`` and ``quality.md`` under ``--out``.
 """
 from __future__ import annotations
 
@@ -19,6 +35,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 
@@ -26,21 +43,59 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from icons_fast.config import Config  # noqa: E402
-from icons_fast.data import load_records, make_demo_data, save_records  # noqa: E402
+from icons_fast.data import load_records, save_records  # noqa: E402
+from icons_fast.data.replica import BENCHMARKS, SOURCES, make_replica_data  # noqa: E402
 
-CONDITIONS = ("full", "random", "icons", "less", "mean", "max")
+# (name, rule, budget); a name may carry a remedy: "icons+dedup", "icons+quota".
+CONDITIONS = (
+    ("full", "full", 1.0), ("random", "random", 0.2), ("icons", "icons", 0.2), ("less", "less", 0.2),
+    ("mean", "mean", 0.2), ("max", "max", 0.2),
+    ("random10", "random", 0.1), ("icons10", "icons", 0.1), ("random40", "random", 0.4), ("icons40", "icons", 0.4),
+)
+REMEDIES = (("icons+dedup", "icons+dedup", 0.2), ("icons+quota", "icons+quota", 0.2))
+CHANCE = {"vqa": 0.29, "pope": 0.5, "mmbench": 0.29, "count": 1 / 3, "position": 0.25}
 
 
-def selection_for(rule: str, run_dir: str, budget: float, seed: int) -> np.ndarray:
-    """Indices chosen by ``rule`` from the run's influence scores (``random``: seeded uniform over valid samples)."""
-    from icons_fast.select.rules import select_by_rule
+# ---------------------------------------------------------------- the one place that calls the selection engine
+
+def engine_run(cfg: Config) -> dict:
+    """Run warmup -> featurize -> influence -> select into ``cfg.out``; load what the rules need.
+
+    Returns ``dict(scores [N, T], names, valid [N], features [N, k])``, ``features``
+    being the pool's unit features under the last warmup checkpoint.
+    """
+    from icons_fast.rundir import RunLayout
     from icons_fast.stages.influence import load_scores
+    from icons_fast.stages.pipeline import run
 
-    scores, names, valid = load_scores(run_dir)
-    return np.sort(np.asarray(select_by_rule(rule, scores, names, budget, valid, seed, run_dir=run_dir)))
+    run(cfg)
+    scores, names, valid = load_scores(cfg.out)
+    layout = RunLayout(cfg.out)
+    last = os.path.basename(layout.warmup_checkpoints()[-1])
+    idx, _, feats, _ = layout.feature_store(last, "train").load()
+    features = np.zeros((scores.shape[0], feats.shape[1]), dtype=np.float32)
+    features[idx] = feats.float().numpy()
+    return {"scores": scores, "names": names, "valid": valid, "features": features}
 
 
-def train_and_eval(base: str, data: dict, subset: list, out: str, seed: int, epochs: int) -> dict:
+def engine_select(rule: str, sel: dict, budget: float, seed: int, dedup_threshold: float = 0.95) -> np.ndarray:
+    """Indices chosen by ``rule`` (``select_by_rule``'s names, or ``icons+dedup`` / ``icons+quota``), ascending."""
+    from icons_fast.select import remedies
+    from icons_fast.select.rules import select_by_rule
+
+    scores, names, valid = sel["scores"], sel["names"], sel["valid"]
+    if rule == "icons+dedup":
+        keep = remedies.collapse_near_duplicates(sel["features"], dedup_threshold, valid)
+        count = int(budget * int(valid.sum()))  # the same size as the other 20% subsets
+        return np.sort(np.asarray(select_by_rule("icons", scores, names, count, valid & keep, seed)))
+    if rule == "icons+quota":
+        return remedies.quota_vote(scores, budget, valid)
+    return np.sort(np.asarray(select_by_rule(rule, scores, names, budget, valid, seed)))
+
+
+# ---------------------------------------------------------------- fine-tuning and evaluation
+
+def train_and_eval(base: str, data: dict, subset: list, out: str, seed: int, args) -> dict:
     from icons_fast.train.evaluate import run_evaluate
     from icons_fast.train.finetune import run_train
 
@@ -48,93 +103,212 @@ def train_and_eval(base: str, data: dict, subset: list, out: str, seed: int, epo
     path = os.path.join(out, "subset.json")
     save_records(subset, path)
     cfg = Config()
-    cfg.override({"model.model": base, "model.lora_r": 8, "model.lora_alpha": 16, "train.epochs": epochs,
-                  "train.lr": 3e-3, "train.batch_size": 8, "data.max_length": 512, "seed": seed})
+    cfg.override({"model.model": base, "train.full_finetune": True, "train.epochs": args.epochs,
+                  "train.lr": args.lr, "train.batch_size": args.batch_size, "data.max_length": 512, "seed": seed})
     cfg.data.image_folder = data["image_folder"]
     model_dir = run_train(cfg, path, out)
-    return run_evaluate(cfg, model_dir, data["eval"], json_out=os.path.join(out, "eval.json"))
+    res = run_evaluate(cfg, model_dir, data["eval"], json_out=os.path.join(out, "eval.json"))
+    return {b: r["accuracy"] for b, r in res.items()}
 
 
-def run_seed(seed: int, out: str, data: dict, base: str, epochs: int, budget: float) -> dict:
+def wrong_answer(rec: dict) -> bool:
+    """Some answer differs from the truth the image supports (uninformative images excluded: no truth)."""
+    answers = [t["value"] for t in rec["conversations"][1::2]]
+    return any(t is not None and t != a for t, a in zip(rec["demo_answers"], answers))
+
+
+def composition(pool: list, idx) -> dict:
+    """Shares of a subset: per source, and of wrong-answer / duplicate / uninformative / text-only records."""
+    sub = [pool[i] for i in idx]
+    n = max(1, len(sub))
+    by_source = Counter(r["source"] for r in sub)
+    kinds = Counter(r["demo_task"] for r in sub if r["source"] in ("vqa", "mc", "lowquality", "duplicate"))
+    return {"n": len(sub), "source": {s: by_source.get(s, 0) / n for s in SOURCES},
+            "wrong": sum(wrong_answer(r) for r in sub) / n,
+            "duplicate": by_source.get("duplicate", 0) / n, "uninformative": by_source.get("unsupported", 0) / n,
+            "text": by_source.get("text", 0) / n, "question_kinds": dict(sorted(kinds.items()))}
+
+
+def run_seed(seed: int, out: str, data: dict, base: str, args, conditions) -> dict:
     from icons_fast.demo import demo_config
-    from icons_fast.stages.pipeline import run
 
-    run_dir = os.path.join(out, f"seed{seed}", "select")
-    cfg = demo_config(None, data, run_dir)
+    result_path = os.path.join(out, f"seed{seed}", "result.json")
+    if os.path.exists(result_path):
+        with open(result_path) as f:
+            done = json.load(f)
+        if all(name in done["accuracy"] for name, _, _ in conditions):
+            print(f"[quality] seed {seed}: reusing {result_path}", flush=True)
+            return done
+    cfg = demo_config(None, data, os.path.join(out, f"seed{seed}", "select"))
     cfg.model.model = base
-    cfg.seed = seed
-    cfg.features.seed = seed
-    cfg.select.budget = budget
+    cfg.seed = cfg.features.seed = seed
+    cfg.warmup.fraction, cfg.warmup.epochs = args.warmup_fraction, args.warmup_epochs
+    cfg.warmup.num_checkpoints = args.warmup_checkpoints
+    cfg.features.proj_dim = args.proj_dim
+    cfg.model.lora_r, cfg.model.lora_alpha = args.lora_r, 2 * args.lora_r
     t = time.perf_counter()
-    run(cfg)
-    select_s = time.perf_counter() - t
+    sel = engine_run(cfg) if any(rule != "full" for _, rule, _ in conditions) else None
+    results = {"select_seconds": time.perf_counter() - t, "accuracy": {}, "composition": {}, "train_seconds": {}}
     pool = load_records(data["train"])
-    results = {"select_seconds": select_s, "accuracy": {}, "answer_loss": {}, "sizes": {}}
-    for cond in CONDITIONS:
-        if cond == "full":
-            idx = np.arange(len(pool))
-        else:
-            idx = selection_for(cond, run_dir, budget, seed)
-        results["sizes"][cond] = int(len(idx))
-        res = train_and_eval(base, data, [pool[i] for i in idx], os.path.join(out, f"seed{seed}", cond), seed, epochs)
-        results["accuracy"][cond] = {t: r["accuracy"] for t, r in res.items()}
-        results["answer_loss"][cond] = {t: r["answer_loss"] for t, r in res.items()}
-        print(f"[quality] seed {seed} {cond:<7s} n={len(idx):4d} " +
-              " ".join(f"{t}={r['accuracy']:.3f}/{r['answer_loss']:.3f}" for t, r in res.items()), flush=True)
+    for name, rule, budget in conditions:
+        idx = np.arange(len(pool)) if rule == "full" else engine_select(rule, sel, budget, seed)
+        results["composition"][name] = composition(pool, idx)
+        t = time.perf_counter()
+        results["accuracy"][name] = train_and_eval(base, data, [pool[i] for i in idx],
+                                                   os.path.join(out, f"seed{seed}", name), seed, args)
+        results["train_seconds"][name] = time.perf_counter() - t
+        print(f"[quality] seed {seed} {name:<12s} n={len(idx):4d} "
+              + " ".join(f"{b}={a:.3f}" for b, a in results["accuracy"][name].items())
+              + f"  ({results['train_seconds'][name]:.0f} s)", flush=True)
+        with open(result_path, "w") as f:
+            json.dump(results, f, indent=2)
     return results
 
 
-def relative(score: dict, full: dict, lower_is_better: bool = False) -> float:
-    """The paper's relative performance: mean over tasks of score / full x 100.
+# ---------------------------------------------------------------- tables
 
-    For a loss (lower is better) the ratio is inverted, full / score x 100, so
-    100 still means "as good as the full pool". Tasks where the full model
-    scores 0 are skipped.
-    """
-    if lower_is_better:
-        ratios = [full[t] / score[t] * 100 for t in full if score[t] > 0]
-    else:
-        ratios = [score[t] / full[t] * 100 for t in full if full[t] > 0]
+def relative(score: dict, full: dict) -> float:
+    """The paper's relative performance: mean over benchmarks of score / full x 100 (full = 0 skipped)."""
+    ratios = [score[b] / full[b] * 100 for b in full if full[b] > 0]
     return float(np.mean(ratios)) if ratios else float("nan")
 
 
-def table(per_seed: dict, tasks: list, metric: str) -> str:
-    """Per-task mean ± std over seeds of ``metric`` ("accuracy" or "answer_loss"), and relative performance."""
-    lower = metric == "answer_loss"
-    lines = [f"| subset ({metric}) | " + " | ".join(tasks) + " | relative % |", "|---" * (len(tasks) + 2) + "|"]
-    for cond in CONDITIONS:
-        vals = np.array([[r[metric][cond][t] for t in tasks] for r in per_seed.values()])
-        rel = np.array([relative(r[metric][cond], r[metric]["full"], lower) for r in per_seed.values()])
+def accuracy_table(per_seed: dict, benches: list, names: list) -> str:
+    lines = ["| subset | " + " | ".join(benches) + " | relative % |", "|---" * (len(benches) + 2) + "|"]
+    lines.append("| chance | " + " | ".join(f"{CHANCE[b]:.2f}" for b in benches) + " | |")
+    for name in names:
+        vals = np.array([[r["accuracy"][name][b] for b in benches] for r in per_seed.values()])
+        rel = np.array([relative(r["accuracy"][name], r["accuracy"]["full"]) for r in per_seed.values()])
         cells = [f"{m:.3f} ± {s:.3f}" for m, s in zip(vals.mean(0), vals.std(0))]
-        lines.append(f"| {cond} | " + " | ".join(cells) + f" | {rel.mean():.1f} ± {rel.std():.1f} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {rel.mean():.1f} ± {rel.std():.1f} |")
     return "\n".join(lines)
+
+
+def composition_table(rows: dict) -> str:
+    """``rows``: {subset name: [composition per seed]} -> mean shares in %."""
+    keys = ("wrong", "duplicate", "uninformative", "text")
+    lines = ["| subset | " + " | ".join(f"{k} %" for k in keys) + " | " + " | ".join(SOURCES) + " |",
+             "|---" * (len(keys) + len(SOURCES) + 1) + "|"]
+    for name, comps in rows.items():
+        cells = [f"{100 * np.mean([c[k] for c in comps]):.1f}" for k in keys]
+        cells += [f"{100 * np.mean([c['source'][s] for c in comps]):.1f}" for s in SOURCES]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def kinds_table(per_seed: dict, names: list) -> str:
+    """Question kinds of the single-turn short-answer records (vqa, mc, lowquality, duplicate) per subset."""
+    kinds = sorted({k for r in per_seed.values() for c in r["composition"].values() for k in c["question_kinds"]})
+    lines = ["| subset | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+    for name in names:
+        comps = [r["composition"][name]["question_kinds"] for r in per_seed.values()]
+        lines.append(f"| {name} | " + " | ".join(" / ".join(str(c.get(k, 0)) for c in comps) for k in kinds) + " |")
+    return "\n".join(lines)
+
+
+def run_parallel(argv: list, args) -> None:
+    """Run each seed in its own single-threaded process, ``args.jobs`` at a time; they write ``seed<k>/result.json``."""
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    rest = []
+    skip = False
+    for a in argv:  # drop --seeds / --jobs and their values
+        if a in ("--seeds", "--jobs"):
+            skip = True
+            continue
+        if skip and not a.startswith("--"):
+            continue
+        skip = False
+        rest.append(a)
+    pending = list(args.seeds)
+    running = []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            seed = pending.pop(0)
+            log_path = os.path.join(args.out, f"seed{seed}.log")
+            os.makedirs(args.out, exist_ok=True)
+            cmd = [sys.executable, os.path.abspath(__file__), *rest, "--seeds", str(seed), "--jobs", "1"]
+            running.append((seed, subprocess.Popen(cmd, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)))
+            print(f"[quality] seed {seed} running in process {running[-1][1].pid}, log {log_path}", flush=True)
+        time.sleep(2)
+        for item in list(running):
+            if item[1].poll() is not None:
+                running.remove(item)
+                if item[1].returncode != 0:
+                    raise RuntimeError(f"seed {item[0]} failed (exit {item[1].returncode}); see its log in {args.out}")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default="runs/quality")
-    ap.add_argument("--n-train", type=int, default=600)
-    ap.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs, the same for every subset")
-    ap.add_argument("--budget", type=float, default=0.2)
-    args = ap.parse_args(argv)
-    from icons_fast.demo import pretrained_demo_base
+    ap.add_argument("--n-train", type=int, default=1600, help="stage-2 pool size")
+    ap.add_argument("--n-target", type=int, default=16, help="validation (target) records per benchmark")
+    ap.add_argument("--n-eval", type=int, default=60, help="held-out test records per benchmark")
+    ap.add_argument("--epochs", type=int, default=4, help="stage-2 fine-tuning epochs, the same for every subset")
+    ap.add_argument("--lr", type=float, default=2e-3, help="stage-2 fine-tuning learning rate")
+    ap.add_argument("--batch-size", type=int, default=8, help="stage-2 fine-tuning batch size")
+    ap.add_argument("--warmup-fraction", type=float, default=0.1)
+    ap.add_argument("--warmup-epochs", type=int, default=2)
+    ap.add_argument("--warmup-checkpoints", type=int, default=1, help="warmup checkpoints the influence sums over")
+    ap.add_argument("--lora-r", type=int, default=8, help="LoRA rank of the selection warmup")
+    ap.add_argument("--proj-dim", type=int, default=1024, help="k, the projection dimension")
+    ap.add_argument("--remedies", action="store_true", help="also fine-tune on icons+dedup and icons+quota at 20%%")
+    ap.add_argument("--only", nargs="+", default=None, help="only these conditions (ablations: with --full-from)")
+    ap.add_argument("--full-from", default=None,
+                    help="take the full-pool accuracies from this earlier --out (same pool and recipe) instead of "
+                         "fine-tuning on the full pool again")
+    ap.add_argument("--base", default=None, help="model to fine-tune (default: the cached stage-1 base)")
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="seeds run in this many processes at once, one thread each (tiny models gain little "
+                         "from a second thread, so 2 processes on 2 cores beat 1 process with 2 threads)")
+    args = ap.parse_args(argv if argv is not None else sys.argv[1:])
+    from icons_fast.demo import stage1_base
 
-    data = make_demo_data(os.path.join(args.out, "data"), n_train=args.n_train, seed=0)
-    base = pretrained_demo_base()
+    conditions = list(CONDITIONS) + (list(REMEDIES) if args.remedies else [])
+    if args.only:
+        conditions = [c for c in conditions if c[0] in args.only or (c[0] == "full" and not args.full_from)]
+    data = make_replica_data(os.path.join(args.out, "data"), n_train=args.n_train, seed=0,
+                             n_target=args.n_target, n_eval=args.n_eval)
     t0 = time.perf_counter()
-    per_seed = {s: run_seed(s, args.out, data, base, args.epochs, args.budget) for s in args.seeds}
-    tasks = list(data["eval"])
-    md = table(per_seed, tasks, "accuracy") + "\n\n" + table(per_seed, tasks, "answer_loss")
+    base = args.base or stage1_base()
+    report_path = os.path.join(os.path.dirname(os.path.abspath(base)), "base_report.json")
+    base_report = {"held_out_captions": None}
+    if os.path.exists(report_path):
+        with open(report_path) as f:
+            base_report = json.load(f)
+    base_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if args.jobs > 1 and len(args.seeds) > 1:
+        run_parallel(argv if argv is not None else sys.argv[1:], args)
+    per_seed = {s: run_seed(s, args.out, data, base, args, conditions) for s in args.seeds}
+    if args.full_from:  # the reference run's full-pool model, seed by seed
+        for s, r in per_seed.items():
+            with open(os.path.join(args.full_from, f"seed{s}", "result.json")) as f:
+                ref = json.load(f)
+            r["accuracy"]["full"], r["composition"]["full"] = ref["accuracy"]["full"], ref["composition"]["full"]
+        conditions = [("full", "full", 1.0)] + conditions
+    names = [c[0] for c in conditions]
+    benches = list(BENCHMARKS)
+    pool = load_records(data["train"])
+    comp = {"pool": composition(pool, range(len(pool)))}
+    rows = {"pool": [comp["pool"]], **{n: [r["composition"][n] for r in per_seed.values()] for n in names}}
+    md = (accuracy_table(per_seed, benches, names) + "\n\nComposition (mean over seeds, % of the subset):\n\n"
+          + composition_table(rows)
+          + "\n\nQuestion kinds of the short-answer records (seed by seed):\n\n"
+          + kinds_table(per_seed, names))
     print(md)
-    header = (f"demo pool n={args.n_train} (15% near-duplicates, 15% label noise), budget {args.budget:.0%}, "
-              f"seeds {args.seeds}, LoRA r=8 lr 3e-3 fine-tune {args.epochs} epoch(s) from the pre-trained tiny base, "
-              f"accuracy = exact match, answer loss = mean answer cross-entropy, on 48 held-out samples per task; "
-              f"{time.perf_counter() - t0:.0f} s in all")
+    header = (f"replica pool n={args.n_train}, targets {args.n_target} per benchmark, "
+              f"test {args.n_eval} per benchmark; seeds {args.seeds}; warmup LoRA r={args.lora_r} on "
+              f"{args.warmup_fraction:.0%} for {args.warmup_epochs} epoch(s), {args.warmup_checkpoints} "
+              f"checkpoint(s), k={args.proj_dim}; stage 2 full fine-tune {args.epochs} epoch(s) lr {args.lr:g}; "
+              f"base {base} (held-out captions: {base_report['held_out_captions']}); "
+              f"base {base_s:.0f} s, study {time.perf_counter() - t0:.0f} s")
     with open(os.path.join(args.out, "quality.md"), "w") as f:
         f.write(header + "\n\n" + md + "\n")
     with open(os.path.join(args.out, "quality.json"), "w") as f:
-        json.dump({"config": vars(args), "per_seed": per_seed}, f, indent=2)
+        json.dump({"config": vars(args), "base": base_report, "pool": comp, "per_seed": per_seed}, f, indent=2)
     return 0
 
 

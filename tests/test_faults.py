@@ -377,7 +377,7 @@ def _stage_cfg(tiny_model_dir, data, out):
                   "warmup.batch_size": 2, "features.proj_dim": 32, "features.batch_size": 4,
                   "features.shard_size": SHARD, "data.max_length": 1024, "select.budget": 5, "out": str(out)})
     cfg.data.train_data, cfg.data.image_folder = data["train"], data["image_folder"]
-    cfg.data.targets = {"color": data["targets"]["color"], "count": data["targets"]["count"]}
+    cfg.data.targets = {"vqa": data["targets"]["vqa"], "count": data["targets"]["count"]}
     return cfg
 
 
@@ -394,16 +394,16 @@ def warm(tmp_path_factory, tiny_model_dir):
 
     The data files are copied into the run's parent so tests may edit them.
     """
-    from icons_fast.data import make_demo_data
+    from icons_fast.data import make_replica_data
     from icons_fast.stages.pipeline import featurize_all
     from icons_fast.stages.warmup import run_warmup
 
     root = tmp_path_factory.mktemp("faults")
-    data = make_demo_data(str(root / "data"), n_train=POOL, n_target=2, n_eval=1)
+    data = make_replica_data(str(root / "data"), n_train=POOL, n_target=2, n_eval=1)
     cfg = _stage_cfg(tiny_model_dir, data, root / "warm")
     cfg.save(cfg.out)
     run_warmup(cfg, cfg.out)
-    featurize_all(cfg, cfg.out, splits=["target-color", "target-count"])
+    featurize_all(cfg, cfg.out, splits=["target-vqa", "target-count"])
     return cfg
 
 
@@ -555,9 +555,9 @@ def test_target_file_edited_is_refused_then_recomputed(warm, reference, tmp_path
     from icons_fast.stages.influence import StaleInputs, run_influence
 
     cfg = _copy_run(warm, tmp_path / "run")
-    target = str(tmp_path / "color.json")
-    shutil.copy(cfg.data.targets["color"], target)
-    cfg.data.targets = {**cfg.data.targets, "color": target}
+    target = str(tmp_path / "vqa.json")
+    shutil.copy(cfg.data.targets["vqa"], target)
+    cfg.data.targets = {**cfg.data.targets, "vqa": target}
     cfg.save(cfg.out)
     _finish(cfg)
     records = json.load(open(target))
@@ -565,15 +565,15 @@ def test_target_file_edited_is_refused_then_recomputed(warm, reference, tmp_path
     with pytest.raises(StaleInputs) as err:
         run_influence(cfg, cfg.out)
     msg = str(err.value)
-    assert f"the file {target} changed" in msg and "target-color" in msg and "--split target-color" in msg
-    for d in glob.glob(os.path.join(cfg.out, "features", "*", "target-color")):
+    assert f"the file {target} changed" in msg and "target-vqa" in msg and "--split target-vqa" in msg
+    for d in glob.glob(os.path.join(cfg.out, "features", "*", "target-vqa")):
         shutil.rmtree(d)
-    assert main(_cli(cfg, "featurize", "--split", "target-color")) == 0
+    assert main(_cli(cfg, "featurize", "--split", "target-vqa")) == 0
     assert main(_cli(cfg, "influence")) == 0 and main(_cli(cfg, "select")) == 0
     _, scores, _, _ = _outcome(cfg)
     ref_scores = reference[1]
     assert np.array_equal(scores[:, 1], ref_scores[:, 1])  # count: untouched
-    assert not np.array_equal(scores[:, 0], ref_scores[:, 0])  # color: scored against the edited file
+    assert not np.array_equal(scores[:, 0], ref_scores[:, 0])  # vqa: scored against the edited file
 
 
 def test_second_featurize_on_a_run_gets_one_line_naming_the_holder(warm, reference, tmp_path, capsys):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from icons_fast.config import ModelConfig
-from icons_fast.data import ErrorLog, load_records, make_demo_data
+from icons_fast.data import ErrorLog, load_records, make_replica_data
 from icons_fast.data.loader import make_dataset
 from icons_fast.distributed import parse_shard, process_share
 from icons_fast.features.extractor import GradientExtractor
@@ -14,7 +14,7 @@ from icons_fast.model.lora import attach_lora
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir, tmp_path_factory):
-    data = make_demo_data(str(tmp_path_factory.mktemp("d")), n_train=12, n_target=1, n_eval=1)
+    data = make_replica_data(str(tmp_path_factory.mktemp("d")), n_train=12, n_target=1, n_eval=1)
     lm = load_model(tiny_model_dir)
     model = attach_lora(lm.model, ModelConfig(lora_r=4, lora_alpha=8))
     with torch.no_grad():

@@ -386,9 +386,9 @@ def _as_format(kind, demo, tmp_path):
 
 @pytest.fixture(scope="module")
 def small_demo(tmp_path_factory):
-    from icons_fast.data import make_demo_data
+    from icons_fast.data import make_replica_data
 
-    return make_demo_data(str(tmp_path_factory.mktemp("demo")), n_train=16, n_target=2, n_eval=2)
+    return make_replica_data(str(tmp_path_factory.mktemp("demo")), n_train=16, n_target=2, n_eval=2)
 
 
 @pytest.mark.parametrize("kind", ["sharegpt_jsonl", "messages_jsonl", "parquet", "arrow"])

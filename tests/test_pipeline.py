@@ -8,7 +8,7 @@ import pytest
 
 from icons_fast.cli import COMMANDS, main, make_parser
 from icons_fast.config import Config
-from icons_fast.data import ErrorLog, load_records, make_bad_samples, make_demo_data
+from icons_fast.data import ErrorLog, load_records, make_bad_samples, make_replica_data
 
 
 def _cfg(tiny_model_dir, data, out, targets=None):
@@ -25,7 +25,7 @@ def _cfg(tiny_model_dir, data, out, targets=None):
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    return make_demo_data(str(tmp_path_factory.mktemp("demo")), n_train=40, n_target=3, n_eval=4)
+    return make_replica_data(str(tmp_path_factory.mktemp("demo")), n_train=40, n_target=3, n_eval=4)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def finished_run(tmp_path_factory, tiny_model_dir, demo):
     from icons_fast.stages.pipeline import run
 
     out = str(tmp_path_factory.mktemp("run"))
-    cfg = _cfg(tiny_model_dir, demo, out, targets={k: demo["targets"][k] for k in ("color", "count", "arithmetic")})
+    cfg = _cfg(tiny_model_dir, demo, out, targets={k: demo["targets"][k] for k in ("vqa", "count", "mmbench")})
     run(cfg)
     return cfg
 
@@ -49,7 +49,7 @@ def test_run_end_to_end_writes_a_selection(finished_run, demo):
     assert selected == [pool[i] for i in indices]
     scores = np.load(os.path.join(out, "scores", "scores.npy"))
     names = json.load(open(os.path.join(out, "scores", "task_names.json")))["task_names"]
-    assert scores.shape == (40, 3) and names == ["color", "count", "arithmetic"]
+    assert scores.shape == (40, 3) and names == ["vqa", "count", "mmbench"]
     assert np.isfinite(scores).all() and np.abs(scores).max() <= 1.0 + 1e-3  # mean cosine
     votes = np.load(os.path.join(out, "selection", "votes.npy"))
     assert votes.shape == (40,) and votes[indices].min() >= np.delete(votes, indices).max()
@@ -85,7 +85,7 @@ def test_bad_samples_are_recorded_excluded_and_never_shift(tmp_path, tiny_model_
 
     bad = make_bad_samples(str(tmp_path / "bad"))
     data = {"train": bad["json"], "image_folder": bad["image_folder"], "targets": demo["targets"]}
-    cfg = _cfg(tiny_model_dir, data, str(tmp_path / "run"), targets={"color": demo["targets"]["color"]})
+    cfg = _cfg(tiny_model_dir, data, str(tmp_path / "run"), targets={"vqa": demo["targets"]["vqa"]})
     cfg.data.target_image_folder = demo["image_folder"]
     cfg.select.budget = 3
     run(cfg)
@@ -112,11 +112,11 @@ def test_train_and_evaluate_on_the_selection(finished_run, demo, tmp_path):
     assert rc == 0 and os.path.exists(os.path.join(out, "model", "config.json"))
     res_path = str(tmp_path / "eval.json")
     rc = main(["evaluate", "--model-dir", os.path.join(out, "model"), "--image-folder", demo["image_folder"],
-               "--target", f"color={demo['eval']['color']}", "--target", f"arithmetic={demo['eval']['arithmetic']}",
+               "--target", f"vqa={demo['eval']['vqa']}", "--target", f"mmbench={demo['eval']['mmbench']}",
                "--max-length", "1024", "--json", res_path])
     assert rc == 0
     res = json.load(open(res_path))["tasks"]
-    assert set(res) == {"color", "arithmetic"}
+    assert set(res) == {"vqa", "mmbench"}
     for r in res.values():
         assert r["n"] == 4 and 0.0 <= r["accuracy"] <= 1.0 and np.isfinite(r["answer_loss"]) and r["answer_loss"] > 0
 
@@ -147,17 +147,17 @@ def test_neighbors_retrieval_both_ways(finished_run, tmp_path):
 
     out = str(tmp_path / "nb.json")
     rc = main(["neighbors", "--config", os.path.join(finished_run.out, "config.json"), "--out", finished_run.out,
-               "--task", "color", "--m", "3", "--train-index", "5", "--train-index", "17", "--json", out])
+               "--task", "vqa", "--m", "3", "--train-index", "5", "--train-index", "17", "--json", out])
     assert rc == 0
     res = json.load(open(out))
     ckpt = res["checkpoint"]
     feats = os.path.join(finished_run.out, "features", ckpt)
     tr_idx, tr_ids, tr, _ = FeatureStore.open(os.path.join(feats, "train")).load()
-    tg_idx, tg_ids, tg, _ = FeatureStore.open(os.path.join(feats, "target-color")).load()
+    tg_idx, tg_ids, tg, _ = FeatureStore.open(os.path.join(feats, "target-vqa")).load()
     tr = torch.nn.functional.normalize(tr.float(), dim=1)
     tg = torch.nn.functional.normalize(tg.float(), dim=1)
     sims = tg @ tr.T  # [M, N]
-    per_target = res["tasks"]["color"]["per_target"]
+    per_target = res["tasks"]["vqa"]["per_target"]
     assert [p["index"] for p in per_target] == tg_idx.tolist()
     for j, p in enumerate(per_target):
         got = [nb["score"] for nb in p["neighbors"]]
@@ -165,12 +165,12 @@ def test_neighbors_retrieval_both_ways(finished_run, tmp_path):
         assert np.allclose(got, want, atol=1e-5)
         for nb in p["neighbors"]:
             assert tr_ids[list(tr_idx).index(nb["index"])] == nb["id"]
-    per_train = res["tasks"]["color"]["per_train"]
+    per_train = res["tasks"]["vqa"]["per_train"]
     assert [p["index"] for p in per_train] == [5, 17]
     for p in per_train:
         want = torch.topk(sims[:, list(tr_idx).index(p["index"])], 3).values.tolist()
         assert np.allclose([nb["score"] for nb in p["neighbors"]], want, atol=1e-5)
-    assert os.path.exists(os.path.join(feats, "target-color", "faiss.index"))
+    assert os.path.exists(os.path.join(feats, "target-vqa", "faiss.index"))
 
 
 def _copy_run(finished_run, dest):
@@ -204,7 +204,7 @@ def test_new_target_keeps_warmup_and_stale_scores_are_refused(finished_run, tmp_
     from icons_fast.stages.warmup import run_warmup
 
     cfg = _copy_run(finished_run, tmp_path / "run")
-    cfg.data.targets = dict(cfg.data.targets, shape=demo["targets"]["shape"])
+    cfg.data.targets = dict(cfg.data.targets, pope=demo["targets"]["pope"])
     with caplog.at_level(logging.INFO, logger="icons_fast"):
         run_warmup(cfg, cfg.out)
     assert "reusing 1 checkpoint" in caplog.text  # adding a task does not retrain

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from icons_fast.config import Config
-from icons_fast.data import make_demo_data
+from icons_fast.data import make_replica_data
 from icons_fast.features.store import FeatureStore
 
 N_TRAIN, SHARD = 48, 6  # 8 shards
@@ -24,13 +24,13 @@ def warm_run(tmp_path_factory, tiny_model_dir):
     from icons_fast.stages.warmup import run_warmup
 
     root = tmp_path_factory.mktemp("scale")
-    data = make_demo_data(str(root / "data"), n_train=N_TRAIN, n_target=2, n_eval=1)
+    data = make_replica_data(str(root / "data"), n_train=N_TRAIN, n_target=2, n_eval=1)
     cfg = Config()
     cfg.override({"model.model": tiny_model_dir, "model.lora_r": 4, "model.lora_alpha": 8, "warmup.fraction": 0.1,
                   "features.proj_dim": 32, "features.batch_size": 4, "features.shard_size": SHARD,
                   "data.max_length": 1024, "out": str(root / "base")})
     cfg.data.train_data, cfg.data.image_folder = data["train"], data["image_folder"]
-    cfg.data.targets = {"color": data["targets"]["color"]}
+    cfg.data.targets = {"vqa": data["targets"]["vqa"]}
     cfg.save(cfg.out)
     run_warmup(cfg, cfg.out)
     return cfg
@@ -96,7 +96,7 @@ def test_job_array_shards_equal_one_process_and_partial_is_refused(warm_run, ref
     subprocess.run(_featurize_cmd(run_dir, "--shard", "1/3"), check=True, env=_env(), capture_output=True)
     cfg = Config.load(os.path.join(run_dir, "config.json"))
     cfg.out = run_dir
-    subprocess.run(_featurize_cmd(run_dir, split="target-color"), check=True, env=_env(), capture_output=True)
+    subprocess.run(_featurize_cmd(run_dir, split="target-vqa"), check=True, env=_env(), capture_output=True)
     with pytest.raises(RuntimeError, match="incomplete"):
         run_influence(cfg, run_dir)  # shards 0/3 and 2/3 are missing: never score a partial pool
     for i in (0, 2):

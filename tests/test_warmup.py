@@ -72,9 +72,9 @@ def test_warmup_subset_is_seeded_and_sized():
 
 
 def test_warmup_stage_end_to_end_and_reuse(tmp_path, tiny_model_dir):
-    from icons_fast.data.demo import make_demo_data
+    from icons_fast.data.replica import make_replica_data
 
-    data = make_demo_data(str(tmp_path / "data"), n_train=40, n_target=2, n_eval=2)
+    data = make_replica_data(str(tmp_path / "data"), n_train=40, n_target=2, n_eval=2)
     cfg = Config()
     cfg.override({"model.model": tiny_model_dir, "model.lora_r": 4, "model.lora_alpha": 8, "warmup.fraction": 0.25,
                   "warmup.batch_size": 4, "warmup.num_checkpoints": 2, "data.max_length": 512})

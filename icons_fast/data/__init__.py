@@ -1,4 +1,4 @@
-"""Data layer: pool formats, LLaVA records, the templates (vicuna_v1, the model's own chat template), images, batches, errors, demo data.
+"""Data layer: pool formats, LLaVA records, the templates (vicuna_v1, the model's own chat template), images, batches, errors, generated data.
 
 Modules (one job each):
 
@@ -10,18 +10,20 @@ Modules (one job each):
 - ``images``: image loading with every failure named.
 - ``collate``: sample builder (each family's image expansion), torch dataset, padding collate.
 - ``errors``: ``SampleProblem`` / ``SampleError`` / ``ErrorLog`` (``errors.jsonl``).
-- ``demo``: the embedded multi-task demo pool and the malformed-sample pool.
+- ``replica``: the generated replica (stage-1 captions, a mixed-source stage-2 pool, benchmarks).
+- ``bad_samples``: a pool of malformed records, one per error case.
 """
 from icons_fast.data.collate import LlavaDataset, LlavaSampleBuilder, collate, image_token_info, model_kwargs
 from icons_fast.data.conversation import IGNORE_INDEX, SYSTEM_PROMPT, render_prompt, tokenize_record
-from icons_fast.data.demo import TASKS, make_bad_samples, make_demo_data
+from icons_fast.data.bad_samples import make_bad_samples
 from icons_fast.data.errors import REASONS, ErrorLog, SampleError, SampleProblem
 from icons_fast.data.images import load_image
 from icons_fast.data.records import load_records, record_id, record_ids, save_records
+from icons_fast.data.replica import make_caption_data, make_replica_data
 
 __all__ = [
     "ErrorLog", "IGNORE_INDEX", "LlavaDataset", "LlavaSampleBuilder", "REASONS", "SYSTEM_PROMPT",
-    "SampleError", "SampleProblem", "TASKS", "collate", "image_token_info", "load_image", "load_records",
-    "make_bad_samples", "make_demo_data", "model_kwargs", "record_id", "record_ids", "render_prompt",
-    "save_records", "tokenize_record",
+    "SampleError", "SampleProblem", "collate", "image_token_info", "load_image", "load_records",
+    "make_bad_samples", "make_caption_data", "make_replica_data", "model_kwargs", "record_id", "record_ids",
+    "render_prompt", "save_records", "tokenize_record",
 ]
