@@ -164,7 +164,7 @@ def test_lone_surrogates_and_non_string_images_are_reasons(tiny, tmp_path):
                       ' {"from": "gpt", "value": "ok"}]}')  # json escapes of lone surrogates
     with pytest.raises(SampleProblem, match=r"bad_text: turn 0 .* lone surrogate"):
         builder.build(0, text)
-    for image in (["a.png"], {"path": "a.png"}, 7, True):
+    for image in ([], ["a.png", 7], {"path": "a.png"}, 7, True):  # a list of paths is several images
         rec = {"id": 1, "image": image,
                "conversations": [{"from": "human", "value": "<image>\nq?"}, {"from": "gpt", "value": "a"}]}
         with pytest.raises(SampleProblem, match="bad_record: 'image' must be a path string"):
@@ -482,14 +482,23 @@ def test_chat_template_image_piece_and_problems():
     rec = {"id": "i", "image": "a.png", "conversations": [
         {"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": "red"}]}
     image_ids = [7, 8, 9, 8, 7]  # what the family's expansion gives for this image
-    ids, labels = tokenize_chat(rec, tok, render, "<image>", image_ids, None)
+    ids, labels = tokenize_chat(rec, tok, render, "<image>", [image_ids], None)
     at = [k for k in range(len(ids) - 4) if ids[k : k + 5].tolist() == image_ids]
     assert len(at) == 1 and (labels[at[0] : at[0] + 5] == IGNORE_INDEX).all()
     assert tok.convert_tokens_to_ids("<image>") not in ids.tolist()  # replaced, not kept
     with pytest.raises(SampleProblem, match="no_image_support"):
         tokenize_chat(rec, tok, render, None, None, None)
     with pytest.raises(SampleProblem, match="too_long"):
-        tokenize_chat(rec, tok, render, "<image>", image_ids, 8)
+        tokenize_chat(rec, tok, render, "<image>", [image_ids], 8)
+    two = dict(rec, image=["a.png", "b.png"], conversations=[
+        {"from": "human", "value": "<image>\nand <image>\nsame?"}, {"from": "gpt", "value": "no"}])
+    ids = tokenize_chat(two, tok, render, "<image>", [image_ids, [5, 6]], None)[0].tolist()
+    first = next(k for k in range(len(ids)) if ids[k : k + 5] == image_ids)
+    assert next(k for k in range(len(ids)) if ids[k : k + 2] == [5, 6]) > first  # each image's ids, in text order
+    for bad, code in [(dict(two, image=["a.png"] * 3), "image_count_mismatch"),
+                      (dict(two, image="a.png"), "multiple_image_tokens"), (dict(two, image=[]), "bad_record")]:
+        with pytest.raises(SampleProblem, match=code):
+            tokenize_chat(bad, tok, render, "<image>", [image_ids], None)
     empty = {"id": "e", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "  "}]}
     with pytest.raises(SampleProblem, match="all_labels_masked"):
         tokenize_chat(empty, tok, render, None, None, None)

@@ -271,3 +271,74 @@ def test_evaluate_decodes_with_each_familys_image_tensors(family, family_dirs, i
                             pad_token_id=lm.tokenizer.pad_token_id)[0, first:].tolist()
     out = out[: out.index(eos)] if eos in out else out
     assert greedy_answer(lm.model, s, lm.tokenizer, max_new_tokens=6) == lm.tokenizer.decode(out, skip_special_tokens=True)
+
+
+MULTI_IMAGE = ["qwen2_vl", "qwen2_5_vl", "llava_next", "idefics3"]
+
+
+def _mixed_image_records() -> list:
+    """A 2-image record (images of different sizes), a 1-image record and a text-only record."""
+    def rec(i, image, question):
+        return {"id": f"m{i}", "image": image, "conversations": [
+            {"from": "human", "value": question}, {"from": "gpt", "value": "the same"},
+            {"from": "human", "value": "And now?"}, {"from": "gpt", "value": "different"}]}
+    two = rec(0, ["img0.png", "img1.png"], "<image>\nFirst, then <image>\nsecond: same shapes?")
+    one = rec(1, "img2.png", "<image>\nWhat color?")
+    text = rec(2, None, "What is 3 plus 4?")
+    del text["image"]
+    return [two, one, text]
+
+
+@pytest.mark.parametrize("family", MULTI_IMAGE)
+def test_several_images_per_sample_batched_equal_batch_of_one(family, family_dirs, images):
+    lm, model = _lora(family_dirs[family])
+    recs = _mixed_image_records()
+    ds, collate = make_dataset(lm, recs, images, 1024, ErrorLog(None), "data")
+    samples = [ds[i] for i in range(len(recs))]
+    assert all(isinstance(s, dict) for s in samples), samples
+    two, one, text = (s["image_inputs"] for s in samples)
+    assert text is None
+    single = [make_dataset(lm, [dict(recs[1], image=p)], images, 1024, None, "data")[0][0]["image_inputs"]
+              for p in recs[0]["image"]]  # each of the two images as a sample of its own
+    if family in ("qwen2_vl", "qwen2_5_vl"):  # two patch runs and two grid rows, in text order
+        assert two["image_grid_thw"].shape == (2, 3)
+        assert torch.equal(two["pixel_values"], torch.cat([d["pixel_values"] for d in single]))
+        assert int(samples[0]["mm_token_type_ids"].sum()) == int(two["image_grid_thw"].prod(1).sum()) // 4
+    else:  # one slot per image on the leading axis, tiles/crops zero-padded
+        assert two["pixel_values"].shape[0] == 2
+        for k, d in enumerate(single):
+            n = d["pixel_values"].shape[1]
+            assert torch.equal(two["pixel_values"][k, :n], d["pixel_values"][0])
+    batch = collate(samples)
+    ours = GradientExtractor(model, proj_dim=None).featurize(batch)
+    ref = _batch_of_one(model, samples, collate)
+    assert bool((ref.norm(dim=1) > 0).all()) and _rel(ours, ref) < 1e-4
+    # the second image matters: swapping the two images changes the 2-image sample's gradient
+    swapped = make_dataset(lm, [dict(recs[0], image=recs[0]["image"][::-1])], images, 1024, None, "data")[0][0]
+    assert _rel(_batch_of_one(model, [swapped], collate), ref[:1]) > 1e-3
+    assert _rel(GradientExtractor(model, proj_dim=None).featurize(batch_rows(batch, [0, 2])), ref[[0, 2]]) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_onevision"])
+def test_one_image_families_refuse_several_with_the_reason(family, family_dirs, tiny_model_dir, images):
+    lm = load_model(tiny_model_dir if family == "llava" else family_dirs[family])
+    recs = _mixed_image_records()
+    ds, _ = make_dataset(lm, recs, images, 1024, ErrorLog(None), "data")
+    err = ds[0]
+    assert err.code == "multiple_images" and f"family {family}" in err.reason and "takes 1" in err.reason
+    assert isinstance(ds[1], dict) and isinstance(ds[2], dict)  # the others are built as usual
+
+
+def test_a_bad_image_among_several_makes_the_sample_bad(family_dirs, images, tmp_path):
+    lm = load_model(family_dirs["qwen2_vl"])
+    recs = _mixed_image_records()
+    recs[0]["image"] = ["img0.png", "gone.png"]
+    log = ErrorLog(str(tmp_path / "errors.jsonl"))
+    ds, collate = make_dataset(lm, recs, images, 1024, log, "data")
+    batch = collate([ds[i] for i in range(len(recs))])
+    assert batch["indices"].tolist() == [1, 2]  # the others keep their own indices
+    [err] = batch["errors"]
+    assert (err.index, err.id, err.code) == (0, "m0", "missing_image") and "gone.png" in err.reason
+    lines = [json.loads(line) for line in (tmp_path / "errors.jsonl").read_text().splitlines()]
+    assert [(e["index"], e["reason"].split(":")[0]) for e in lines] == [(0, "missing_image")]
+    assert batch["image_grid_thw"].shape == (1, 3)  # only the 1-image record's image

@@ -6,12 +6,13 @@ raises for bad data (it returns a :class:`SampleError` instead, logged once);
 ``collate`` pads a list of samples into a batch and carries the errors along
 under ``"errors"`` so the caller can see every index it was given.
 
-Batch layout (``B`` good samples, ``T`` = longest of them, ``n_img`` of them with images)::
+Batch layout (``B`` good samples, ``T`` = longest of them, ``n_img`` images in them, in batch
+and text order; a sample may hold several images where ``max_images`` allows)::
 
     input_ids       LongTensor[B, T]   right-padded with the pad id
     attention_mask  LongTensor[B, T]   1 on real tokens, 0 on padding
     labels          LongTensor[B, T]   -100 on padding and masked tokens
-    pixel_values    the image rows' images, in batch order (only when n_img > 0):
+    pixel_values    the batch's images, in batch order (only when n_img > 0):
                       llava            FloatTensor[n_img, 3, H, W]
                       qwen2_vl         FloatTensor[sum of patches, C*t*p*p] (concatenated, not stacked)
                       llava_next/_ov   FloatTensor[n_img, max tiles, 3, H, W] (tiles zero-padded)
@@ -23,13 +24,13 @@ Batch layout (``B`` good samples, ``T`` = longest of them, ``n_img`` of them wit
     pixel_attention_mask  BoolTensor[n_img, max crops, H, W]   idefics3
     indices         LongTensor[B]      record index in the input file
     ids             list[str]          record ids
-    has_image       BoolTensor[B]      which rows own an image
+    has_image       BoolTensor[B]      which rows own an image (one or more)
     image_inputs    list[dict | None]  each row's own image tensors (what ``batch_rows`` re-batches)
     errors          list[SampleError]  the samples of this batch that are bad
 
 Every family's model fills the image-token positions of ``input_ids`` with the
-image features in order (row by row), so the image tensors hold the images of
-the image rows in batch order; text-only rows simply have no image tokens. One
+image features in order (row by row, image by image), so the image tensors hold
+the images of the image rows in batch order; text-only rows simply have no image tokens. One
 rule batches every family's image tensors: each sample's tensors have a leading
 image (or patch) axis; the other axes are zero-padded to the batch's largest
 and the samples concatenated along the leading axis (:func:`concat_image_inputs`).
@@ -49,12 +50,16 @@ from icons_fast.data.conversation import (
 )
 from icons_fast.data.errors import ErrorLog, SampleError, SampleProblem
 from icons_fast.data.images import expand_to_square, load_image
-from icons_fast.data.records import has_image, record_id
+from icons_fast.data.records import has_image, image_list, record_id
 
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw", "image_sizes",
               "pixel_attention_mask", "mm_token_type_ids")
 TOKEN_KEYS = ("input_ids", "attention_mask", "labels", "mm_token_type_ids")  # [B, T] batch keys
 IMAGE_FAMILIES = ("llava", "qwen2_vl", "llava_next", "llava_onevision", "idefics3")
+# Families whose models take several images in one sample: each image's tokens are filled with its
+# own features in order. LLaVA-1.5 takes one; LLaVA-OneVision switches to another image layout
+# (no any-resolution tiles) when a sample has several, which the token count here does not follow.
+MULTI_IMAGE_FAMILIES = ("qwen2_vl", "llava_next", "idefics3")
 
 
 def image_token_info(model_config, tokenizer=None) -> tuple[int | None, int]:
@@ -143,6 +148,10 @@ class LlavaSampleBuilder:
             ``idefics3`` | ``causal_lm``; None: ``llava`` when ``model_config`` has a
             vision part, else ``causal_lm``.
         chat_template: the model's chat template (jinja), None when it has none.
+
+    ``max_images``: the most images one sample may have (None: no limit, the
+    families of :data:`MULTI_IMAGE_FAMILIES`; 1 otherwise); a record with more
+    is refused as ``multiple_images`` by ``formats.CheckedBuilder``.
     """
 
     def __init__(self, processor_or_tokenizer, model_config=None, image_folder: str | None = None,
@@ -154,6 +163,7 @@ class LlavaSampleBuilder:
         self.image_processor = getattr(processor_or_tokenizer, "image_processor", None)
         has_vision = getattr(model_config, "vision_config", None) is not None
         self.family = family or ("llava" if has_vision else "causal_lm")
+        self.max_images = None if self.family in MULTI_IMAGE_FAMILIES else 1
         token_id, n = image_token_info(model_config, self.tokenizer)
         if self.image_processor is None:
             token_id, n = None, 0
@@ -224,26 +234,40 @@ class LlavaSampleBuilder:
         )
         return [self.image_token_id] * n, {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"]}
 
+    def _images(self, paths: list) -> tuple[list[list[int]] | None, dict | None]:
+        """``(each image's token ids, the images' tensors concatenated on the leading axis)``; ``(None, None)`` for none."""
+        if not paths:
+            return None, None
+        per_image = [self._image(p) for p in paths]
+        inputs = per_image[0][1] if len(per_image) == 1 else concat_image_inputs([d for _, d in per_image])
+        return [ids for ids, _ in per_image], inputs
+
     def build(self, index: int, record) -> dict:
         """``dict(index, id, input_ids[T], labels[T], pixel_values, image_inputs)``.
 
         ``image_inputs``: the sample's image tensors with a leading image axis
         (None without image); ``pixel_values`` is ``image_inputs["pixel_values"]``
         without that axis for LLaVA-1.5 (``[3, H, W]``), the whole tensor for
-        the other families (Qwen2-VL: ``[patches, C*t*p*p]``).
-        Raises :class:`SampleProblem` (conversation problems first, then image ones).
+        the other families (Qwen2-VL: ``[patches, C*t*p*p]``). A sample with
+        several images (``record["image"]`` a list, one ``<image>`` each) holds
+        them along that leading axis in text order, batched by
+        :func:`concat_image_inputs` as the images of separate samples are
+        (Qwen2-VL: the images' patch runs one after another and one
+        ``image_grid_thw`` row each).
+        Raises :class:`SampleProblem` (conversation problems first, then image
+        ones; any bad image among several makes the whole sample bad).
         """
         if self.template == "vicuna_v1":
             input_ids, labels = tokenize_record(
                 record, self.tokenizer, self.image_token_id, self.n_image_tokens, self.max_length
             )
-            image_ids, inputs = self._image(record["image"]) if has_image(record) else (None, None)
+            inputs = self._images(image_list(record))[1]
         else:
-            # conversation problems first, then the image (its token count is part of the length)
+            # conversation problems first, then the images (their token counts are part of the length)
             conversation_pairs(record)
             if has_image(record) and not self.supports_images:
                 raise SampleProblem("no_image_support", f"image {record['image']!r} given but the model is text-only")
-            image_ids, inputs = self._image(record["image"]) if has_image(record) else (None, None)
+            image_ids, inputs = self._images(image_list(record))
             input_ids, labels = tokenize_chat(record, self.tokenizer, self.render, self.image_token, image_ids,
                                               self.max_length)
         pixel_values = None

@@ -43,7 +43,7 @@ import weakref
 import torch
 
 from icons_fast.data.errors import SampleProblem
-from icons_fast.data.records import has_image
+from icons_fast.data.records import has_image, image_list
 
 SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -91,27 +91,31 @@ def conversation_pairs(record) -> list[tuple[str, str]]:
     if len(roles) % 2:
         raise SampleProblem("bad_turn_order", f"the last turn ({len(roles) - 1}, human) has no gpt answer")
     pairs = [(conv[t]["value"], conv[t + 1]["value"]) for t in range(0, len(conv), 2)]
-    if has_image(record) and not isinstance(record["image"], str):
-        raise SampleProblem("bad_record", f"'image' must be a path string, got {type(record['image']).__name__} "
-                                          f"{_short(record['image'])}")
+    images = image_list(record)
+    if has_image(record) and not (images and all(isinstance(x, str) for x in images)):
+        raise SampleProblem("bad_record", f"'image' must be a path string or a non-empty list of them, got "
+                                          f"{type(record['image']).__name__} {_short(record['image'])}")
 
     n_image = 0
     for p, (human, gpt) in enumerate(pairs):
         if IMAGE_PLACEHOLDER in gpt:
             raise SampleProblem("image_token_in_answer", f"gpt turn {2 * p + 1} contains {IMAGE_PLACEHOLDER}")
         n_image += human.count(IMAGE_PLACEHOLDER)
-    if n_image > 1:
+    if n_image > 1 and len(images) == 1:
         raise SampleProblem("multiple_image_tokens", f"{n_image} {IMAGE_PLACEHOLDER} placeholders; one is allowed")
-    if n_image == 1 and not has_image(record):
+    if n_image >= 1 and not images:
         raise SampleProblem(
             "image_token_without_image", f"the text has {IMAGE_PLACEHOLDER} but the record has no 'image' key"
         )
-    if n_image == 0 and has_image(record):
+    if n_image == 0 and images:
         raise SampleProblem(
             "image_without_image_token",
-            f"'image' is {record['image']!r} but no human turn has {IMAGE_PLACEHOLDER} "
+            f"'image' is {_short(record['image'])} but no human turn has {IMAGE_PLACEHOLDER} "
             f"(LLaVA's code would prepend '{IMAGE_PLACEHOLDER}\\n'; fix the record)",
         )
+    if n_image != len(images):
+        raise SampleProblem("image_count_mismatch", f"{n_image} {IMAGE_PLACEHOLDER} placeholders for "
+                                                    f"{len(images)} images (one {IMAGE_PLACEHOLDER} per image, in order)")
     return pairs
 
 
@@ -125,11 +129,10 @@ def conversation_pieces(pairs: list[tuple[str, str]]) -> list[tuple[str, str | N
     """The template as ``(kind, text)`` pieces; kind in bos / prompt / image / answer / eos."""
     pieces: list[tuple[str, str | None]] = [("bos", None), ("prompt", SYSTEM_PROMPT)]
     for human, gpt in pairs:
-        if IMAGE_PLACEHOLDER in human:
-            before, after = human.split(IMAGE_PLACEHOLDER)
-            pieces += [("prompt", USER_PREFIX + before), ("image", None), ("prompt", after + ASSISTANT_SUFFIX)]
-        else:
-            pieces.append(("prompt", USER_PREFIX + human + ASSISTANT_SUFFIX))
+        parts = (USER_PREFIX + human + ASSISTANT_SUFFIX).split(IMAGE_PLACEHOLDER)
+        pieces.append(("prompt", parts[0]))
+        for text in parts[1:]:
+            pieces += [("image", None), ("prompt", text)]
         pieces.append(("answer", " " + gpt if gpt.strip() else ""))
         pieces.append(("eos", None))
     return pieces
@@ -356,18 +359,18 @@ def _split_images(text: str, image_token: str | None) -> list[tuple[str, str | N
     return out
 
 
-def tokenize_chat(record, tokenizer, render, image_token: str | None, image_ids: list[int] | None,
+def tokenize_chat(record, tokenizer, render, image_token: str | None, image_ids: list[list[int]] | None,
                   max_length: int | None):
     """Tokenise one record with the model's own chat template; exact answer masks.
 
     Arguments:
-        record: a LLaVA json record (one ``<image>`` at most).
+        record: a LLaVA json record (one ``<image>`` per image).
         tokenizer: the model's tokenizer.
         render: ``render(messages, add_generation_prompt) -> str`` (the template).
         image_token: what the template writes for an image (``<|image_pad|>``,
             ``<image>``); None for a text-only model.
-        image_ids: the ids that replace that image token for this record's image
-            (the family's expansion, from the image's size); None without image.
+        image_ids: per image of the record, in order, the ids that replace that
+            image token (the family's expansion, from the image's size); None without image.
         max_length: longest allowed sequence (None: no limit). Never truncates.
     Return:
         ``(input_ids, labels)``, both ``LongTensor[T]``; ``labels`` copy the ids
@@ -392,12 +395,17 @@ def tokenize_chat(record, tokenizer, render, image_token: str | None, image_ids:
         if chars > max_length * max_token_chars(tokenizer):
             raise SampleProblem("too_long", f"{chars} characters cannot fit in max_length {max_length} tokens "
                                             f"(raise max_length or drop the record)")
+    n_pieces = sum(1 for kind, _ in pieces if kind == "image")
+    if n_pieces != len(image_ids or []):  # the text itself holds the image token: never misalign the features
+        raise SampleProblem("image_count_mismatch", f"the rendered conversation has {n_pieces} {image_token} for "
+                                                    f"{len(image_ids or [])} image(s) (remove {image_token} from the text)")
     ids: list[int] = []
     labels: list[int] = []
     texts = [text for kind, text in pieces if kind != "image"]
     encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+    images = iter(image_ids or [])
     for kind, _ in pieces:
-        piece = list(image_ids) if kind == "image" else list(next(encoded))
+        piece = list(next(images)) if kind == "image" else list(next(encoded))
         ids += piece
         labels += piece if kind == "answer" else [IGNORE_INDEX] * len(piece)
     n_answer = sum(1 for v in labels if v != IGNORE_INDEX)

@@ -28,8 +28,10 @@ REASONS = {
     "bad_turn_order": "turns must alternate human, gpt, human, gpt, ... starting with human",
     "image_token_without_image": "the text has <image> but the record has no 'image' key",
     "image_without_image_token": "the record has an 'image' key but no <image> in its text",
-    "multiple_image_tokens": "more than one <image> in the conversation (one image per record)",
-    "multiple_images": "the record has several images but the model takes one per sample (LLaVA-1.5)",
+    "multiple_image_tokens": "more than one <image> in the conversation of a record with one image",
+    "image_count_mismatch": "the number of <image> placeholders differs from the number of images in 'image'",
+    "multiple_images": "the record has several images but the model's family takes one per sample "
+                       "(LLaVA-1.5, LLaVA-OneVision)",
     "image_token_in_answer": "a gpt turn contains <image>",
     "too_long": "the tokenised sample is longer than max_length (never truncated)",
     "all_labels_masked": "no answer token carries a label (every gpt answer is empty)",

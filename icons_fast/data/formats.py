@@ -34,8 +34,9 @@ The internal record is the LLaVA conversation the data layer consumes:
 ``{"id"?, "conversations": [{"from": "human"|"gpt", "value": str}, ...],
 "image"?: str | list, "system"?: str}``. One image is a path string or an
 :class:`~icons_fast.data.images.EmbeddedImage` (an image cell's bytes, for
-tables); several images stay a list, which :class:`CheckedBuilder` records as
-``multiple_images`` when the model takes one per sample.
+tables); several images stay a list (one ``<image>`` each, in order), which
+:class:`CheckedBuilder` records as ``multiple_images`` when the model's family
+takes one per sample (the builder's ``max_images``).
 
 A record that cannot be read (invalid json line, blank line, unknown role,
 web image url, ...) becomes an :class:`UnreadableRecord` at its index:
@@ -101,8 +102,11 @@ class CheckedBuilder:
             raise SampleProblem("bad_record", record.detail)
         images = record.get("image") if isinstance(record, dict) else None
         if isinstance(images, list) and self.max_images is not None and len(images) > self.max_images:
+            family = getattr(self.builder, "family", None)
             raise SampleProblem("multiple_images", f"{len(images)} images; this model takes {self.max_images} per "
-                                                   "sample (keep one, or select with a model that takes several)")
+                                                   f"sample{f' (family {family})' if family else ''}; keep one, or "
+                                                   "select with a model that takes several (Qwen2-VL, LLaVA-NeXT, "
+                                                   "Idefics3)")
         return self.builder.build(index, record)
 
     def __getattr__(self, name):

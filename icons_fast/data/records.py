@@ -52,6 +52,17 @@ def has_image(record) -> bool:
     return isinstance(record, dict) and record.get("image") is not None
 
 
+def image_list(record) -> list:
+    """A record's images as a list: ``[]`` without image, ``[path]`` for one path, the list itself for several.
+
+    (Anything else than a string or a list comes back as a one-element list, for the caller's type check.)
+    """
+    if not has_image(record):
+        return []
+    image = record["image"]
+    return list(image) if isinstance(image, list) else [image]
+
+
 def save_records(records: list, path: str) -> None:
     """Write ``records`` as a json list, atomically (temp file + rename)."""
     from icons_fast.fileio import atomic_write

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from icons_fast.data.records import load_records
+from icons_fast.data.records import image_list, load_records
 from icons_fast.rundir import RunLayout
 
 log = logging.getLogger(__name__)
@@ -155,15 +155,15 @@ def overlap_matrix_ref(top: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- what a record is
 
 def record_source(record) -> str:
-    """A record's task type: ``demo_task``, else its image path's first folder (``coco``), else ``text-only``."""
+    """A record's task type: ``demo_task``, else its (first) image path's first folder (``coco``), else ``text-only``."""
     if not isinstance(record, dict):
         return "invalid record"
     if record.get("demo_task"):
         return str(record["demo_task"])
-    image = record.get("image")
-    if image is None:
+    images = image_list(record)
+    if not images:
         return "text-only"
-    parts = [p for p in re.split(r"[\\/]", str(image)) if p]
+    parts = [p for p in re.split(r"[\\/]", str(images[0])) if p]
     return parts[0] if len(parts) > 1 else "image (no folder)"
 
 
