@@ -14,7 +14,7 @@ activations, what ``--dtype`` sets); the same synthetic samples. Printed:
 The default ``--dtype`` of the pipeline stays what this measurement supports;
 results are recorded in benchmarks/RESULTS.md.
 
-    python benchmarks/bench_featurize_dtype.py                  # small, ~3 min on 2 busy cores
+    python benchmarks/bench_featurize_dtype.py                  # small, ~8 min on 2 busy cores
     python benchmarks/bench_featurize_dtype.py --config-name tiny
 """
 from __future__ import annotations

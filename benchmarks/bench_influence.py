@@ -19,7 +19,7 @@ over the blocked torch reference of the same reduction (< 1 = faster). Rounds
 are interleaved so a change of load on a shared machine hits every row alike;
 the header names the CPU, its ISA and the load average.
 
-    python benchmarks/bench_influence.py                 # issue shape, ~5 min on 2 busy cores
+    python benchmarks/bench_influence.py                 # issue shape, ~10 min on 2 busy cores
     python benchmarks/bench_influence.py --quick         # N = 8,192
     python benchmarks/bench_influence.py --block-rows-scan   # also blas at 256 .. 4096 rows per block
 """
