@@ -262,6 +262,13 @@ ICONS_FAST_CLONES int64_t first_greater(const float* v, int64_t t0, int64_t n, f
   return n;
 }
 
+// b[0:len] sorted in descending order; put x in its place in b[0:len+1] (b[len] is overwritten).
+inline void insert_descending(float* b, int64_t len, float x) {
+  int64_t j = len;
+  for (; j > 0 && b[j - 1] < x; --j) b[j] = b[j - 1];
+  b[j] = x;
+}
+
 // Running per-(row, segment) state of one row block, folded one tile at a time.
 struct SegmentState {
   int reduction;
@@ -270,9 +277,8 @@ struct SegmentState {
   std::vector<double> sum;    // mean
   std::vector<float> best;    // max
   std::vector<int64_t> cnt;   // count
-  std::vector<float> heap;    // top-m: [rows * S * 2 * topm] candidate buffers
-  std::vector<int64_t> hsz;   // top-m buffer fill
-  std::vector<float> floor_;  // top-m: values at or below it cannot enter the m largest
+  std::vector<float> heap;    // top-m: [rows * S * topm] kept values, each run sorted descending
+  std::vector<int64_t> hsz;   // top-m: how many are kept
 
   SegmentState(int red, int64_t rows_, int64_t S_, int64_t topm_, float thr)
       : reduction(red), rows(rows_), S(S_), topm(topm_), threshold(thr) {
@@ -281,9 +287,8 @@ struct SegmentState {
     if (red == kMax) best.assign(n, -std::numeric_limits<float>::infinity());
     if (red == kCount) cnt.assign(n, 0);
     if (red == kTopM) {
-      heap.assign(n * 2 * static_cast<size_t>(topm), 0.0f);
+      heap.assign(n * static_cast<size_t>(topm), 0.0f);
       hsz.assign(n, 0);
-      floor_.assign(n, -std::numeric_limits<float>::infinity());
     }
   }
 
@@ -301,26 +306,18 @@ struct SegmentState {
         cnt[idx] += count_gt(v, n, threshold);
         break;
       case kTopM: {
-        // Candidates buffer of 2m per (row, segment): values go in while fewer than
-        // m are kept or when above `floor` (the m-th largest at the last compaction);
-        // a full buffer is cut back to its m largest (nth_element), raising the
-        // floor. After the first columns few values pass, and those are found by
-        // a vector scan, so the cost is a scan plus O(m) per compaction.
-        float* b = heap.data() + idx * 2 * topm;
+        // The m largest so far, sorted in descending order: b[m-1] is the floor a
+        // new value must beat. After the first columns few values do (about
+        // m ln(n/m) of n), so a vector scan finds them and each costs one
+        // insertion (at most m moves, no heap or sort).
+        float* b = heap.data() + idx * topm;
         int64_t sz = hsz[idx];
-        float fl = floor_[idx];
         int64_t t = 0;
-        for (; t < n && sz < topm; ++t) b[sz++] = v[t];
-        for (t = first_greater(v, t, n, fl); t < n; t = first_greater(v, t + 1, n, fl)) {
-          b[sz++] = v[t];
-          if (sz == 2 * topm) {
-            std::nth_element(b, b + (topm - 1), b + sz, std::greater<float>());
-            sz = topm;
-            fl = *std::min_element(b, b + topm);
-          }
-        }
+        for (; t < n && sz < topm; ++t, ++sz) insert_descending(b, sz, v[t]);
+        if (sz == topm)
+          for (t = first_greater(v, t, n, b[topm - 1]); t < n; t = first_greater(v, t + 1, n, b[topm - 1]))
+            insert_descending(b, topm - 1, v[t]);  // drops the old b[m-1]
         hsz[idx] = sz;
-        floor_[idx] = fl;
         break;
       }
     }
@@ -337,12 +334,11 @@ struct SegmentState {
       case kCount:
         return static_cast<double>(cnt[idx]);
       default: {  // kTopM: mean of the min(m, seg_len) largest, summed in ascending order
-        float* b = heap.data() + idx * 2 * topm;
-        const int64_t sz = hsz[idx], kept = std::min(sz, topm);
-        std::sort(b, b + sz, std::greater<float>());
+        const float* b = heap.data() + idx * topm;
+        const int64_t sz = hsz[idx];
         double acc = 0.0;
-        for (int64_t t = kept - 1; t >= 0; --t) acc += b[t];
-        return acc / static_cast<double>(kept);
+        for (int64_t t = sz - 1; t >= 0; --t) acc += b[t];
+        return acc / static_cast<double>(sz);
       }
     }
   }
