@@ -62,7 +62,7 @@ relative), so every dot product obeys::
     |s_bf16(x, t) - <x, t>| <= BF16_SCORE_BUDGET * ||x|| * ||t||,   BF16_SCORE_BUDGET = 2^-7
 
 (the worst case is ~3 * 2^-9 = 2^-7.4 by Cauchy-Schwarz; typical errors are
-~30x smaller because rounding errors cancel). mean, max and the top-m mean are
+much smaller because rounding errors of the k products cancel). mean, max and the top-m mean are
 1-Lipschitz in the largest element error, so the reduced score obeys the same
 bound with the largest ``||t||`` of its segment. count is a step function of
 the scores, so it never runs in bf16. The budget also requires that the top
@@ -84,7 +84,7 @@ log = logging.getLogger(__name__)
 REDUCTIONS = ("mean", "max", "topm", "count")
 TRAIN_DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.int8: "i8"}
 TARGET_DTYPES = {torch.float32: "f32", torch.float16: "f16"}
-# blas: 2048 rows measured as fast as 4096 and ~10% faster than 1024 (256: ~25% slower, MKL's own
+# blas: 2048 rows measured as fast as 4096 and ~10% faster than 1024 (256: slower still, MKL's own
 # blocking wants tall panels) at k = 1024, M = 2,000 on a Xeon; its score buffer is then 16 MiB.
 DEFAULT_BLOCK_ROWS = {"cpp": 144, "torch": 4096, "cuda": 64, "blas": 2048, "blas-bf16": 2048}
 CUDA_MAX_TOPM = 32
