@@ -174,3 +174,14 @@ def test_auto_does_not_time_small_calls(cache, monkeypatch):
     monkeypatch.setattr(autotune, "pick", lambda *a, **k: pytest.fail("too little work to be worth timing"))
     train, targets, offsets = _inputs()
     assert sr.choose_backend(train, targets, offsets, "mean") == "blas"  # the preference order's first
+
+
+def test_one_log_line_per_choice(cache, caplog):
+    clock, cands = fake_backends({"torch": 1.0, "cpp": 0.5})
+    with caplog.at_level("INFO", logger="icons_fast.ops.autotune"):
+        for _ in range(3):
+            autotune.pick("influence", "cpu", "c", cands, clock=clock)
+        autotune.forget()
+        autotune.pick("influence", "cpu", "c", cands, clock=clock)  # read back from the file: already said
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "'cpp'" in lines[0] and "cpp 500.0 ms" in lines[0] and "torch 1000.0 ms" in lines[0]

@@ -44,6 +44,7 @@ REFERENCE = "torch"
 ROUNDS = 3
 _LOCK = threading.Lock()
 _MEMORY: dict[str, dict] = {}  # path -> loaded cache file (this process)
+_SAID: set[tuple[str, str]] = set()  # (path, entry) whose cached choice was logged in this process
 
 
 def cache_dir() -> str:
@@ -192,11 +193,16 @@ def pick(op: str, device: str | torch.device, shape_class: str, candidates: dict
         data = _load(path)
         hit = data.get(machine, {}).get(entry)
         if hit and hit.get("backend") in candidates:
+            if (path, entry) not in _SAID:  # once per process, not at every call
+                _SAID.add((path, entry))
+                log.info("icons_fast: %s on %s (%s) uses backend %r (measured earlier on this machine; %s)",
+                         op, dev.type, shape_class, hit["backend"], path)
             return hit["backend"]
         medians = time_backends(candidates, rounds, clock)
         name = choose(medians, reference)
         data.setdefault(machine, {})[entry] = {"backend": name, "median_s": medians}
         _store(path, data)
+    _SAID.add((path, entry))
     timed = ", ".join(f"{b} {t * 1e3:.1f} ms" for b, t in sorted(medians.items(), key=lambda kv: kv[1]))
     log.info("icons_fast: %s on %s (%s) uses backend %r (measured: %s; cached in %s)",
              op, dev.type, shape_class, name, timed, path)
