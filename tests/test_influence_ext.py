@@ -333,3 +333,28 @@ def test_cuda_weighted_and_same_as_cpu_for_fp32():
     segment_reduce(train.cuda(), targets.cuda(), offsets, "mean", weight=0.5, out=out, backend="cuda")
     cpu = segment_reduce(train, targets, offsets, "mean", weight=0.5, out=torch.ones(200, 4), backend="torch")
     assert torch.allclose(out.cpu(), cpu, atol=1e-5, rtol=0)
+
+
+@needs_ext
+def test_blas_buffers_are_capped(monkeypatch):
+    """A memory cap smaller than one default block splits the rows into more blocks; the result is unchanged."""
+    from icons_fast.ops import segment_reduce as sr
+
+    train, targets, offsets, _ = make_inputs(torch.float16, n=37, k=19, seed=23)
+    want = segment_reduce(train, targets, offsets, "topm", m=M_TOPM, backend="blas")
+    seen = []
+    real_fold = backend_mod.cpu_ext().influence_segment_fold_cpu
+
+    class Ext:  # the real extension, recording the rows of every fold call
+        def __getattr__(self, name):
+            return getattr(backend_mod.cpu_ext(), name)
+
+        def influence_segment_fold_cpu(self, ptr, rows, *args):
+            seen.append(rows)
+            return real_fold(ptr, rows, *args)
+
+    monkeypatch.setattr(sr, "cpu_ext", lambda: Ext())
+    monkeypatch.setattr(sr, "BLAS_BUFFER_BYTES", 4 * (19 + targets.shape[0]) * 10)  # 10 rows fit
+    got = segment_reduce(train, targets, offsets, "topm", m=M_TOPM, backend="blas")
+    assert seen == [10, 10, 10, 7]
+    assert torch.allclose(got, want, rtol=0, atol=1e-6)  # the BLAS may order a row's sums by block shape

@@ -29,7 +29,8 @@ Backends (registered below; "auto" on the CPU measures them, see "Dispatch"):
   reused ``[block_rows, M]`` score buffer, then the C++ fold
   (``_C.influence_segment_fold_cpu``) reduces that block per segment. The
   GEMM is the machine's own; what this op adds is the fused reduction and
-  memory independent of N (two buffers of ``block_rows x max(k, M)`` floats).
+  memory independent of N (two buffers, ``block_rows x (k + M)`` floats, at
+  most ``BLAS_BUFFER_BYTES``).
 - ``"blas-bf16"``: as "blas" with the GEMM in bf16 (inputs rounded to bf16,
   fp32 accumulation, bf16 scores), for fp16 / bf16 train features and the
   mean / max / top-m reductions only, within the error budget below. Fast
@@ -84,15 +85,17 @@ log = logging.getLogger(__name__)
 REDUCTIONS = ("mean", "max", "topm", "count")
 TRAIN_DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.int8: "i8"}
 TARGET_DTYPES = {torch.float32: "f32", torch.float16: "f16"}
-# blas: 2048 rows measured as fast as 4096 and ~10% faster than 1024 (256: slower still, MKL's own
-# blocking wants tall panels) at k = 1024, M = 2,000 on a Xeon; its score buffer is then 16 MiB.
-DEFAULT_BLOCK_ROWS = {"cpp": 144, "torch": 4096, "cuda": 64, "blas": 2048, "blas-bf16": 2048}
+# blas: 4096 rows measured at least as fast as 2048 and faster than 1024 and 256 (MKL's own blocking
+# wants tall panels, and every block costs a fork/join of the thread pool, which a busy machine
+# makes expensive) at k = 1024, M = 2,000 on a Xeon; BLAS_BUFFER_BYTES caps it for large M + k.
+DEFAULT_BLOCK_ROWS = {"cpp": 144, "torch": 4096, "cuda": 64, "blas": 4096, "blas-bf16": 4096}
+BLAS_BUFFER_BYTES = 64 << 20  # blas: at most this much for the row buffer + score buffer (fp32)
 CUDA_MAX_TOPM = 32
 BF16_SCORE_BUDGET = 2.0**-7  # |score error| / (||x|| ||t||), see the module docstring
 BF16_MIN_OVERLAP = 0.95  # top-20% selection overlap with fp64, per task
 BF16_REDUCTIONS = ("mean", "max", "topm")
 BF16_TRAIN_DTYPES = (torch.float16, torch.bfloat16)
-TUNE_ROWS = 4096  # train rows the measured dispatch times each backend on (a few blocks of each)
+TUNE_ROWS = 4096  # train rows the measured dispatch times each backend on (a full block of each)
 TUNE_MIN_FLOPS = 2e9  # below this much work (2 N M k) "auto" does not time anything
 
 
@@ -336,7 +339,7 @@ def _segment_reduce_blas(train, targets_cat, offs, reduction, m, threshold, weig
     codes = ext.influence_codes()
     n, k = train.shape
     mt, S = targets_cat.shape[0], offs.numel() - 1
-    rows = min(rows, n)
+    rows = min(rows, n, max(1, BLAS_BUFFER_BYTES // (4 * (k + mt))))  # memory independent of N, bounded in M
     tg_t = targets_cat.to(gemm_dtype).T  # [k, M] view of the targets, converted once per call
     xbuf = torch.empty(rows, k, dtype=gemm_dtype)
     pbuf = torch.empty(rows, mt, dtype=gemm_dtype)  # the block's scores
