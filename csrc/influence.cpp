@@ -183,38 +183,24 @@ __attribute__((target("avx2,fma"))) inline void put_row_avx2(float* C, int64_t l
 
 __attribute__((target("avx2,fma"))) void kernel_avx2(int64_t kl, const float* A, const float* B, float* C,
                                                       int64_t ldc, bool acc) {
-  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(),
-         c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
-         c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(), c40 = _mm256_setzero_ps(),
-         c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+  // MR x 2 accumulators (one row of the micro-tile = two 8-float vectors); the
+  // fixed-trip loops over i are fully unrolled by the compiler, so the
+  // accumulators stay in registers (12 of the 16 ymm).
+  __m256 c[MR][2];
+#pragma GCC unroll 6
+  for (int64_t i = 0; i < MR; ++i) c[i][0] = c[i][1] = _mm256_setzero_ps();
 #pragma GCC unroll 4
   for (int64_t p = 0; p < kl; ++p, A += MR, B += NR) {
     const __m256 b0 = _mm256_load_ps(B), b1 = _mm256_load_ps(B + 8);
-    __m256 a = _mm256_broadcast_ss(A + 0);
-    c00 = _mm256_fmadd_ps(a, b0, c00);
-    c01 = _mm256_fmadd_ps(a, b1, c01);
-    a = _mm256_broadcast_ss(A + 1);
-    c10 = _mm256_fmadd_ps(a, b0, c10);
-    c11 = _mm256_fmadd_ps(a, b1, c11);
-    a = _mm256_broadcast_ss(A + 2);
-    c20 = _mm256_fmadd_ps(a, b0, c20);
-    c21 = _mm256_fmadd_ps(a, b1, c21);
-    a = _mm256_broadcast_ss(A + 3);
-    c30 = _mm256_fmadd_ps(a, b0, c30);
-    c31 = _mm256_fmadd_ps(a, b1, c31);
-    a = _mm256_broadcast_ss(A + 4);
-    c40 = _mm256_fmadd_ps(a, b0, c40);
-    c41 = _mm256_fmadd_ps(a, b1, c41);
-    a = _mm256_broadcast_ss(A + 5);
-    c50 = _mm256_fmadd_ps(a, b0, c50);
-    c51 = _mm256_fmadd_ps(a, b1, c51);
+#pragma GCC unroll 6
+    for (int64_t i = 0; i < MR; ++i) {
+      const __m256 a = _mm256_broadcast_ss(A + i);
+      c[i][0] = _mm256_fmadd_ps(a, b0, c[i][0]);
+      c[i][1] = _mm256_fmadd_ps(a, b1, c[i][1]);
+    }
   }
-  put_row_avx2(C, ldc, 0, c00, c01, acc);
-  put_row_avx2(C, ldc, 1, c10, c11, acc);
-  put_row_avx2(C, ldc, 2, c20, c21, acc);
-  put_row_avx2(C, ldc, 3, c30, c31, acc);
-  put_row_avx2(C, ldc, 4, c40, c41, acc);
-  put_row_avx2(C, ldc, 5, c50, c51, acc);
+#pragma GCC unroll 6
+  for (int64_t i = 0; i < MR; ++i) put_row_avx2(C, ldc, i, c[i][0], c[i][1], acc);
 }
 #endif
 
@@ -262,6 +248,27 @@ ICONS_FAST_CLONES int64_t count_gt(const float* v, int64_t n, float threshold) {
   return c;
 }
 
+// The first t in [t0, n) with v[t] > threshold, or n. Tests 8 values at a time
+// (a branch-free compare the compiler vectorises), then finds the one.
+ICONS_FAST_CLONES int64_t first_greater(const float* v, int64_t t0, int64_t n, float threshold) {
+  int64_t t = t0;
+  for (; t + 8 <= n; t += 8) {
+    int any = 0;
+    for (int l = 0; l < 8; ++l) any |= v[t + l] > threshold ? 1 : 0;
+    if (any) break;
+  }
+  for (; t < n; ++t)
+    if (v[t] > threshold) return t;
+  return n;
+}
+
+// b[0:len] sorted in descending order; put x in its place in b[0:len+1] (b[len] is overwritten).
+inline void insert_descending(float* b, int64_t len, float x) {
+  int64_t j = len;
+  for (; j > 0 && b[j - 1] < x; --j) b[j] = b[j - 1];
+  b[j] = x;
+}
+
 // Running per-(row, segment) state of one row block, folded one tile at a time.
 struct SegmentState {
   int reduction;
@@ -270,8 +277,8 @@ struct SegmentState {
   std::vector<double> sum;    // mean
   std::vector<float> best;    // max
   std::vector<int64_t> cnt;   // count
-  std::vector<float> heap;    // top-m: [rows * S * topm] min-heaps
-  std::vector<int64_t> hsz;   // top-m heap sizes
+  std::vector<float> heap;    // top-m: [rows * S * topm] kept values, each run sorted descending
+  std::vector<int64_t> hsz;   // top-m: how many are kept
 
   SegmentState(int red, int64_t rows_, int64_t S_, int64_t topm_, float thr)
       : reduction(red), rows(rows_), S(S_), topm(topm_), threshold(thr) {
@@ -299,19 +306,17 @@ struct SegmentState {
         cnt[idx] += count_gt(v, n, threshold);
         break;
       case kTopM: {
-        float* h = heap.data() + idx * topm;  // min-heap: h[0] is the smallest kept value
+        // The m largest so far, sorted in descending order: b[m-1] is the floor a
+        // new value must beat. After the first columns few values do (about
+        // m ln(n/m) of n), so a vector scan finds them and each costs one
+        // insertion (at most m moves, no heap or sort).
+        float* b = heap.data() + idx * topm;
         int64_t sz = hsz[idx];
-        const auto gt = std::greater<float>();
-        for (int64_t t = 0; t < n; ++t) {
-          if (sz < topm) {
-            h[sz++] = v[t];
-            std::push_heap(h, h + sz, gt);
-          } else if (v[t] > h[0]) {
-            std::pop_heap(h, h + sz, gt);
-            h[sz - 1] = v[t];
-            std::push_heap(h, h + sz, gt);
-          }
-        }
+        int64_t t = 0;
+        for (; t < n && sz < topm; ++t, ++sz) insert_descending(b, sz, v[t]);
+        if (sz == topm)
+          for (t = first_greater(v, t, n, b[topm - 1]); t < n; t = first_greater(v, t + 1, n, b[topm - 1]))
+            insert_descending(b, topm - 1, v[t]);  // drops the old b[m-1]
         hsz[idx] = sz;
         break;
       }
@@ -328,12 +333,11 @@ struct SegmentState {
         return best[idx];
       case kCount:
         return static_cast<double>(cnt[idx]);
-      default: {  // kTopM: mean of the min(m, seg_len) largest, summed in sorted order
-        float* h = heap.data() + idx * topm;
+      default: {  // kTopM: mean of the min(m, seg_len) largest, summed in ascending order
+        const float* b = heap.data() + idx * topm;
         const int64_t sz = hsz[idx];
-        std::sort(h, h + sz);
         double acc = 0.0;
-        for (int64_t t = 0; t < sz; ++t) acc += h[t];
+        for (int64_t t = sz - 1; t >= 0; --t) acc += b[t];
         return acc / static_cast<double>(sz);
       }
     }
@@ -454,6 +458,58 @@ std::string segment_reduce_cpu(uintptr_t train_ptr, int train_dtype, int64_t n, 
   return kname;
 }
 
+// The reduction half of the op on its own, for a block of dot products
+// computed elsewhere (the BLAS path: torch/MKL/oneDNN GEMM into a block buffer):
+//   out[r, s] += weight * R_{j in [offsets[s], offsets[s+1])} scores[r * ld + j],  r < rows,
+// scores fp32 [rows, ld] (ld >= m), out fp32 [rows, S]. The same running state
+// and folds as segment_reduce_cpu, fed in the same NC-column pieces, so both
+// paths reduce identical dot products identically. OpenMP over row chunks.
+void segment_fold_cpu(uintptr_t scores_ptr, int64_t rows, int64_t m, int64_t ld, uintptr_t offsets_ptr, int64_t S,
+                      int reduction, int64_t topm, float threshold, float weight, uintptr_t out_ptr, int num_threads) {
+  const float* scores = reinterpret_cast<const float*>(scores_ptr);
+  const int64_t* offsets = reinterpret_cast<const int64_t*>(offsets_ptr);
+  float* out = reinterpret_cast<float*>(out_ptr);
+  if (!scores || !offsets || !out) throw std::invalid_argument("influence fold: null pointer");
+  if (ld < m) throw std::invalid_argument("influence fold: row stride ld must be >= m");
+  check_args(kF32, kF32, rows, 1, m, offsets, S, reduction, topm, false);
+  if (rows == 0) return;
+  constexpr int64_t CHUNK = 32;  // rows per task: state of CHUNK x S entries, a few KiB
+  const int64_t n_chunks = (rows + CHUNK - 1) / CHUNK;
+#ifdef _OPENMP
+  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+#else
+  const int threads = 1;
+  (void)num_threads;
+#endif
+  py::gil_scoped_release nogil;
+  std::string err;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    try {
+      const int64_t r0 = c * CHUNK, nr = std::min(CHUNK, rows - r0);
+      SegmentState st(reduction, nr, S, topm, threshold);
+      for (int64_t r = 0; r < nr; ++r) {
+        const float* row = scores + (r0 + r) * ld;
+        for (int64_t s = 0; s < S; ++s)
+          for (int64_t lo = offsets[s]; lo < offsets[s + 1];) {  // pieces end at multiples of NC
+            const int64_t hi = std::min(offsets[s + 1], (lo / NC + 1) * NC);
+            st.fold(r, s, row + lo, hi - lo);
+            lo = hi;
+          }
+      }
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t s = 0; s < S; ++s) {
+          float& o = out[(r0 + r) * S + s];
+          o = static_cast<float>(o + static_cast<double>(weight) * st.value(r, s, offsets[s + 1] - offsets[s]));
+        }
+    } catch (const std::exception& e) {
+#pragma omp critical
+      err = e.what();
+    }
+  }
+  if (!err.empty()) throw std::runtime_error(err);
+}
+
 }  // namespace icons_fast
 
 #ifdef ICONS_FAST_WITH_CUDA
@@ -493,6 +549,10 @@ void register_influence(py::module_& m) {
         py::arg("threshold"), py::arg("weight"), py::arg("out_ptr"), py::arg("block_rows") = 48,
         py::arg("num_threads") = 0, py::arg("force_generic") = false,
         "out[n, S] += weight * segment-reduce(train @ targets.T); raw host pointers. Returns the kernel name.");
+  m.def("influence_segment_fold_cpu", &segment_fold_cpu, py::arg("scores_ptr"), py::arg("rows"), py::arg("m"),
+        py::arg("ld"), py::arg("offsets_ptr"), py::arg("n_segments"), py::arg("reduction"), py::arg("topm"),
+        py::arg("threshold"), py::arg("weight"), py::arg("out_ptr"), py::arg("num_threads") = 0,
+        "out[rows, S] += weight * segment-reduce(scores[rows, m]) for a block of precomputed fp32 dot products.");
 #ifdef ICONS_FAST_WITH_CUDA
   m.def("influence_segment_reduce_cuda", &segment_reduce_cuda_py, py::arg("train_ptr"), py::arg("train_dtype"),
         py::arg("n"), py::arg("k"), py::arg("scale_ptr"), py::arg("targets_ptr"), py::arg("target_dtype"),

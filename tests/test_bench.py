@@ -136,3 +136,24 @@ def test_cli_quick_writes_rows(tmp_path, capsys):
     assert float(ours["ratio"]) == pytest.approx(float(ours["rate"]) / float(by[("featurize", "floor")]["rate"]))
     data = json.loads(json_path.read_text())
     assert len(data["rows"]) == len(rows) and data["meta"]["quick"] is True
+
+
+def test_influence_suite_rows_carry_gemm_and_reference_ratios(monkeypatch):
+    """The influence suite times the op against the plain GEMMs and the references, and names the CPU's ISA."""
+    from icons_fast.bench import suite
+    from icons_fast.ops.autotune import cpu_isa
+
+    sizes = dict(suite.SIZES["quick"], influence=(300, 64, 50, 5))
+    monkeypatch.setitem(suite.SIZES, "quick", sizes)
+    rows = suite.run_bench(["influence"], quick=True, device="cpu", repeats=1)
+    by = {r["provider"]: r for r in rows}
+    assert by["fp32 GEMM alone"]["vs_gemm"] == 1.0 and by["torch blocked max"]["vs_ref"] == 1.0
+    auto = [r for r in rows if r["provider"].startswith("ours auto max -> ")]
+    assert len(auto) == 1 and auto[0]["provider"].split(" -> ")[1] in ("blas", "cpp", "blas-bf16", "torch")
+    for r in rows:
+        assert r["device"].endswith(f"{cpu_isa()})")
+        if "GEMM" not in r["provider"]:
+            ref = "torch blocked topm" if "topm" in r["provider"] else "torch blocked max"
+            assert r["vs_ref"] == pytest.approx(r["median_s"] / by[ref]["median_s"])
+        if "blas-bf16" in r["provider"]:
+            assert r["vs_gemm"] == pytest.approx(r["median_s"] / by["bf16 GEMM alone"]["median_s"])

@@ -77,24 +77,98 @@ def check_against_brute_force(got, train, targets, offsets, reduction, scale, fa
 
 
 @needs_ext
+@pytest.mark.parametrize("backend", ["cpp", "blas"])
 @pytest.mark.parametrize("k", [19, 33])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
-def test_cpp_matches_float64(dtype, reduction, k):
+def test_cpp_matches_float64(dtype, reduction, k, backend):
     train, targets, offsets, scale = make_inputs(dtype, k=k, seed=k)
-    got = segment_reduce(train, targets, offsets, reduction, m=M_TOPM, threshold=THRESH, backend="cpp", scale=scale)
+    got = segment_reduce(train, targets, offsets, reduction, m=M_TOPM, threshold=THRESH, backend=backend,
+                         scale=scale, block_rows=16)  # blas: 3 blocks, the last one short
     assert got.shape == (37, 3) and got.dtype == torch.float32
     check_against_brute_force(got, train, targets, offsets, reduction, scale)
 
 
 @needs_ext
+@pytest.mark.parametrize("backend", ["cpp", "blas"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_cpp_fp16_targets_and_tile_edges(reduction):
+def test_cpp_fp16_targets_and_tile_edges(reduction, backend):
     """k past one 256-chunk, M past one 256-column tile, a segment straddling it, fp16 targets."""
     sizes = [1, 255, 3, 41]
     train, targets, offsets, scale = make_inputs(torch.float16, n=50, k=300, sizes=sizes, target_dtype=torch.float16, seed=3)
-    got = segment_reduce(train, targets, offsets, reduction, m=M_TOPM, threshold=THRESH, backend="cpp")
+    got = segment_reduce(train, targets, offsets, reduction, m=M_TOPM, threshold=THRESH, backend=backend)
     check_against_brute_force(got, train, targets, offsets, reduction, scale)
+
+
+@needs_ext
+@pytest.mark.parametrize("m", [1, 3, 40])
+def test_topm_long_segments_match_float64(m):
+    """Top-m over segments much longer than 2m (the candidate buffer is cut back many times), ties included."""
+    global M_TOPM
+    train, targets, offsets, _ = make_inputs(torch.float32, n=23, k=8, sizes=[300, 41, 2], seed=21)
+    targets[5:9] = targets[4]  # repeated scores: equal values at the floor
+    saved, M_TOPM = M_TOPM, m
+    try:
+        for backend in ("cpp", "blas"):
+            got = segment_reduce(train, targets, offsets, "topm", m=m, backend=backend)
+            check_against_brute_force(got, train, targets, offsets, "topm", None)
+    finally:
+        M_TOPM = saved
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "max", "topm"])
+def test_bf16_gemm_within_error_budget(dtype, reduction):
+    """blas-bf16 against fp64: every score within BF16_SCORE_BUDGET * ||x|| * max ||t|| of its segment, and the
+    top 20% per task overlaps the fp64 selection by at least BF16_MIN_OVERLAP (the documented budget)."""
+    from icons_fast.ops.segment_reduce import BF16_MIN_OVERLAP, BF16_SCORE_BUDGET
+
+    n, sizes = 2000, [40, 7, 120, 1, 60]
+    train, targets, offsets, _ = make_inputs(dtype, n=n, k=256, sizes=sizes, seed=31)
+    got = segment_reduce(train, targets, offsets, reduction, m=M_TOPM, backend="blas-bf16", block_rows=300).double()
+    ref64, _, x64 = brute_force(train, targets, offsets, reduction)
+    tnorm = targets.double().norm(dim=1)
+    seg_tmax = torch.stack([tnorm[lo:hi].max() for lo, hi in zip(offsets[:-1], offsets[1:])])
+    bound = BF16_SCORE_BUDGET * x64.norm(dim=1)[:, None] * seg_tmax[None, :]
+    assert bool(((got - ref64).abs() <= bound).all()), float(((got - ref64).abs() / bound).max())
+    # the bound is not vacuous: the error is there (bf16 differs from fp64) but well inside it
+    assert float((got - ref64).abs().max()) > 0
+    budget = int(0.2 * n)
+    for s in range(len(sizes)):
+        ours = set(got[:, s].topk(budget).indices.tolist())
+        exact = set(ref64[:, s].topk(budget).indices.tolist())
+        assert len(ours & exact) / budget >= BF16_MIN_OVERLAP, (s, len(ours & exact) / budget)
+
+
+@needs_ext
+def test_bf16_backend_refuses_what_its_budget_does_not_cover():
+    train, targets, offsets, _ = make_inputs(torch.float16)
+    with pytest.raises(BackendUnavailable, match="count"):
+        segment_reduce(train, targets, offsets, "count", threshold=0.0, backend="blas-bf16")
+    with pytest.raises(BackendUnavailable, match="float32"):
+        segment_reduce(train.float(), targets, offsets, "max", backend="blas-bf16")
+
+
+@needs_ext
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_fold_of_a_block_equals_the_fused_kernel(reduction):
+    """The C++ fold on precomputed dot products (blas) reduces exactly like the fused kernel (cpp): same scores in,
+    bit-identical results out (pieces of 256 columns, the same running state)."""
+    from icons_fast._C import influence_codes, influence_segment_fold_cpu
+
+    train, targets, offsets, _ = make_inputs(torch.float32, n=31, k=1, sizes=[3, 300, 1, 250], seed=9)
+    train = torch.ones(31, 1)  # k = 1, unit rows: every dot product is exact, so both paths see the same scores
+    want = segment_reduce(train, targets, offsets, reduction, m=M_TOPM, threshold=THRESH, backend="cpp")
+    scores = (train @ targets.T).contiguous()
+    ld = scores.shape[1] + 5  # a row stride larger than M
+    padded = torch.full((31, ld), float("nan"))
+    padded[:, : scores.shape[1]] = scores
+    out = torch.zeros(31, 4)
+    codes = influence_codes()
+    influence_segment_fold_cpu(padded.data_ptr(), 31, scores.shape[1], ld, offsets.data_ptr(), 4, codes[reduction],
+                               M_TOPM, THRESH, 1.0, out.data_ptr(), 2)
+    assert torch.equal(out, want)
 
 
 @needs_ext
@@ -141,9 +215,9 @@ def test_cpp_independent_of_block_size_and_threads(reduction):
         assert torch.equal(base, other), (rows, threads)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("backend", ["cpp", "blas", "torch"])
 def test_weighted_accumulation(backend):
-    if backend == "cpp" and not has_cpu_ext():
+    if backend != "torch" and not has_cpu_ext():
         pytest.skip("icons_fast._C is not built")
     a, targets, offsets, _ = make_inputs(torch.float32, seed=11)
     b, _, _, _ = make_inputs(torch.float32, seed=12)
@@ -208,7 +282,7 @@ def test_without_extension_runs_torch_path(monkeypatch):
 def test_has_cuda_ext_false_without_gpu():
     if not torch.cuda.is_available():
         assert has_cuda_ext() is False
-        assert backend_mod.resolve_backend("influence", "auto", "cpu") in ("cpp", "torch")
+        assert backend_mod.resolve_backend("influence", "auto", "cpu") in ("blas", "cpp", "torch")
 
 
 def test_cuda_source_compiles(tmp_path):
@@ -320,3 +394,28 @@ def test_cuda_weighted_and_same_as_cpu_for_fp32():
     segment_reduce(train.cuda(), targets.cuda(), offsets, "mean", weight=0.5, out=out, backend="cuda")
     cpu = segment_reduce(train, targets, offsets, "mean", weight=0.5, out=torch.ones(200, 4), backend="torch")
     assert torch.allclose(out.cpu(), cpu, atol=1e-5, rtol=0)
+
+
+@needs_ext
+def test_blas_buffers_are_capped(monkeypatch):
+    """A memory cap smaller than one default block splits the rows into more blocks; the result is unchanged."""
+    from icons_fast.ops import segment_reduce as sr
+
+    train, targets, offsets, _ = make_inputs(torch.float16, n=37, k=19, seed=23)
+    want = segment_reduce(train, targets, offsets, "topm", m=M_TOPM, backend="blas")
+    seen = []
+    real_fold = backend_mod.cpu_ext().influence_segment_fold_cpu
+
+    class Ext:  # the real extension, recording the rows of every fold call
+        def __getattr__(self, name):
+            return getattr(backend_mod.cpu_ext(), name)
+
+        def influence_segment_fold_cpu(self, ptr, rows, *args):
+            seen.append(rows)
+            return real_fold(ptr, rows, *args)
+
+    monkeypatch.setattr(sr, "cpu_ext", lambda: Ext())
+    monkeypatch.setattr(sr, "BLAS_BUFFER_BYTES", 4 * (19 + targets.shape[0]) * 10)  # 10 rows fit
+    got = segment_reduce(train, targets, offsets, "topm", m=M_TOPM, backend="blas")
+    assert seen == [10, 10, 10, 7]
+    assert torch.allclose(got, want, rtol=0, atol=1e-6)  # the BLAS may order a row's sums by block shape

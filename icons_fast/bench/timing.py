@@ -11,6 +11,10 @@ A benchmark row is a flat dict (one CSV line / one JSON object)::
 calls after ``warmup`` untimed ones, with the device synchronised around every
 call. ``rate = items / median_s`` (items: samples, rows, ...). ``ratio`` is this
 row's rate over the rate of the row named in ``ratio_to`` (so > 1 = faster).
+Op suites that compare against the machine's GEMM also fill ``vs_gemm`` (this
+row's time over the time of the plain GEMM at the same precision: 1.0 = as
+fast as the BLAS alone) and ``vs_ref`` (this row's time over the reference
+path's: < 1 = faster than the reference).
 """
 from __future__ import annotations
 
@@ -25,31 +29,22 @@ from typing import Callable, Sequence
 
 import torch
 
+from icons_fast.ops.autotune import cpu_isa, cpu_name
+
 ROW_FIELDS = [
     "suite", "provider", "config", "device", "median_s", "p20_s", "p80_s", "repeats", "items", "unit", "rate",
-    "ratio", "ratio_to", "flops", "tflops", "bytes", "gbps", "note", "date", "host", "torch", "triton",
+    "ratio", "ratio_to", "vs_gemm", "vs_ref", "flops", "tflops", "bytes", "gbps", "note", "date", "host", "torch", "triton",
     "transformers", "peft", "omp_wait_policy", "threads",
 ]
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def device_name(device: str | torch.device) -> str:
-    """``"NVIDIA H100 80GB HBM3"`` for a CUDA device, ``"<cpu model> (N cores)"`` for the CPU."""
+    """``"NVIDIA H100 80GB HBM3"`` for a CUDA device, ``"<cpu model> (N cores, ISA)"`` for the CPU
+    (ISA: AMX / AVX-512 / AVX2, ``ops.autotune.cpu_isa``)."""
     dev = torch.device(device)
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    return f"{cpu_name()} ({os.cpu_count()} cores)"
+    return f"{cpu_name()} ({os.cpu_count()} cores, {cpu_isa()})"
 
 
 def _version(module: str) -> str:
@@ -157,6 +152,15 @@ def set_ratios(rows: list[dict], reference: str, providers: Sequence[str] | None
             r["ratio_to"] = reference
 
 
+def set_time_ratios(rows: list[dict], field: str, reference_of: Callable[[dict], str | None]) -> None:
+    """``row[field] = median_s / median_s(reference_of(row))`` (a time ratio: < 1 = faster than that row)."""
+    by_name = {r["provider"]: r for r in rows}
+    for r in rows:
+        ref = by_name.get(reference_of(r) or "")
+        if ref is not None:
+            r[field] = r["median_s"] / ref["median_s"]
+
+
 def _fmt(v, digits=3) -> str:
     if v == "" or v is None:
         return ""
@@ -172,13 +176,13 @@ def _fmt(v, digits=3) -> str:
 def format_table(rows: Sequence[dict]) -> str:
     """A fixed-width text table of the rows (the columns a reader compares)."""
     cols = [("suite", 10), ("provider", 36), ("median_s", 10), ("p20_s", 9), ("p80_s", 9), ("rate", 10),
-            ("unit", 9), ("ratio", 8), ("ratio_to", 20), ("tflops", 8), ("gbps", 7)]
+            ("unit", 9), ("ratio", 8), ("ratio_to", 20), ("vs_gemm", 8), ("vs_ref", 7), ("tflops", 8), ("gbps", 7)]
     lines = [" ".join(f"{name:<{w}}" for name, w in cols) + " note"]
     for r in rows:
         cells = []
         for name, w in cols:
             v = r.get(name, "")
-            txt = _fmt(v, 4 if name == "ratio" else 3)
+            txt = _fmt(v, 4 if name in ("ratio", "vs_gemm", "vs_ref") else 3)
             cells.append(f"{txt:<{w}}"[: max(w, len(txt))])
         lines.append(" ".join(cells) + " " + str(r.get("note", "")))
     return "\n".join(lines)

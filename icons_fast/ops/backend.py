@@ -7,11 +7,16 @@ registers its implementations with ``@register(op, backend)``; the table
 ``implementation(op, requested, device)`` is the one dispatch every op uses.
 The choice is made here and nowhere else:
 
-- ``resolve_backend(op, "auto", device)`` picks the fastest available backend
-  for that device, in the order of ``_PREFERENCE``, and says which one it
-  took (``logging`` at INFO level).
-- An explicit name (argument, ``--backend`` or ``ICONS_FAST_BACKEND``) that
-  cannot run raises ``BackendUnavailable`` with the reason and the fix.
+- ``resolve_backend(op, "auto", device)`` picks the first available backend
+  for that device in the order of ``_PREFERENCE`` and says which one it took
+  (``logging`` at INFO level). Ops whose speed order depends on the machine
+  (the influence op on the CPU) instead time their candidates once per shape
+  class through ``ops.autotune.pick`` (measured dispatch, cached on disk).
+- Forcing: an explicit name (argument, ``--backend``), else
+  ``ICONS_FAST_BACKEND_<OP>`` (e.g. ``ICONS_FAST_BACKEND_INFLUENCE=blas``),
+  else ``ICONS_FAST_BACKEND`` (``requested_backend``). A forced name that
+  cannot run raises ``BackendUnavailable`` with the reason and the fix (the
+  global variable only applies to ops that have a backend of that name).
 
 Capability queries that always exist: ``has_cpu_ext()``, ``has_cuda_ext()``,
 ``has_triton()``, ``backends()``.
@@ -38,7 +43,10 @@ _PREFERENCE = {
     ("lora_grad", "cuda"): ("triton", "torch"),
     ("lora_grad", "cpu"): ("torch",),
     ("influence", "cuda"): ("cuda", "torch"),
-    ("influence", "cpu"): ("cpp", "torch"),
+    # blas: torch/MKL GEMM per row block + the C++ fold; blas-bf16: the same in bf16
+    # (fp16/bf16 train features only, see ops/segment_reduce.py's error budget);
+    # cpp: the AVX2 micro-kernel. "auto" measures these (ops.autotune) on real work.
+    ("influence", "cpu"): ("blas", "cpp", "blas-bf16", "torch"),
 }
 
 
@@ -114,9 +122,9 @@ def has_triton() -> bool:
 def _available(name: str, device_type: str) -> tuple[bool, str]:
     if name == "torch":
         return True, ""
-    if name == "cpp":
+    if name in ("cpp", "blas", "blas-bf16"):
         if device_type != "cpu":
-            return False, "the C++ backend runs on CPU tensors only"
+            return False, f"the {name} backend runs on CPU tensors only"
         return has_cpu_ext(), _cpu_ext()[1] or ""
     if name == "cuda":
         if device_type != "cuda":
@@ -143,21 +151,36 @@ def backends(device: str | torch.device = "cpu") -> dict[str, list[str]]:
     return {op: [b for b in _PREFERENCE[(op, dt)] if _available(b, dt)[0]] for op in OPS}
 
 
+def env_var(op: str) -> str:
+    """The variable that forces ``op``'s backend: ``ICONS_FAST_BACKEND_<OP>`` (upper case)."""
+    return f"ICONS_FAST_BACKEND_{op.upper()}"
+
+
+def requested_backend(op: str, requested: str | None = "auto", device: str | torch.device = "cpu") -> str:
+    """The backend asked for, after the environment: an explicit name, else ``ICONS_FAST_BACKEND_<OP>``,
+    else ``ICONS_FAST_BACKEND`` (when ``op`` has a backend of that name on ``device``), else "auto"."""
+    if requested not in (None, "auto"):
+        return requested
+    per_op = os.environ.get(env_var(op), "") or "auto"
+    if per_op != "auto":
+        return per_op
+    dt = "cuda" if torch.device(device).type == "cuda" else "cpu"
+    general = os.environ.get("ICONS_FAST_BACKEND", "auto") or "auto"
+    # The global variable naming a backend this op/device does not have means auto for it.
+    return general if general in _PREFERENCE[(op, dt)] else "auto"
+
+
 def resolve_backend(op: str, requested: str | None = "auto", device: str | torch.device = "cpu") -> str:
     """Return the backend name that will run ``op`` on ``device``.
 
-    ``requested`` None or "auto" falls back to ``ICONS_FAST_BACKEND`` and then
-    to the fastest available backend. An explicit backend that cannot run
-    raises ``BackendUnavailable``.
+    ``requested`` None or "auto" falls back to the environment
+    (``requested_backend``) and then to the first available backend of
+    ``_PREFERENCE``. An explicit backend that cannot run raises ``BackendUnavailable``.
     """
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; ops: {OPS}")
     dt = "cuda" if torch.device(device).type == "cuda" else "cpu"
-    if requested in (None, "auto"):
-        requested = os.environ.get("ICONS_FAST_BACKEND", "auto") or "auto"
-        if requested != "auto" and requested not in _PREFERENCE[(op, dt)]:
-            # The env var names a backend this op/device does not have: use auto for it.
-            requested = "auto"
+    requested = requested_backend(op, requested, dt)
     if requested == "auto":
         for name in _PREFERENCE[(op, dt)]:
             if _available(name, dt)[0]:

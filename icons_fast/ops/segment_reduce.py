@@ -22,10 +22,23 @@ Several checkpoints ``c`` with weights ``w_c`` are several calls into the same
 ``out`` (``weight=w_c``). Int8 train features carry a per-row fp32 ``scale``
 (``x_i = scale_i * q_i``).
 
-Backends (registered below, chosen by ``resolve_backend("influence", ...)``):
+Backends (registered below; "auto" on the CPU measures them, see "Dispatch"):
 
-- ``"cpp"``: CPU, C++ OpenMP blocked kernel; never forms the ``N x M``
-  product (a ``[block_rows, 256]`` tile per thread), memory independent of N.
+- ``"blas"``: CPU. Per block of ``block_rows`` train rows: convert the rows to
+  fp32 into a reused buffer, one fp32 GEMM through torch (MKL / oneDNN) into a
+  reused ``[block_rows, M]`` score buffer, then the C++ fold
+  (``_C.influence_segment_fold_cpu``) reduces that block per segment. The
+  GEMM is the machine's own; what this op adds is the fused reduction and
+  memory independent of N (two buffers, ``block_rows x (k + M)`` floats, at
+  most ``BLAS_BUFFER_BYTES``).
+- ``"blas-bf16"``: as "blas" with the GEMM in bf16 (inputs rounded to bf16,
+  fp32 accumulation, bf16 scores), for fp16 / bf16 train features and the
+  mean / max / top-m reductions only, within the error budget below. Fast
+  where the CPU has a bf16 matrix unit (AMX); slower than fp32 elsewhere, so
+  measured dispatch only takes it where it wins.
+- ``"cpp"``: CPU, C++ OpenMP blocked kernel with its own AVX2 micro-kernel;
+  never forms the ``N x M`` product (a ``[block_rows, 256]`` tile per thread),
+  memory independent of N.
 - ``"cuda"``: the CUDA kernel (tensor cores for fp16/bf16 train features),
   on the current stream; top-m limited to ``m <= 32``.
 - ``"torch"``: plain torch over blocks of ``block_rows`` train rows
@@ -34,6 +47,28 @@ Backends (registered below, chosen by ``resolve_backend("influence", ...)``):
 Tensors cross into C++ as raw addresses, shapes and dtype codes, so the
 extension does not depend on the torch build. ``segment_reduce_ref`` is the
 plain-torch reference that tests compare against.
+
+Dispatch: ``backend="auto"`` (and no ``ICONS_FAST_BACKEND_INFLUENCE`` /
+``ICONS_FAST_BACKEND``) on the CPU times every available backend once per
+(train dtype, reduction, k class, M class) on the first ``TUNE_ROWS`` rows
+and keeps the fastest that is not slower than "torch" (``ops.autotune``,
+cached on disk per machine). Calls below ``TUNE_MIN_FLOPS`` take the first
+available backend of the preference order without timing.
+
+Error budget of "blas-bf16" (held by ``tests/test_influence_ext.py`` against
+fp64): each input is rounded to bf16 (relative error <= 2^-9 per element),
+products are accumulated in fp32 and the score is rounded to bf16 (<= 2^-9
+relative), so every dot product obeys::
+
+    |s_bf16(x, t) - <x, t>| <= BF16_SCORE_BUDGET * ||x|| * ||t||,   BF16_SCORE_BUDGET = 2^-7
+
+(the worst case is ~3 * 2^-9 = 2^-7.4 by Cauchy-Schwarz; typical errors are
+much smaller because rounding errors of the k products cancel). mean, max and the top-m mean are
+1-Lipschitz in the largest element error, so the reduced score obeys the same
+bound with the largest ``||t||`` of its segment. count is a step function of
+the scores, so it never runs in bf16. The budget also requires that the top
+20% of train rows per task (the selection budget of the paper) overlaps the
+fp64 selection by at least ``BF16_MIN_OVERLAP``.
 """
 from __future__ import annotations
 
@@ -42,15 +77,26 @@ from collections.abc import Sequence
 
 import torch
 
-from icons_fast.ops.backend import BackendUnavailable, cpu_ext, implementation, register
+from icons_fast.ops import autotune
+from icons_fast.ops.backend import BackendUnavailable, backends, cpu_ext, implementation, register, requested_backend
 
 log = logging.getLogger(__name__)
 
 REDUCTIONS = ("mean", "max", "topm", "count")
 TRAIN_DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.int8: "i8"}
 TARGET_DTYPES = {torch.float32: "f32", torch.float16: "f16"}
-DEFAULT_BLOCK_ROWS = {"cpp": 144, "torch": 4096, "cuda": 64}
+# blas: 4096 rows measured at least as fast as 2048 and faster than 1024 and 256 (MKL's own blocking
+# wants tall panels, and every block costs a fork/join of the thread pool, which a busy machine
+# makes expensive) at k = 1024, M = 2,000 on a Xeon; BLAS_BUFFER_BYTES caps it for large M + k.
+DEFAULT_BLOCK_ROWS = {"cpp": 144, "torch": 4096, "cuda": 64, "blas": 4096, "blas-bf16": 4096}
+BLAS_BUFFER_BYTES = 64 << 20  # blas: at most this much for the row buffer + score buffer (fp32)
 CUDA_MAX_TOPM = 32
+BF16_SCORE_BUDGET = 2.0**-7  # |score error| / (||x|| ||t||), see the module docstring
+BF16_MIN_OVERLAP = 0.95  # top-20% selection overlap with fp64, per task
+BF16_REDUCTIONS = ("mean", "max", "topm")
+BF16_TRAIN_DTYPES = (torch.float16, torch.bfloat16)
+TUNE_ROWS = 4096  # train rows the measured dispatch times each backend on (a full block of each)
+TUNE_MIN_FLOPS = 2e9  # below this much work (2 N M k) "auto" does not time anything
 
 
 def offsets_from_sizes(sizes: Sequence[int]) -> torch.Tensor:
@@ -162,21 +208,18 @@ def segment_reduce(
         reduction: "mean" | "max" | "topm" (needs ``m``) | "count" (needs ``threshold``).
         weight: multiplies the reduced scores before they are added to ``out``.
         out: ``[N, S]`` fp32 accumulator (zeros when None), on train's device.
-        backend: "auto" | "cpp" | "cuda" | "torch" (see ``icons_fast.ops.backend``).
-        block_rows: train rows per block (cpp default 144, torch 4096); results
-            do not depend on it.
-        num_threads: OpenMP threads for "cpp" (0 = OpenMP default).
+        backend: "auto" | "blas" | "blas-bf16" | "cpp" | "cuda" | "torch" (module
+            docstring; ``icons_fast.ops.backend`` for forcing one).
+        block_rows: train rows per block (``DEFAULT_BLOCK_ROWS`` per backend);
+            "cpp" and "torch" results do not depend on it.
+        num_threads: OpenMP threads of the C++ loops (0 = OpenMP default; the
+            BLAS uses torch's thread count).
     Returns:
         ``out`` ``[N, S]`` fp32.
     """
     offs, out = _check(train, targets_cat, offsets, reduction, m, threshold, out, scale)
-    explicit = backend not in (None, "auto")
-    name, impl = implementation("influence", backend, train.device)
-    if name == "cuda" and reduction == "topm" and int(m) > CUDA_MAX_TOPM:
-        if explicit:
-            raise BackendUnavailable(f"the CUDA top-m reduction keeps at most m={CUDA_MAX_TOPM}; use backend='torch' for m={m}")
-        log.info("icons_fast: influence top-m with m=%d > %d runs on the torch backend", m, CUDA_MAX_TOPM)
-        name, impl = implementation("influence", "torch", train.device)
+    name = _choose(train, targets_cat, offs, reduction, m, threshold, scale, backend, block_rows)
+    impl = implementation("influence", name, train.device)[1]
     if train.shape[0] == 0:
         return out
     rows = int(block_rows or DEFAULT_BLOCK_ROWS[name])
@@ -184,6 +227,64 @@ def segment_reduce(
         raise ValueError(f"block_rows must be >= 1; got {block_rows}")
     impl(train, targets_cat, offs, reduction, m, threshold, weight, out, scale, rows, num_threads)
     return out
+
+
+def choose_backend(train, targets_cat, offsets, reduction: str, m: int | None = None, threshold: float | None = None,
+                   scale: torch.Tensor | None = None, backend: str | None = "auto", block_rows: int | None = None) -> str:
+    """The backend ``segment_reduce`` runs for these arguments (measuring it first when "auto" has not yet)."""
+    offs, _ = _check(train, targets_cat, offsets, reduction, m, threshold, None, scale)
+    return _choose(train, targets_cat, offs, reduction, m, threshold, scale, backend, block_rows)
+
+
+def _choose(train, targets_cat, offs, reduction, m, threshold, scale, backend, block_rows) -> str:
+    requested = requested_backend("influence", backend, train.device)
+    explicit = requested != "auto"
+    if requested == "blas-bf16" and (train.dtype not in BF16_TRAIN_DTYPES or reduction not in BF16_REDUCTIONS):
+        raise BackendUnavailable(
+            f"backend 'blas-bf16' runs fp16/bf16 train features with {BF16_REDUCTIONS} only (its error budget); "
+            f"got {train.dtype} train features and reduction {reduction!r}: use backend='blas'")
+    if requested == "auto" and train.device.type == "cpu":
+        requested = _measured_choice(train, targets_cat, offs, reduction, m, threshold, scale, block_rows)
+    name = implementation("influence", requested, train.device)[0]
+    if name == "cuda" and reduction == "topm" and int(m) > CUDA_MAX_TOPM:
+        if explicit:
+            raise BackendUnavailable(f"the CUDA top-m reduction keeps at most m={CUDA_MAX_TOPM}; use backend='torch' for m={m}")
+        log.info("icons_fast: influence top-m with m=%d > %d runs on the torch backend", m, CUDA_MAX_TOPM)
+        name = "torch"
+    return name
+
+
+def _candidates(train, reduction) -> list[str]:
+    """The CPU backends that may run this call, in the preference order of ``ops.backend``."""
+    names = backends(train.device)["influence"]
+    if train.dtype not in BF16_TRAIN_DTYPES or reduction not in BF16_REDUCTIONS:
+        names = [b for b in names if b != "blas-bf16"]
+    return names
+
+
+def shape_class(train, targets_cat, reduction) -> str:
+    """What a measured choice is keyed on besides the machine: dtype, reduction, k and M up to powers of two."""
+    k, mt = train.shape[1], targets_cat.shape[0]
+    return f"{TRAIN_DTYPES[train.dtype]} {reduction} k{autotune.pow2_class(k)} M{autotune.pow2_class(mt)}"
+
+
+def _measured_choice(train, targets_cat, offs, reduction, m, threshold, scale, block_rows) -> str:
+    """The backend "auto" runs on the CPU: measured once per shape class (``ops.autotune.pick``)."""
+    names = _candidates(train, reduction)
+    n, k = train.shape
+    if len(names) == 1 or 2.0 * n * targets_cat.shape[0] * k < TUNE_MIN_FLOPS:
+        return names[0]
+    rows = min(n, TUNE_ROWS)
+    x, sc = train[:rows], (None if scale is None else scale[:rows])
+    scratch = torch.zeros(rows, offs.numel() - 1)
+
+    def call(name):
+        impl = implementation("influence", name, train.device)[1]
+        br = int(block_rows or DEFAULT_BLOCK_ROWS[name])
+        return lambda: impl(x, targets_cat, offs, reduction, m, threshold, 1.0, scratch, sc, br, 0)
+
+    return autotune.pick("influence", train.device, shape_class(train, targets_cat, reduction),
+                         {name: call(name) for name in names})
 
 
 @register("influence", "torch")
@@ -229,3 +330,45 @@ def _segment_reduce_cuda(train, targets_cat, offs, reduction, m, threshold, weig
             f"{e}. Advice: check free GPU memory (torch.cuda.mem_get_info()), that the extension was built "
             "for this GPU's architecture (ICONS_FAST_CUDA_ARCHS), or rerun with backend='torch'."
         ) from e
+
+
+def _segment_reduce_blas(train, targets_cat, offs, reduction, m, threshold, weight, out, scale, rows, num_threads,
+                         gemm_dtype):
+    """Row blocks: convert into a reused buffer, one GEMM into a reused score buffer, the C++ fold per block."""
+    ext = cpu_ext()
+    codes = ext.influence_codes()
+    n, k = train.shape
+    mt, S = targets_cat.shape[0], offs.numel() - 1
+    rows = min(rows, n, max(1, BLAS_BUFFER_BYTES // (4 * (k + mt))))  # memory independent of N, bounded in M
+    tg_t = targets_cat.to(gemm_dtype).T  # [k, M] view of the targets, converted once per call
+    xbuf = torch.empty(rows, k, dtype=gemm_dtype)
+    pbuf = torch.empty(rows, mt, dtype=gemm_dtype)  # the block's scores
+    fbuf = pbuf if gemm_dtype == torch.float32 else torch.empty(rows, mt)  # fp32 scores for the fold
+    thr = float(threshold if threshold is not None else 0.0)
+    for i in range(0, n, rows):
+        r = min(rows, n - i)
+        if train.dtype == gemm_dtype:
+            x = train[i : i + r]
+        else:
+            x = xbuf[:r]
+            x.copy_(train[i : i + r])
+            if scale is not None:
+                x.mul_(scale[i : i + r, None])
+        p = torch.mm(x, tg_t, out=pbuf[:r])
+        if fbuf is not pbuf:
+            p = fbuf[:r].copy_(p)
+        ext.influence_segment_fold_cpu(p.data_ptr(), r, mt, mt, offs.data_ptr(), S, codes[reduction], int(m or 0),
+                                       thr, float(weight), out[i : i + r].data_ptr(), int(num_threads))
+
+
+@register("influence", "blas")
+def _segment_reduce_blas_f32(train, targets_cat, offs, reduction, m, threshold, weight, out, scale, rows, num_threads):
+    _segment_reduce_blas(train, targets_cat, offs, reduction, m, threshold, weight, out, scale, rows, num_threads,
+                         torch.float32)
+
+
+@register("influence", "blas-bf16")
+def _segment_reduce_blas_bf16(train, targets_cat, offs, reduction, m, threshold, weight, out, scale, rows,
+                              num_threads):
+    _segment_reduce_blas(train, targets_cat, offs, reduction, m, threshold, weight, out, scale, rows, num_threads,
+                         torch.bfloat16)

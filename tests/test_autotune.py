@@ -1,0 +1,187 @@
+"""Measured dispatch (icons_fast.ops.autotune): the choice rule, the on-disk cache and its keys, forcing a backend.
+Timings are injected (a fake clock or fixed medians), so nothing here depends on the machine's speed."""
+import json
+
+import pytest
+import torch
+
+from icons_fast.ops import autotune
+from icons_fast.ops import segment_reduce as sr
+from icons_fast.ops.backend import BackendUnavailable, has_cpu_ext, requested_backend
+
+needs_ext = pytest.mark.skipif(not has_cpu_ext(), reason="icons_fast._C is not built")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A private cache directory and a fresh in-process copy of the cache file."""
+    monkeypatch.setenv("ICONS_FAST_CACHE", str(tmp_path))
+    monkeypatch.delenv("ICONS_FAST_BACKEND", raising=False)
+    monkeypatch.delenv("ICONS_FAST_BACKEND_INFLUENCE", raising=False)
+    autotune.forget()
+    yield tmp_path
+    autotune.forget()
+
+
+def fake_backends(costs: dict[str, float], calls: dict[str, int] | None = None):
+    """A fake clock and candidates whose every call advances it by their cost (seconds)."""
+    now = [0.0]
+
+    def make(name):
+        def run():
+            if calls is not None:
+                calls[name] = calls.get(name, 0) + 1
+            now[0] += costs[name]
+        return run
+
+    return (lambda: now[0]), {name: make(name) for name in costs}
+
+
+def test_choose_never_takes_a_backend_slower_than_the_reference():
+    assert autotune.choose({"torch": 1.0, "cpp": 0.5, "blas": 0.7}) == "cpp"
+    assert autotune.choose({"torch": 1.0, "cpp": 1.5, "blas": 1.2}) == "torch"
+    assert autotune.choose({"torch": 1.0, "cpp": 1.0}) == "torch"  # a tie keeps the reference
+    assert autotune.choose({"torch": 1.0}) == "torch"
+    with pytest.raises(ValueError, match="reference"):
+        autotune.choose({"cpp": 1.0})
+
+
+def test_time_backends_takes_medians_and_drops_failing_backends():
+    clock, cands = fake_backends({"torch": 0.3, "cpp": 0.1})
+
+    def broken():
+        raise RuntimeError("no kernel for this shape")
+
+    cands["broken"] = broken
+    med = autotune.time_backends(cands, rounds=3, clock=clock)
+    assert med == pytest.approx({"torch": 0.3, "cpp": 0.1})
+
+
+def test_pick_measures_once_then_reads_the_cache_file(cache):
+    calls: dict[str, int] = {}
+    clock, cands = fake_backends({"torch": 2.0, "cpp": 1.0, "blas": 0.5}, calls)
+    assert autotune.pick("influence", "cpu", "f16 max k1024 M2048", cands, clock=clock) == "blas"
+    assert calls == {"torch": 4, "cpp": 4, "blas": 4}  # 1 warm-up + 3 rounds each
+    data = json.loads((cache / "autotune.json").read_text())
+    (machine, entries), = data.items()
+    assert machine == autotune.machine_key("cpu")
+    entry = entries["influence | cpu | f16 max k1024 M2048"]
+    assert entry["backend"] == "blas" and entry["median_s"] == pytest.approx({"torch": 2.0, "cpp": 1.0, "blas": 0.5})
+    # a new process (forget the in-memory copy) reads the file and times nothing
+    autotune.forget()
+    calls.clear()
+    assert autotune.pick("influence", "cpu", "f16 max k1024 M2048", cands, clock=clock) == "blas"
+    assert calls == {}
+    # another shape class is measured on its own
+    assert autotune.pick("influence", "cpu", "f32 max k1024 M2048", cands, clock=clock) == "blas"
+    assert calls["torch"] == 4
+
+
+def test_machine_key_names_cpu_and_versions_and_a_new_machine_measures_again(cache, monkeypatch):
+    key = autotune.machine_key("cpu")
+    assert autotune.cpu_name() in key and f"torch {torch.__version__}" in key and "icons-fast" in key
+    assert autotune.cpu_isa() in key
+    calls: dict[str, int] = {}
+    clock, cands = fake_backends({"torch": 1.0, "cpp": 0.5}, calls)
+    autotune.pick("influence", "cpu", "c", cands, clock=clock)
+    monkeypatch.setattr(autotune, "machine_key", lambda device="cpu": "another CPU | no GPU | torch 0 | icons-fast 0")
+    calls.clear()
+    clock2, slow_cpp = fake_backends({"torch": 1.0, "cpp": 3.0}, calls)
+    assert autotune.pick("influence", "cpu", "c", slow_cpp, clock=clock2) == "torch"
+    assert calls  # measured again under the new machine key
+    assert len(json.loads((cache / "autotune.json").read_text())) == 2
+
+
+def test_stale_or_corrupt_cache_is_measured_again(cache):
+    (cache / "autotune.json").write_text("{not json")
+    calls: dict[str, int] = {}
+    clock, cands = fake_backends({"torch": 1.0, "cpp": 0.5}, calls)
+    assert autotune.pick("influence", "cpu", "c", cands, clock=clock) == "cpp"
+    assert calls
+    # the cached backend is no longer a candidate (e.g. the extension is gone): measure among the others
+    autotune.forget()
+    calls.clear()
+    clock, only_torch = fake_backends({"torch": 1.0}, calls)
+    assert autotune.pick("influence", "cpu", "c", only_torch, clock=clock) == "torch"
+    assert calls == {"torch": 4}
+
+
+def test_pow2_classes():
+    assert [autotune.pow2_class(v) for v in (1, 2, 3, 1000, 1024, 1025)] == [1, 2, 4, 1024, 1024, 2048]
+
+
+def test_forcing_per_op_then_global(monkeypatch):
+    monkeypatch.delenv("ICONS_FAST_BACKEND_INFLUENCE", raising=False)
+    monkeypatch.setenv("ICONS_FAST_BACKEND", "torch")
+    assert requested_backend("influence", "auto", "cpu") == "torch"
+    monkeypatch.setenv("ICONS_FAST_BACKEND_INFLUENCE", "cpp")
+    assert requested_backend("influence", "auto", "cpu") == "cpp"  # the op's own variable wins
+    assert requested_backend("influence", "blas", "cpu") == "blas"  # an explicit argument wins over both
+    assert requested_backend("project", None, "cpu") == "torch"  # other ops follow the global one
+    monkeypatch.setenv("ICONS_FAST_BACKEND", "triton")  # not an influence backend on the CPU: auto for it
+    monkeypatch.delenv("ICONS_FAST_BACKEND_INFLUENCE")
+    assert requested_backend("influence", "auto", "cpu") == "auto"
+
+
+def _inputs(n=64, k=32, sizes=(5, 11)):
+    g = torch.Generator().manual_seed(0)
+    train = torch.randn(n, k, generator=g).half()
+    targets = torch.randn(sum(sizes), k, generator=g)
+    return train, targets, sr.offsets_from_sizes(list(sizes))
+
+
+@needs_ext
+def test_forced_backend_skips_the_measurement(cache, monkeypatch):
+    monkeypatch.setattr(sr, "TUNE_MIN_FLOPS", 0.0)
+    monkeypatch.setattr(autotune, "pick", lambda *a, **k: pytest.fail("a forced backend must not be timed"))
+    train, targets, offsets = _inputs()
+    monkeypatch.setenv("ICONS_FAST_BACKEND_INFLUENCE", "cpp")
+    assert sr.choose_backend(train, targets, offsets, "max") == "cpp"
+    monkeypatch.setenv("ICONS_FAST_BACKEND_INFLUENCE", "cuda")
+    with pytest.raises(BackendUnavailable, match="CUDA"):
+        sr.segment_reduce(train, targets, offsets, "max")
+
+
+@needs_ext
+@pytest.mark.parametrize("fastest", ["cpp", "blas", "torch"])
+def test_auto_runs_the_measured_fastest_and_stays_correct(cache, monkeypatch, fastest):
+    """segment_reduce(auto) times its candidates (here: injected medians) and runs the fastest, results unchanged."""
+    monkeypatch.setattr(sr, "TUNE_MIN_FLOPS", 0.0)
+    medians = {"torch": 1.0, "cpp": 1.5, "blas": 1.2, "blas-bf16": 3.0}
+    medians[fastest] = 0.1
+    seen = {}
+
+    def fake_time(candidates, rounds=3, clock=None):
+        seen["names"] = sorted(candidates)
+        for fn in candidates.values():
+            fn()  # the candidates really run on the sample
+        return {name: medians[name] for name in candidates}
+
+    monkeypatch.setattr(autotune, "time_backends", fake_time)
+    train, targets, offsets = _inputs()
+    assert sr.choose_backend(train, targets, offsets, "max") == fastest
+    assert seen["names"] == ["blas", "blas-bf16", "cpp", "torch"]  # bf16 is a candidate for fp16 max
+    got = sr.segment_reduce(train, targets, offsets, "max")
+    want = sr.segment_reduce_ref(train, targets, offsets, "max")
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    # count is outside the bf16 budget: not a candidate
+    sr.choose_backend(train, targets, offsets, "count", threshold=0.0)
+    assert seen["names"] == ["blas", "cpp", "torch"]
+
+
+@needs_ext
+def test_auto_does_not_time_small_calls(cache, monkeypatch):
+    monkeypatch.setattr(autotune, "pick", lambda *a, **k: pytest.fail("too little work to be worth timing"))
+    train, targets, offsets = _inputs()
+    assert sr.choose_backend(train, targets, offsets, "mean") == "blas"  # the preference order's first
+
+
+def test_one_log_line_per_choice(cache, caplog):
+    clock, cands = fake_backends({"torch": 1.0, "cpp": 0.5})
+    with caplog.at_level("INFO", logger="icons_fast.ops.autotune"):
+        for _ in range(3):
+            autotune.pick("influence", "cpu", "c", cands, clock=clock)
+        autotune.forget()
+        autotune.pick("influence", "cpu", "c", cands, clock=clock)  # read back from the file: already said
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "'cpp'" in lines[0] and "cpp 500.0 ms" in lines[0] and "torch 1000.0 ms" in lines[0]
