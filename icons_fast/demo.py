@@ -95,10 +95,10 @@ def stage1_base(size: str = STAGE1["size"], n_captions: int = STAGE1["n_captions
     """
     from icons_fast.data import load_records
     from icons_fast.data.replica import make_caption_data
-    from icons_fast.model.loading import default_cache_dir
+    from icons_fast.fileio import cache_dir
     from icons_fast.train.finetune import run_train
 
-    root = os.path.join(default_cache_dir(), f"stage1-{size}-n{n_captions}-e{epochs}-lr{lr:g}-b{batch_size}-seed{seed}")
+    root = os.path.join(cache_dir(), f"stage1-{size}-n{n_captions}-e{epochs}-lr{lr:g}-b{batch_size}-seed{seed}")
     model_dir = os.path.join(root, "model")
     report = os.path.join(root, "base_report.json")
     if os.path.exists(os.path.join(model_dir, "config.json")) and os.path.exists(report):

@@ -70,6 +70,12 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def cache_dir() -> str:
+    """``$ICONS_FAST_CACHE`` or ``~/.cache/icons_fast``: the one cache directory of the package
+    (built-in models, the demo's stage-1 base, the measured-dispatch choices)."""
+    return os.environ.get("ICONS_FAST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "icons_fast"))
+
+
 def _temp_next_to(path: str) -> tuple[int, str, str]:
     """``(fd, temp path, directory)`` of a fresh 0644 temp file in ``path``'s directory."""
     directory = os.path.dirname(os.path.abspath(path))

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from icons_fast.fileio import cache_dir
 from icons_fast.model.tiny import TINY_SIZES, build_tiny_llava
 
 log = logging.getLogger(__name__)
@@ -81,14 +82,10 @@ class ProcessorParts:
         self.image_processor.save_pretrained(path)
 
 
-def default_cache_dir() -> str:
-    return os.environ.get("ICONS_FAST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "icons_fast"))
-
-
 def resolve_model_dir(model: str, seed: int = 0) -> str:
     """Directory of ``model``: builds and caches the tiny model for "tiny"/"small"."""
     if model in TINY_SIZES:
-        out = os.path.join(default_cache_dir(), f"{model}-llava-seed{seed}")
+        out = os.path.join(cache_dir(), f"{model}-llava-seed{seed}")
         if not os.path.exists(os.path.join(out, "config.json")):
             tmp = out + f".tmp{os.getpid()}"
             build_tiny_llava(tmp, size=model, seed=seed)

@@ -36,7 +36,7 @@ from collections.abc import Callable
 
 import torch
 
-from icons_fast.fileio import atomic_json
+from icons_fast.fileio import atomic_json, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,6 @@ ROUNDS = 3
 _LOCK = threading.Lock()
 _MEMORY: dict[str, dict] = {}  # path -> loaded cache file (this process)
 _SAID: set[tuple[str, str]] = set()  # (path, entry) whose cached choice was logged in this process
-
-
-def cache_dir() -> str:
-    """``$ICONS_FAST_CACHE`` or ``~/.cache/icons_fast`` (the one cache directory of the package)."""
-    return os.environ.get("ICONS_FAST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "icons_fast"))
 
 
 def cache_path() -> str:
