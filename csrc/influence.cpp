@@ -204,6 +204,16 @@ __attribute__((target("avx2,fma"))) void kernel_avx2(int64_t kl, const float* A,
 }
 #endif
 
+// OpenMP threads for one call: the caller's count when positive, else OpenMP's default (1 without OpenMP).
+int thread_count(int num_threads) {
+#ifdef _OPENMP
+  return num_threads > 0 ? num_threads : omp_get_max_threads();
+#else
+  (void)num_threads;
+  return 1;
+#endif
+}
+
 MicroKernel pick_kernel(bool force_generic, const char** name) {
 #ifdef ICONS_FAST_X86_DISPATCH
   if (!force_generic && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
@@ -383,12 +393,7 @@ std::string segment_reduce_cpu(uintptr_t train_ptr, int train_dtype, int64_t n, 
   const int64_t R = std::max<int64_t>(MR, (std::max<int64_t>(block_rows, 1) + MR - 1) / MR * MR);
   const int64_t m_pad = (m + NR - 1) / NR * NR;
   const int64_t n_blocks = (n + R - 1) / R;
-#ifdef _OPENMP
-  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
-#else
-  const int threads = 1;
-  (void)num_threads;
-#endif
+  const int threads = thread_count(num_threads);
 
   {
     py::gil_scoped_release nogil;
@@ -475,12 +480,7 @@ void segment_fold_cpu(uintptr_t scores_ptr, int64_t rows, int64_t m, int64_t ld,
   if (rows == 0) return;
   constexpr int64_t CHUNK = 32;  // rows per task: state of CHUNK x S entries, a few KiB
   const int64_t n_chunks = (rows + CHUNK - 1) / CHUNK;
-#ifdef _OPENMP
-  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
-#else
-  const int threads = 1;
-  (void)num_threads;
-#endif
+  const int threads = thread_count(num_threads);
   py::gil_scoped_release nogil;
   std::string err;
 #pragma omp parallel for schedule(static) num_threads(threads)
