@@ -8,6 +8,7 @@
     RUN/warmup/subset.txt                 pool indices used for warmup
     RUN/features/<ckpt>/<split>/          FeatureStore (manifest.json + shards)
     RUN/errors/<split>.jsonl              bad samples: index, id, stage, reason
+    RUN/errors/oom-retries/<split>.jsonl  batches retried in halves after running out of memory
     RUN/scores/                           scores.npy [N, T], task_names.json, valid.npy
     RUN/selection/                        selected.json, indices.txt, votes.npy, summary.json
     RUN/report/                           plots and index.html
@@ -86,6 +87,16 @@ class RunLayout:
 
     def errors(self, split: str) -> str:
         return self.path("errors", f"{split}.jsonl")
+
+    def error_logs(self) -> dict[str, str]:
+        """``{split: path}`` of every split's bad-sample log present in ``errors/``."""
+        folder = self.path("errors")
+        names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        return {n[: -len(".jsonl")]: os.path.join(folder, n) for n in names if n.endswith(".jsonl")}
+
+    def oom_retries(self, split: str) -> str:
+        """Batches of ``split`` retried in halves after an out-of-memory error (not sample errors)."""
+        return self.path("errors", "oom-retries", f"{split}.jsonl")
 
     def warmup_checkpoints(self) -> list[str]:
         """Directories of the finished warmup's checkpoints, as ``warmup_done.json`` lists them, by step.

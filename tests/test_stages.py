@@ -87,3 +87,17 @@ def test_neighbors_name_rows_by_sample_index_and_id():
         best = torch.topk(sims[:, r], 2)
         assert [nb["index"] for nb in p["neighbors"]] == t_idx[best.indices.numpy()].tolist()
         np.testing.assert_allclose([nb["score"] for nb in p["neighbors"]], best.values.numpy(), atol=1e-5)
+
+
+def test_error_logs_are_the_split_logs_only(tmp_path):
+    """The out-of-memory retry log sits apart from the bad-sample logs, which the report reads as ErrorLogs."""
+    from icons_fast.data import ErrorLog, SampleError
+
+    layout = RunLayout(str(tmp_path))
+    log = ErrorLog(layout.errors("train"))
+    log.add(SampleError(3, "s3", "data", "missing_image: no such file"))
+    os.makedirs(os.path.dirname(layout.oom_retries("train")))
+    with open(layout.oom_retries("train"), "w") as f:
+        f.write(json.dumps({"checkpoint": "checkpoint-1", "batch_size": 8, "indices": [0, 7]}) + "\n")
+    assert layout.error_logs() == {"train": layout.errors("train")}
+    assert [e.index for e in ErrorLog.read(layout.error_logs()["train"])] == [3]

@@ -100,8 +100,8 @@ def read_run(run_dir: str, selection: str | None = None) -> dict:
                     len(pool), len(valid))
         pool = None  # a different file now sits at that path: its records would not line up
     errors = {}
-    for path in sorted(glob.glob(os.path.join(run_dir, "errors", "*.jsonl"))):
-        errors[os.path.basename(path)[: -len(".jsonl")]] = ErrorLog.read(path)
+    for split, path in RunLayout(run_dir).error_logs().items():
+        errors[split] = ErrorLog.read(path)
     return dict(config=config, scores=scores, valid=valid, task_names=names, score_info=score_info,
                 selection_dir=sel_dir, indices=indices, summary=summary, pool=pool,
                 selected_records=selected_records, errors=errors)

@@ -229,12 +229,13 @@ def _featurize_split(cfg: Config, run_dir: str, split: str, records_path: str, c
     n_todo = sum(e - s for s, e in todo)
     log.info("%s @ %s (%s, k=%d, backend=%s): %d of %d shard(s) to do, process %d/%d", split, ckpt_name, mode,
              cfg.features.proj_dim, extractor.backend, len(todo), len(mine), rank, world)
-    retries_path = layout.path("errors", f"{split}.oom_retries.jsonl")
+    retries_path = layout.oom_retries(split)
 
     def on_retry(size: int, indices: list[int]) -> None:
         """Out-of-memory splits are recorded (they are not sample errors: the samples still get features)."""
         log.warning("out of memory on a batch of %d (indices %d..%d): retrying in halves", size, indices[0], indices[-1])
         try:
+            os.makedirs(os.path.dirname(retries_path), exist_ok=True)
             with open(retries_path, "a") as f:
                 f.write(json.dumps({"checkpoint": ckpt_name, "batch_size": size, "indices": indices}) + "\n")
         except OSError as err:  # a full disk or read-only directory: one line naming the file
