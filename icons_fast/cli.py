@@ -213,7 +213,7 @@ def cmd_demo(args):
 
 
 def cmd_bench(args):
-    from icons_fast.bench import cmd_bench as run
+    from icons_fast.bench.suite import cmd_bench as run
 
     return run(args)
 

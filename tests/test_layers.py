@@ -5,11 +5,11 @@ Layers, lowest first (``docs/architecture.md`` draws the same table)::
     0 foundation  contract, config, fileio, logs, distributed, runlock, signals, _C
     1 kernels     Triton kernels (installed as icons_fast.kernels)
     2 ops         checks, dispatch through one registry, the torch references
-    3 inputs      data/ (records, templates, images, demo data), model/ (loading, LoRA, inputs)
+    3 inputs      data/ (formats, records, templates, images, replica), model/ (loading, LoRA, inputs)
     4 math        features/ (extractor, projector, store), select/ (influence, voting, rules),
                   train/ (loop, checkpoints, fine-tune, evaluate), compat/ (LESS, ICONS, TRAK files)
     5 run layout  rundir (where each stage reads and writes)
-    6 stages      stages/ (warmup, featurize, influence, select, neighbors, pipeline), report/,
+    6 stages      stages/ (warmup, featurize, influence, select, neighbors, target_index, pipeline), report/,
                   bench/, demo
     7 interface   cli, __main__, the package's public API (icons_fast/__init__.py)
 

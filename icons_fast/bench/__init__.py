@@ -7,26 +7,11 @@
 - ``featurize``: ours vs the LoRA forward+backward floor vs the LESS/ICONS-style
   one-sample-per-step baseline.
 - ``ops``: projection, influence and voting providers.
-- ``suite``: ``run_bench`` and the CLI command.
+- ``suite``: ``run_bench`` and the CLI command ``cmd_bench`` (imported when a benchmark runs: torch loads only then).
 
 The scripts in ``benchmarks/`` call these; results are recorded in
 ``benchmarks/RESULTS.md``.
 """
 from icons_fast.bench.args import CONFIG_NAMES, SUITES, add_arguments
 
-
-def run_bench(*args, **kwargs):
-    """See ``icons_fast.bench.suite.run_bench`` (imported lazily: torch loads only when a benchmark runs)."""
-    from icons_fast.bench.suite import run_bench as run
-
-    return run(*args, **kwargs)
-
-
-def cmd_bench(args) -> int:
-    """Entry point of ``icons-fast bench``."""
-    from icons_fast.bench.suite import cmd_bench as run
-
-    return run(args)
-
-
-__all__ = ["CONFIG_NAMES", "SUITES", "add_arguments", "cmd_bench", "run_bench"]
+__all__ = ["CONFIG_NAMES", "SUITES", "add_arguments"]

@@ -57,7 +57,6 @@ ENTRIES_DIR = "entries"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8}
 _DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
 
-_HASH_CHUNK = 1 << 20  # bytes read per sha256 update: bounded memory on large shards
 
 
 class FingerprintMismatch(ValueError):

@@ -71,7 +71,7 @@ def build_tiny_llava(out_dir: str, size: str = "tiny", seed: int = 0) -> str:
     """Build, save and return the directory of a randomly initialised tiny LLaVA.
 
     The directory holds the model (safetensors), the tokenizer and the image
-    processor, loadable with ``icons_fast.model.load_model(out_dir)``.
+    processor, loadable with ``icons_fast.model.loading.load_model(out_dir)``.
     Rebuilding with the same ``size`` and ``seed`` gives the same weights.
     """
     from transformers import (
