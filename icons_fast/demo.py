@@ -13,11 +13,11 @@ selection of stage-2 data can matter.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 
 from icons_fast.config import Config
+from icons_fast.fileio import atomic_json
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +115,8 @@ def stage1_base(size: str = STAGE1["size"], n_captions: int = STAGE1["n_captions
     acc = caption_accuracy(model_dir, load_records(data["eval"]), data["image_folder"])
     log.info("stage-1 base: held-out captions exact %.3f, objects %.3f, count %.3f",
              acc["exact"], acc["objects"], acc["count"])
-    with open(report, "w") as f:
-        json.dump({"stage1": {"size": size, "n_captions": n_captions, "epochs": epochs, "lr": lr,
-                              "batch_size": batch_size, "seed": seed}, "held_out_captions": acc}, f, indent=2)
+    atomic_json(report, {"stage1": {"size": size, "n_captions": n_captions, "epochs": epochs, "lr": lr,
+                                    "batch_size": batch_size, "seed": seed}, "held_out_captions": acc})
     return model_dir
 
 

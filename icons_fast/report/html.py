@@ -26,6 +26,7 @@ import re
 
 import numpy as np
 
+from icons_fast.fileio import atomic_write
 from icons_fast.report import plots
 from icons_fast.report.data import (SOURCE_KEY, Composition, FigureData, figure_data, first_turns, read_run,
                                     record_source)
@@ -91,10 +92,7 @@ def write_report(run_dir: str, out_dir: str | None = None, selection: str | None
             f"<h1>icons-fast report</h1><p class=note>{_esc(os.path.abspath(run_dir))}</p>"
             + "\n".join(sections) + "</body></html>\n")
     path = os.path.join(out_dir, "index.html")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(page)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(page))
     log.info("report written to %s", path)
     return path
 

@@ -8,7 +8,6 @@ the per-sample answer cross-entropy (all answer turns), as in featurize.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -92,9 +91,9 @@ def run_evaluate(cfg: Config, model_dir: str, targets: dict[str, str], json_out:
         results[task] = evaluate_task(lm, load_records(path), cfg.data.image_folder, cfg.data.max_length)
         log.debug("%s: %s", task, results[task])
     if json_out:
-        os.makedirs(os.path.dirname(os.path.abspath(json_out)), exist_ok=True)
-        with open(json_out, "w") as f:
-            json.dump({"model": os.path.abspath(model_dir), "tasks": results}, f, indent=2)
+        from icons_fast.fileio import atomic_json
+
+        atomic_json(json_out, {"model": os.path.abspath(model_dir), "tasks": results})
     return results
 
 

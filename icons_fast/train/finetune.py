@@ -9,12 +9,12 @@ llava-hf directory.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 
 from icons_fast.config import Config
+from icons_fast.fileio import atomic_json
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,6 @@ def run_train(cfg: Config, data_path: str, out_dir: str) -> str:
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     summary.update(data=os.path.abspath(data_path), base_model=lm.path, full_finetune=cfg.train.full_finetune)
-    with open(os.path.join(out_dir, "train_summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    atomic_json(os.path.join(out_dir, "train_summary.json"), summary)
     log.info("%d steps, final loss %.3f; model saved to %s", summary["steps"], summary["final_loss"], final)
     return final
