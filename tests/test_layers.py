@@ -169,6 +169,8 @@ APART = {
     "icons_fast.train": ("icons_fast.features", "icons_fast.select"),
     "icons_fast.features": ("icons_fast.select", "icons_fast.train"),
     "icons_fast.select": ("icons_fast.train", "icons_fast.config", "icons_fast.distributed"),
+    # the report reads run directories (rundir) and never runs a stage
+    "icons_fast.report": ("icons_fast.stages", "icons_fast.bench", "icons_fast.demo"),
 }
 
 
@@ -178,6 +180,41 @@ def test_math_folders_stay_apart():
         for mod, targets in import_graph().items()
         for src, apart in APART.items()
         if mod == src or mod.startswith(src + ".")
+    }
+    assert {m: t for m, t in crossing.items() if t} == {}
+
+
+# Narrower than the layer numbers: what docs/architecture.md's "may import" column says for
+# the bottom of the stack, and for the two inputs folders, which stay apart from each other.
+ONLY = {
+    "icons_fast.contract": (),
+    "icons_fast.kernels": ("icons_fast.contract", "icons_fast.kernels"),
+    "icons_fast.ops": ("icons_fast.contract", "icons_fast.config", "icons_fast.fileio", "icons_fast.logs",
+                       "icons_fast._C", "icons_fast.kernels", "icons_fast.ops"),
+}
+INPUTS_APART = {"icons_fast.data": "icons_fast.model", "icons_fast.model": "icons_fast.data"}
+
+
+def _inside(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def test_bottom_layers_import_only_what_they_may():
+    bad = {
+        mod: sorted(t for t in targets if not any(_inside(t, ok) for ok in allowed))
+        for mod, targets in import_graph().items()
+        for src, allowed in ONLY.items()
+        if _inside(mod, src)
+    }
+    assert {m: t for m, t in bad.items() if t} == {}
+
+
+def test_data_and_model_stay_apart():
+    crossing = {
+        mod: sorted(t for t in targets if _inside(t, other))
+        for mod, targets in import_graph().items()
+        for src, other in INPUTS_APART.items()
+        if _inside(mod, src)
     }
     assert {m: t for m, t in crossing.items() if t} == {}
 
