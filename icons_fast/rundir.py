@@ -88,6 +88,14 @@ class RunLayout:
     def errors(self, split: str) -> str:
         return self.path("errors", f"{split}.jsonl")
 
+    def score_files(self) -> dict[str, str]:
+        """The files of ``scores/``: ``scores`` (npy [N, T]), ``valid`` (npy [N]), ``task_names`` (json)."""
+        return {
+            "scores": self.path("scores", "scores.npy"),
+            "valid": self.path("scores", "valid.npy"),
+            "task_names": self.path("scores", "task_names.json"),
+        }
+
     def error_logs(self) -> dict[str, str]:
         """``{split: path}`` of every split's bad-sample log present in ``errors/``."""
         folder = self.path("errors")

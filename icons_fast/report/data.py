@@ -70,15 +70,16 @@ def read_run(run_dir: str, selection: str | None = None) -> dict:
     from icons_fast.data import ErrorLog
 
     layout = RunLayout(run_dir)
-    scores_path = os.path.join(layout.scores, "scores.npy")
+    files = layout.score_files()
+    scores_path = files["scores"]
     if not os.path.exists(scores_path):
         raise FileNotFoundError(f"no scores in {layout.scores}; run `icons-fast influence --out {run_dir}` first")
     scores = np.load(scores_path)
     if scores.ndim == 1:
         scores = scores[:, None]
-    valid_path = os.path.join(layout.scores, "valid.npy")
+    valid_path = files["valid"]
     valid = np.load(valid_path).astype(bool) if os.path.exists(valid_path) else np.isfinite(scores).all(axis=1)
-    score_info = _read_json(os.path.join(layout.scores, "task_names.json"), {})
+    score_info = _read_json(files["task_names"], {})
     names = list(score_info.get("task_names") or [f"task{t}" for t in range(scores.shape[1])])
     if len(names) != scores.shape[1] or len(valid) != scores.shape[0]:
         raise ValueError(f"{layout.scores}: scores {scores.shape}, {len(names)} task names, {len(valid)} valid flags "

@@ -53,18 +53,9 @@ log = logging.getLogger(__name__)
 DEFAULT_BLOCK_SIZE = 8192  # train rows per streamed block
 
 
-def score_paths(layout: RunLayout) -> dict[str, str]:
-    """The files of ``scores/``: ``scores``, ``valid``, ``task_names``."""
-    return {
-        "scores": os.path.join(layout.scores, "scores.npy"),
-        "valid": os.path.join(layout.scores, "valid.npy"),
-        "task_names": os.path.join(layout.scores, "task_names.json"),
-    }
-
-
 def scores_meta(layout: RunLayout) -> dict | None:
     """``scores/task_names.json`` (names, checkpoints, aggregate, inputs fingerprint), None when the scores are incomplete."""
-    paths = score_paths(layout)
+    paths = layout.score_files()
     if not all(os.path.exists(p) for p in paths.values()):
         return None
     with open(paths["task_names"]) as f:
@@ -73,7 +64,7 @@ def scores_meta(layout: RunLayout) -> dict | None:
 
 def load_scores(run_dir: str) -> tuple[np.ndarray, list[str], np.ndarray]:
     """``(scores [N, T] float32 with NaN on excluded samples, task names, valid [N] bool)`` of a run."""
-    paths = score_paths(RunLayout(run_dir))
+    paths = RunLayout(run_dir).score_files()
     scores = np.load(paths["scores"])
     valid = np.load(paths["valid"])
     with open(paths["task_names"]) as f:
@@ -294,7 +285,7 @@ def run_influence(cfg: Config, run_dir: str | None = None, block_size: int = DEF
     with writer_lock(layout.root, "influence", cfg):
         check_fresh(cfg, layout)
         inputs = scores_inputs(cfg, layout)
-        paths = score_paths(layout)
+        paths = layout.score_files()
         if (scores_meta(layout) or {}).get("inputs_fingerprint") == inputs:
             log.info("[influence] scores in %s are up to date", layout.scores)
             return paths
@@ -305,7 +296,7 @@ def run_influence(cfg: Config, run_dir: str | None = None, block_size: int = DEF
 
 
 def _write_scores(cfg: Config, layout: RunLayout, inputs: str, block_size: int) -> dict:
-    paths = score_paths(layout)
+    paths = layout.score_files()
     out, names, valid, ckpts = _score_pool(cfg, layout, _cosine_targets, cfg.select.aggregate, True, block_size)
     os.makedirs(layout.scores, exist_ok=True)
     atomic_npy(paths["scores"], out)
