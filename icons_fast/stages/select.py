@@ -75,7 +75,6 @@ def _select(cfg: Config, layout: RunLayout, task: str | None) -> dict:
         )
     scores, names, valid = load_scores(layout.root)
     budget = _budget(cfg)
-    n_valid = int(valid.sum())
     out_dir = layout.selection if task is None else os.path.join(layout.selection, f"specialist-{task}")
     if task is None and cfg.select.rule != "icons":  # other selectors -> selection/rule-NAME/
         indices, info, scores, names = run_rule(cfg, layout.root, cfg.select.rule, scores, names, valid)
@@ -85,8 +84,8 @@ def _select(cfg: Config, layout: RunLayout, task: str | None) -> dict:
             np.nan_to_num(scores, nan=-np.inf), budget=budget, top_percent=cfg.select.top_percent,
             tie_break=cfg.select.tie_break, seed=cfg.seed, valid=valid, return_info=True,
         )
-        top_percent = cfg.select.top_percent or (100.0 * budget if budget < 1 else 100.0 * budget / n_valid)
-        votes = vote_counts(np.nan_to_num(scores, nan=-np.inf), top_percent=top_percent, valid=valid)
+        # the per-sample votes at the percentage the vote used (votes.npy; the info holds only histograms)
+        votes = vote_counts(np.nan_to_num(scores, nan=-np.inf), top_percent=info["top_percent"], valid=valid)
     else:
         if task not in names:
             raise ValueError(f"unknown task {task!r}; tasks with scores: {names}")
