@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from icons_fast.select.inputs import budget_count, checked_scores
 from icons_fast.select.voting import percentile_ranks, vote_counts
 
 
@@ -118,13 +119,10 @@ def quota_vote(scores, budget, valid=None, top_percent: float | None = None) -> 
     Return:
         int64 ``ndarray[count]``, ascending.
     """
-    s = np.asarray(scores, dtype=np.float64)
-    if s.ndim == 1:
-        s = s[:, None]
+    s, v = checked_scores(scores, valid)  # float64 [N, T], bool [N]: the vote's own input checks
     n, t = s.shape
-    v = np.ones(n, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
     n_valid = int(v.sum())
-    count = int(budget * n_valid) if budget < 1 else min(int(budget), n_valid)
+    count, _ = budget_count(budget, n_valid)
     if top_percent is None:
         top_percent = 100.0 * count / n_valid
     order = vote_order(s, top_percent, v)
