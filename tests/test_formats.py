@@ -119,14 +119,18 @@ def _mutations():
         {"role": "assistant", "content": "a"}]}
     base_share = {"id": "s", "images": ["a.png"], "conversations": [
         {"from": "system", "value": "s"}, {"from": "user", "value": "<image>\nq"}, {"from": "assistant", "value": "a"}]}
+    def turn_field(base, turns_key, turn, key, odd):
+        """``base`` with ``base[turns_key][turn][key] = odd`` (a deep copy; ``base`` is untouched)."""
+        turns = json.loads(json.dumps(base[turns_key]))
+        turns[turn][key] = odd
+        return dict(base, **{turns_key: turns})
+
     for odd in ODD:
         yield dict(base_msgs, images=odd)
         yield dict(base_msgs, messages=odd)
         for m in range(3):
             for key in ("role", "content"):
-                msgs = json.loads(json.dumps(base_msgs["messages"]))
-                msgs[m][key] = odd
-                yield dict(base_msgs, messages=msgs)
+                yield turn_field(base_msgs, "messages", m, key, odd)
         for p in range(3):
             msgs = json.loads(json.dumps(base_msgs["messages"]))
             msgs[1]["content"][p] = odd
@@ -140,9 +144,7 @@ def _mutations():
         yield dict(base_share, conversations=odd)
         for t in range(3):
             for key in ("from", "value"):
-                conv = json.loads(json.dumps(base_share["conversations"]))
-                conv[t][key] = odd
-                yield dict(base_share, conversations=conv)
+                yield turn_field(base_share, "conversations", t, key, odd)
         yield odd
 
 
