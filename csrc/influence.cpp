@@ -87,8 +87,11 @@ inline float bf16_to_float(uint16_t b) { return bits_to_float(static_cast<uint32
 // target_clones); elsewhere they compile once for the baseline ISA.
 #if defined(ICONS_FAST_X86_DISPATCH) && defined(__GNUC__) && !defined(__clang__)
 #define ICONS_FAST_CLONES __attribute__((target_clones("avx2", "default")))
+// The lane-wise folds also gain from AVX-512's 16-float vectors.
+#define ICONS_FAST_CLONES_WIDE __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define ICONS_FAST_CLONES
+#define ICONS_FAST_CLONES_WIDE
 #endif
 
 // dst[0:count] = float(src[start:start+count]) (* scale for int8).
@@ -464,47 +467,130 @@ std::string segment_reduce_cpu(uintptr_t train_ptr, int train_dtype, int64_t n, 
 }
 
 // The reduction half of the op on its own, for a block of dot products
-// computed elsewhere (the BLAS path: torch/MKL/oneDNN GEMM into a block buffer):
-//   out[r, s] += weight * R_{j in [offsets[s], offsets[s+1])} scores[r * ld + j],  r < rows,
-// scores fp32 [rows, ld] (ld >= m), out fp32 [rows, S]. The same running state
-// and folds as segment_reduce_cpu, fed in the same NC-column pieces, so both
-// paths reduce identical dot products identically. OpenMP over row chunks.
-void segment_fold_cpu(uintptr_t scores_ptr, int64_t rows, int64_t m, int64_t ld, uintptr_t offsets_ptr, int64_t S,
-                      int reduction, int64_t topm, float threshold, float weight, uintptr_t out_ptr, int num_threads) {
-  const float* scores = reinterpret_cast<const float*>(scores_ptr);
+// computed elsewhere (the BLAS path: torch/MKL/oneDNN GEMM into a block buffer),
+// given transposed: scores_t[j * ld + r] = <x_r, t_j> (fp32 [m, ld], ld >= rows),
+//   out[r, s] += weight * R_{j in [offsets[s], offsets[s+1])} scores_t[j * ld + r],  r < rows,
+// out fp32 [rows, S].
+//
+// Why transposed: one target's scores for consecutive train rows are then
+// contiguous, so every fold below keeps the running state of kFoldLanes rows
+// in independent lanes and takes one column at a time with branch-free
+// lane-wise max / min / compare / add that the compiler vectorises. Top-m keeps,
+// per lane, the m largest so far sorted (b[0] >= ... >= b[m-1]) and inserts a
+// column with one compare-exchange pass down the list (hi = max(b_i, x),
+// x = min(b_i, x)); a column where no lane beats its floor b[m-1] is skipped,
+// which after the first columns is most of them (a value enters with chance
+// about m/j). A row-major fold has to do that insertion row by row with a
+// data-dependent branch per kept value, and measured 1.3x slower than the
+// GEMM it follows (benchmarks/RESULTS.md, issue 16).
+//
+// Results: max, top-m and count equal the fused kernel's bit for bit on the
+// same dot products (the same comparisons; top-m sums its kept values in
+// ascending order, as SegmentState::value does); mean sums in double in column
+// order, which may differ from the fused kernel's lane order in the last bit
+// of the double, never of the float result unless the sum is a tie.
+constexpr int64_t kFoldLanes = 64;
+// GCC vector extensions: 16 floats, lowered to whatever vectors the clone's ISA has.
+typedef float vf16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
+ICONS_FAST_CLONES_WIDE void fold_lanes(const float* scores_t, int64_t ld, int64_t nl, const int64_t* offsets,
+                                       int64_t S, int reduction, int64_t topm, float threshold, float weight,
+                                       float* out, vf16* kept) {
+  constexpr int64_t L = kFoldLanes;
+  alignas(64) float x[L] = {};
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t lo = offsets[s], hi = offsets[s + 1];
+    double res[L];
+    if (reduction == kMean) {
+      double acc[L] = {};
+      for (int64_t j = lo; j < hi; ++j) {
+        const float* c = scores_t + j * ld;
+        for (int64_t l = 0; l < nl; ++l) x[l] = c[l];
+        for (int64_t l = 0; l < L; ++l) acc[l] += x[l];
+      }
+      for (int64_t l = 0; l < L; ++l) res[l] = acc[l] / static_cast<double>(hi - lo);
+    } else if (reduction == kMax) {
+      float best[L];
+      for (int64_t l = 0; l < L; ++l) best[l] = -std::numeric_limits<float>::infinity();
+      for (int64_t j = lo; j < hi; ++j) {
+        const float* c = scores_t + j * ld;
+        for (int64_t l = 0; l < nl; ++l) x[l] = c[l];
+        for (int64_t l = 0; l < L; ++l) best[l] = x[l] > best[l] ? x[l] : best[l];
+      }
+      for (int64_t l = 0; l < L; ++l) res[l] = best[l];
+    } else if (reduction == kCount) {
+      int32_t cnt[L] = {};
+      for (int64_t j = lo; j < hi; ++j) {
+        const float* c = scores_t + j * ld;
+        for (int64_t l = 0; l < nl; ++l) x[l] = c[l];
+        for (int64_t l = 0; l < L; ++l) cnt[l] += x[l] > threshold ? 1 : 0;
+      }
+      for (int64_t l = 0; l < L; ++l) res[l] = cnt[l];
+    } else {  // kTopM; kept: [topm][L / 16] vectors, entry i = the (i+1)-th largest of every lane
+      constexpr int64_t NV = L / 16;
+      vf16 neg_inf;
+      for (int t = 0; t < 16; ++t) neg_inf[t] = -std::numeric_limits<float>::infinity();
+      for (int64_t t = 0; t < topm * NV; ++t) kept[t] = neg_inf;
+      for (int64_t j = lo; j < hi; ++j) {
+        const float* c = scores_t + j * ld;
+        for (int64_t l = 0; l < nl; ++l) x[l] = c[l];
+        vf16 y[NV];
+        std::memcpy(y, x, sizeof(y));
+        for (int64_t i = 0; i < topm; ++i)  // compare-exchange down the sorted lists, NV independent chains
+          for (int64_t v = 0; v < NV; ++v) {
+            vf16& bi = kept[i * NV + v];
+            const vi16 up = y[v] > bi;
+            const vf16 lower = up ? bi : y[v];
+            bi = up ? y[v] : bi;
+            y[v] = lower;
+          }
+      }
+      const float* kf = reinterpret_cast<const float*>(kept);  // lane l of entry i: kf[i * L + l]
+      const int64_t sz = std::min(topm, hi - lo);
+      for (int64_t l = 0; l < L; ++l) {
+        double acc = 0.0;
+        for (int64_t t = sz - 1; t >= 0; --t) acc += kf[t * L + l];
+        res[l] = acc / static_cast<double>(sz);
+      }
+    }
+    for (int64_t l = 0; l < nl; ++l) {
+      float& o = out[l * S + s];
+      o = static_cast<float>(o + static_cast<double>(weight) * res[l]);
+    }
+    // Lanes past nl hold values of no row (x keeps a previous column there); they are never written out.
+  }
+}
+
+void segment_fold_t_cpu(uintptr_t scores_t_ptr, int64_t rows, int64_t m, int64_t ld, uintptr_t offsets_ptr,
+                        int64_t S, int reduction, int64_t topm, float threshold, float weight, uintptr_t out_ptr,
+                        int num_threads) {
+  const float* scores_t = reinterpret_cast<const float*>(scores_t_ptr);
   const int64_t* offsets = reinterpret_cast<const int64_t*>(offsets_ptr);
   float* out = reinterpret_cast<float*>(out_ptr);
-  if (!scores || !offsets || !out) throw std::invalid_argument("influence fold: null pointer");
-  if (ld < m) throw std::invalid_argument("influence fold: row stride ld must be >= m");
+  if (!scores_t || !offsets || !out) throw std::invalid_argument("influence fold: null pointer");
+  if (ld < rows) throw std::invalid_argument("influence fold: column stride ld must be >= rows");
   check_args(kF32, kF32, rows, 1, m, offsets, S, reduction, topm, false);
   if (rows == 0) return;
-  constexpr int64_t CHUNK = 32;  // rows per task: state of CHUNK x S entries, a few KiB
-  const int64_t n_chunks = (rows + CHUNK - 1) / CHUNK;
+  const int64_t n_groups = (rows + kFoldLanes - 1) / kFoldLanes;
   const int threads = thread_count(num_threads);
   py::gil_scoped_release nogil;
   std::string err;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t c = 0; c < n_chunks; ++c) {
-    try {
-      const int64_t r0 = c * CHUNK, nr = std::min(CHUNK, rows - r0);
-      SegmentState st(reduction, nr, S, topm, threshold);
-      for (int64_t r = 0; r < nr; ++r) {
-        const float* row = scores + (r0 + r) * ld;
-        for (int64_t s = 0; s < S; ++s)
-          for (int64_t lo = offsets[s]; lo < offsets[s + 1];) {  // pieces end at multiples of NC
-            const int64_t hi = std::min(offsets[s + 1], (lo / NC + 1) * NC);
-            st.fold(r, s, row + lo, hi - lo);
-            lo = hi;
-          }
-      }
-      for (int64_t r = 0; r < nr; ++r)
-        for (int64_t s = 0; s < S; ++s) {
-          float& o = out[(r0 + r) * S + s];
-          o = static_cast<float>(o + static_cast<double>(weight) * st.value(r, s, offsets[s + 1] - offsets[s]));
-        }
-    } catch (const std::exception& e) {
+#pragma omp parallel num_threads(threads)
+  {
+    // top-m state: topm x kFoldLanes floats, 64-byte aligned for the vf16 accesses
+    std::vector<float> kept_buf(reduction == kTopM ? static_cast<size_t>(topm * kFoldLanes + 16) : 0);
+    vf16* kept = reinterpret_cast<vf16*>((reinterpret_cast<uintptr_t>(kept_buf.data()) + 63) & ~uintptr_t(63));
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < n_groups; ++g) {
+      try {
+        const int64_t r0 = g * kFoldLanes;
+        fold_lanes(scores_t + r0, ld, std::min(kFoldLanes, rows - r0), offsets, S, reduction, topm, threshold,
+                   weight, out + r0 * S, kept);
+      } catch (const std::exception& e) {
 #pragma omp critical
-      err = e.what();
+        err = e.what();
+      }
     }
   }
   if (!err.empty()) throw std::runtime_error(err);
@@ -549,10 +635,10 @@ void register_influence(py::module_& m) {
         py::arg("threshold"), py::arg("weight"), py::arg("out_ptr"), py::arg("block_rows") = 48,
         py::arg("num_threads") = 0, py::arg("force_generic") = false,
         "out[n, S] += weight * segment-reduce(train @ targets.T); raw host pointers. Returns the kernel name.");
-  m.def("influence_segment_fold_cpu", &segment_fold_cpu, py::arg("scores_ptr"), py::arg("rows"), py::arg("m"),
+  m.def("influence_segment_fold_t_cpu", &segment_fold_t_cpu, py::arg("scores_t_ptr"), py::arg("rows"), py::arg("m"),
         py::arg("ld"), py::arg("offsets_ptr"), py::arg("n_segments"), py::arg("reduction"), py::arg("topm"),
         py::arg("threshold"), py::arg("weight"), py::arg("out_ptr"), py::arg("num_threads") = 0,
-        "out[rows, S] += weight * segment-reduce(scores[rows, m]) for a block of precomputed fp32 dot products.");
+        "out[rows, S] += weight * segment-reduce(scores_t[m, ld].T) for a block of precomputed fp32 dot products.");
 #ifdef ICONS_FAST_WITH_CUDA
   m.def("influence_segment_reduce_cuda", &segment_reduce_cuda_py, py::arg("train_ptr"), py::arg("train_dtype"),
         py::arg("n"), py::arg("k"), py::arg("scale_ptr"), py::arg("targets_ptr"), py::arg("target_dtype"),

@@ -153,21 +153,22 @@ def test_bf16_backend_refuses_what_its_budget_does_not_cover():
 @needs_ext
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_fold_of_a_block_equals_the_fused_kernel(reduction):
-    """The C++ fold on precomputed dot products (blas) reduces exactly like the fused kernel (cpp): same scores in,
-    bit-identical results out (pieces of 256 columns, the same running state)."""
-    from icons_fast._C import influence_codes, influence_segment_fold_cpu
+    """The C++ fold on precomputed, transposed dot products (blas) reduces like the fused kernel (cpp): same scores
+    in, bit-identical results out, for a row count that leaves a partial lane group (70 = 64 + 6 rows)."""
+    from icons_fast._C import influence_codes, influence_segment_fold_t_cpu
 
-    train, targets, offsets, _ = make_inputs(torch.float32, n=31, k=1, sizes=[3, 300, 1, 250], seed=9)
-    train = torch.ones(31, 1)  # k = 1, unit rows: every dot product is exact, so both paths see the same scores
+    n = 70
+    _, targets, offsets, _ = make_inputs(torch.float32, n=n, k=1, sizes=[3, 300, 1, 250], seed=9)
+    train = ((torch.linspace(-2, 2, n) * 64).round() / 64)[:, None]  # k = 1: one rounded product each, the same in both paths
     want = segment_reduce(train, targets, offsets, reduction, m=M_TOPM, threshold=THRESH, backend="cpp")
-    scores = (train @ targets.T).contiguous()
-    ld = scores.shape[1] + 5  # a row stride larger than M
-    padded = torch.full((31, ld), float("nan"))
-    padded[:, : scores.shape[1]] = scores
-    out = torch.zeros(31, 4)
+    scores_t = (targets @ train.T).contiguous()  # [M, n]
+    ld = n + 5  # a column stride larger than the row count
+    padded = torch.full((scores_t.shape[0], ld), float("nan"))
+    padded[:, :n] = scores_t
+    out = torch.zeros(n, 4)
     codes = influence_codes()
-    influence_segment_fold_cpu(padded.data_ptr(), 31, scores.shape[1], ld, offsets.data_ptr(), 4, codes[reduction],
-                               M_TOPM, THRESH, 1.0, out.data_ptr(), 2)
+    influence_segment_fold_t_cpu(padded.data_ptr(), n, scores_t.shape[0], ld, offsets.data_ptr(), 4,
+                                 codes[reduction], M_TOPM, THRESH, 1.0, out.data_ptr(), 2)
     assert torch.equal(out, want)
 
 
@@ -404,13 +405,13 @@ def test_blas_buffers_are_capped(monkeypatch):
     train, targets, offsets, _ = make_inputs(torch.float16, n=37, k=19, seed=23)
     want = segment_reduce(train, targets, offsets, "topm", m=M_TOPM, backend="blas")
     seen = []
-    real_fold = backend_mod.cpu_ext().influence_segment_fold_cpu
+    real_fold = backend_mod.cpu_ext().influence_segment_fold_t_cpu
 
     class Ext:  # the real extension, recording the rows of every fold call
         def __getattr__(self, name):
             return getattr(backend_mod.cpu_ext(), name)
 
-        def influence_segment_fold_cpu(self, ptr, rows, *args):
+        def influence_segment_fold_t_cpu(self, ptr, rows, *args):
             seen.append(rows)
             return real_fold(ptr, rows, *args)
 

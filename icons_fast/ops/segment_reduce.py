@@ -26,8 +26,10 @@ Backends (registered below; "auto" on the CPU measures them, see "Dispatch"):
 
 - ``"blas"``: CPU. Per block of ``block_rows`` train rows: convert the rows to
   fp32 into a reused buffer, one fp32 GEMM through torch (MKL / oneDNN) into a
-  reused ``[block_rows, M]`` score buffer, then the C++ fold
-  (``_C.influence_segment_fold_cpu``) reduces that block per segment. The
+  reused score buffer, transposed (``[M, block_rows]``: one target's scores of
+  the block's rows are contiguous, so the fold vectorises across rows), then
+  the C++ fold (``_C.influence_segment_fold_t_cpu``) reduces that block per
+  segment. The
   GEMM is the machine's own; what this op adds is the fused reduction and
   memory independent of N (two buffers, ``block_rows x (k + M)`` floats, at
   most ``BLAS_BUFFER_BYTES``).
@@ -340,10 +342,10 @@ def _segment_reduce_blas(train, targets_cat, offs, reduction, m, threshold, weig
     n, k = train.shape
     mt, S = targets_cat.shape[0], offs.numel() - 1
     rows = min(rows, n, max(1, BLAS_BUFFER_BYTES // (4 * (k + mt))))  # memory independent of N, bounded in M
-    tg_t = targets_cat.to(gemm_dtype).T  # [k, M] view of the targets, converted once per call
+    tg = targets_cat.to(gemm_dtype).contiguous()  # [M, k], converted once per call
     xbuf = torch.empty(rows, k, dtype=gemm_dtype)
-    pbuf = torch.empty(rows, mt, dtype=gemm_dtype)  # the block's scores
-    fbuf = pbuf if gemm_dtype == torch.float32 else torch.empty(rows, mt)  # fp32 scores for the fold
+    pbuf = torch.empty(mt * rows, dtype=gemm_dtype)  # the block's scores, transposed: [M, r]
+    fbuf = pbuf if gemm_dtype == torch.float32 else torch.empty(mt * rows)  # fp32 scores for the fold
     thr = float(threshold if threshold is not None else 0.0)
     for i in range(0, n, rows):
         r = min(rows, n - i)
@@ -354,11 +356,11 @@ def _segment_reduce_blas(train, targets_cat, offs, reduction, m, threshold, weig
             x.copy_(train[i : i + r])
             if scale is not None:
                 x.mul_(scale[i : i + r, None])
-        p = torch.mm(x, tg_t, out=pbuf[:r])
+        p = torch.mm(tg, x.T, out=pbuf[: mt * r].view(mt, r))
         if fbuf is not pbuf:
-            p = fbuf[:r].copy_(p)
-        ext.influence_segment_fold_cpu(p.data_ptr(), r, mt, mt, offs.data_ptr(), S, codes[reduction], int(m or 0),
-                                       thr, float(weight), out[i : i + r].data_ptr(), int(num_threads))
+            p = fbuf[: mt * r].view(mt, r).copy_(p)
+        ext.influence_segment_fold_t_cpu(p.data_ptr(), r, mt, r, offs.data_ptr(), S, codes[reduction], int(m or 0),
+                                         thr, float(weight), out[i : i + r].data_ptr(), int(num_threads))
 
 
 @register("influence", "blas")
