@@ -81,6 +81,7 @@ def test_machine_key_names_cpu_and_versions_and_a_new_machine_measures_again(cac
     key = autotune.machine_key("cpu")
     assert autotune.cpu_name() in key and f"torch {torch.__version__}" in key and "icons-fast" in key
     assert autotune.cpu_isa() in key
+    assert f"extension {autotune._extension_build()}" in key  # a rebuilt extension measures again
     calls: dict[str, int] = {}
     clock, cands = fake_backends({"torch": 1.0, "cpp": 0.5}, calls)
     autotune.pick("influence", "cpu", "c", cands, clock=clock)

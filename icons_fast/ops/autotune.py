@@ -97,11 +97,30 @@ def _package_version() -> str:
         return "not installed"
 
 
+@functools.lru_cache(maxsize=None)
+def _extension_build() -> str:
+    """First 12 hex digits of the compiled extension's sha256 ("none" without one).
+
+    The package version does not move when the C++ code is rebuilt (an editable
+    install, a new compiler), but the speeds it measured do.
+    """
+    import hashlib
+    import importlib.util
+
+    spec = importlib.util.find_spec("icons_fast._C")
+    if spec is None or not spec.origin or not os.path.exists(spec.origin):
+        return "none"
+    with open(spec.origin, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:12]
+
+
 def machine_key(device: str | torch.device = "cpu") -> str:
-    """What a measured choice depends on besides the shape: CPU model and ISA, GPU, torch and icons-fast versions."""
+    """What a measured choice depends on besides the shape: CPU model and ISA, GPU, torch and icons-fast versions,
+    and the build of the compiled extension."""
     dev = torch.device(device)
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "no GPU"
-    return f"{cpu_name()} [{cpu_isa()}] | {gpu} | torch {torch.__version__} | icons-fast {_package_version()}"
+    return (f"{cpu_name()} [{cpu_isa()}] | {gpu} | torch {torch.__version__} | icons-fast {_package_version()} "
+            f"(extension {_extension_build()})")
 
 
 def pow2_class(v: int) -> int:
