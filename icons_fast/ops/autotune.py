@@ -14,8 +14,9 @@ Rules:
 - The cache file is ``<cache dir>/autotune.json`` (the cache directory is
   ``$ICONS_FAST_CACHE``, default ``~/.cache/icons_fast``, the same place the
   built-in models are cached). Its entries are grouped under a machine key
-  (CPU model and ISA, GPU name, torch and icons-fast versions), so a new
-  machine, GPU or library version measures again.
+  (CPU model and ISA, GPU name, torch and icons-fast versions, the compiled
+  extension's build), so a new machine, GPU, library version or extension
+  build measures again.
 - Forcing a backend (``ICONS_FAST_BACKEND_<OP>=name``, ``ICONS_FAST_BACKEND``,
   or an explicit ``backend=``) skips the timing (``ops.backend.requested_backend``).
 
