@@ -133,7 +133,7 @@ def _inputs(n=64, k=32, sizes=(5, 11)):
 
 @needs_ext
 def test_forced_backend_skips_the_measurement(cache, monkeypatch):
-    monkeypatch.setattr(sr, "TUNE_MIN_FLOPS", 0.0)
+    monkeypatch.setattr(autotune, "MIN_FLOPS", 0.0)
     monkeypatch.setattr(autotune, "pick", lambda *a, **k: pytest.fail("a forced backend must not be timed"))
     train, targets, offsets = _inputs()
     monkeypatch.setenv("ICONS_FAST_BACKEND_INFLUENCE", "cpp")
@@ -147,7 +147,7 @@ def test_forced_backend_skips_the_measurement(cache, monkeypatch):
 @pytest.mark.parametrize("fastest", ["cpp", "blas", "torch"])
 def test_auto_runs_the_measured_fastest_and_stays_correct(cache, monkeypatch, fastest):
     """segment_reduce(auto) times its candidates (here: injected medians) and runs the fastest, results unchanged."""
-    monkeypatch.setattr(sr, "TUNE_MIN_FLOPS", 0.0)
+    monkeypatch.setattr(autotune, "MIN_FLOPS", 0.0)
     medians = {"torch": 1.0, "cpp": 1.5, "blas": 1.2, "blas-bf16": 3.0}
     medians[fastest] = 0.1
     seen = {}
