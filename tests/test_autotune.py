@@ -361,3 +361,22 @@ def test_auto_on_cuda_measures_and_matches_the_named_backend(cache):
     assert torch.equal(got_i, sr.segment_reduce(train, targets, offsets, "max", backend=choice))
     # top-m past the CUDA kernel's limit: torch, untimed
     assert sr.choose_backend(train, targets, offsets, "topm", m=sr.CUDA_MAX_TOPM + 1) == "torch"
+
+
+@needs_ext
+def test_project_auto_times_adam_on_the_sliced_moments(cache, monkeypatch):
+    from icons_fast.contract import AdamMoments
+    from icons_fast.ops.project import project_param
+
+    monkeypatch.setattr(autotune, "MIN_FLOPS", 0.0)
+    monkeypatch.setattr(pr, "TUNE_ELEMENTS", 64)
+    seen: list = []
+    _fake_timing(monkeypatch, {"cpp": 1.0, "torch": 0.5}, seen)
+    g = _grads(n=200)
+    gen = torch.Generator().manual_seed(4)
+    adam = AdamMoments(torch.randn(10, 20, generator=gen), torch.rand(10, 20, generator=gen))
+    out = project_param(g, "w", 7, 32, torch.zeros(3, 32), adam=adam)
+    assert seen == [["cpp", "torch"]]
+    assert torch.equal(out, project_param(g, "w", 7, 32, torch.zeros(3, 32), adam=adam, backend="torch"))
+    entries = json.loads((cache / "autotune.json").read_text())[autotune.machine_key("cpu")]
+    assert list(entries) == ["project | cpu | float32 B4 n64 k32 adam"]

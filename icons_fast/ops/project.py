@@ -207,8 +207,8 @@ def project_param(
     cols = min(n, TUNE_ELEMENTS)
 
     def run_sample(name):  # the first TUNE_ELEMENTS elements into a scratch out
-        part = None if adam is None else AdamMoments(adam.exp_avg.reshape(-1)[:cols], adam.exp_avg_sq.reshape(-1)[:cols],
-                                                     adam.beta1, adam.beta2, adam.eps)
+        part = None if adam is None else AdamMoments(
+            adam.exp_avg.reshape(-1)[:cols], adam.exp_avg_sq.reshape(-1)[:cols], adam.beta1, adam.beta2, adam.eps)
         scratch = torch.zeros(B, k, dtype=torch.float32, device=g.device)
         implementation("project", name, g.device)[1](g[:, :cols], pid, seed, k, scratch, tile_rows=tile_rows,
                                                      row_start=row_start, method=method, adam=part)
