@@ -1,13 +1,15 @@
-"""Measured dispatch (icons_fast.ops.autotune): the choice rule, the on-disk cache and its keys, forcing a backend.
+"""Measured dispatch (icons_fast.ops.autotune, ops.backend.measured_backend): the choice rule, the on-disk cache
+and its keys, forcing a backend, and "auto" of the influence, project and lora_grad ops.
 Timings are injected (a fake clock or fixed medians), so nothing here depends on the machine's speed."""
 import json
 
 import pytest
 import torch
 
-from icons_fast.ops import autotune
+from icons_fast.ops import autotune, backend
+from icons_fast.ops import project as pr
 from icons_fast.ops import segment_reduce as sr
-from icons_fast.ops.backend import BackendUnavailable, has_cpu_ext, requested_backend
+from icons_fast.ops.backend import BackendUnavailable, has_cpu_ext, has_triton, requested_backend
 
 needs_ext = pytest.mark.skipif(not has_cpu_ext(), reason="icons_fast._C is not built")
 
@@ -17,7 +19,8 @@ def cache(tmp_path, monkeypatch):
     """A private cache directory and a fresh in-process copy of the cache file."""
     monkeypatch.setenv("ICONS_FAST_CACHE", str(tmp_path))
     monkeypatch.delenv("ICONS_FAST_BACKEND", raising=False)
-    monkeypatch.delenv("ICONS_FAST_BACKEND_INFLUENCE", raising=False)
+    for op in backend.OPS:
+        monkeypatch.delenv(backend.env_var(op), raising=False)
     autotune.forget()
     yield tmp_path
     autotune.forget()
@@ -133,7 +136,7 @@ def _inputs(n=64, k=32, sizes=(5, 11)):
 
 @needs_ext
 def test_forced_backend_skips_the_measurement(cache, monkeypatch):
-    monkeypatch.setattr(sr, "TUNE_MIN_FLOPS", 0.0)
+    monkeypatch.setattr(autotune, "MIN_FLOPS", 0.0)
     monkeypatch.setattr(autotune, "pick", lambda *a, **k: pytest.fail("a forced backend must not be timed"))
     train, targets, offsets = _inputs()
     monkeypatch.setenv("ICONS_FAST_BACKEND_INFLUENCE", "cpp")
@@ -147,7 +150,7 @@ def test_forced_backend_skips_the_measurement(cache, monkeypatch):
 @pytest.mark.parametrize("fastest", ["cpp", "blas", "torch"])
 def test_auto_runs_the_measured_fastest_and_stays_correct(cache, monkeypatch, fastest):
     """segment_reduce(auto) times its candidates (here: injected medians) and runs the fastest, results unchanged."""
-    monkeypatch.setattr(sr, "TUNE_MIN_FLOPS", 0.0)
+    monkeypatch.setattr(autotune, "MIN_FLOPS", 0.0)
     medians = {"torch": 1.0, "cpp": 1.5, "blas": 1.2, "blas-bf16": 3.0}
     medians[fastest] = 0.1
     seen = {}
@@ -186,3 +189,194 @@ def test_one_log_line_per_choice(cache, caplog):
         autotune.pick("influence", "cpu", "c", cands, clock=clock)  # read back from the file: already said
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "'cpp'" in lines[0] and "cpp 500.0 ms" in lines[0] and "torch 1000.0 ms" in lines[0]
+
+
+# ---------------------------------------------------------------- project and lora_grad
+def _fake_timing(monkeypatch, medians: dict[str, float], seen: list):
+    """Replace the timing by fixed medians (per backend name); the candidates still run once each on the sample."""
+
+    def fake_time(candidates, rounds=3, clock=None):
+        seen.append(sorted(candidates))
+        for fn in candidates.values():
+            fn()
+        return {name: medians[name] for name in candidates}
+
+    monkeypatch.setattr(autotune, "time_backends", fake_time)
+
+
+def _spy(monkeypatch, op: str, names, out: torch.Tensor, writes: list):
+    """Record which backends of ``op`` write into ``out`` (the caller's output, not a scratch one)."""
+    for name in names:
+        impl = backend._IMPLS[(op, name)]
+
+        def spy(*args, _impl=impl, _name=name, **kw):
+            if any(a is out for a in (*args, *kw.values())):
+                writes.append(_name)
+            return _impl(*args, **kw)
+
+        monkeypatch.setitem(backend._IMPLS, (op, name), spy)
+
+
+def _grads(b=3, n=300, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, n, generator=g)
+
+
+@needs_ext
+@pytest.mark.parametrize("fastest", ["cpp", "torch"])
+def test_project_auto_runs_the_measured_fastest_once_and_caches_it(cache, monkeypatch, fastest):
+    from icons_fast.ops.project import project_param
+
+    monkeypatch.setattr(autotune, "MIN_FLOPS", 0.0)
+    monkeypatch.setattr(pr, "TUNE_ELEMENTS", 128)  # the sample is g[:, :128]
+    medians = {"cpp": 2.0, "torch": 1.5}
+    medians[fastest] = 0.5
+    seen: list = []
+    _fake_timing(monkeypatch, medians, seen)
+    g = _grads()
+    out = torch.ones(3, 64)
+    writes: list = []
+    _spy(monkeypatch, "project", ["cpp", "torch"], out, writes)
+    project_param(g, "w", 7, 64, out)
+    assert seen == [["cpp", "torch"]]  # both timed (never the Triton interpreter, even with TRITON_INTERPRET=1)
+    assert writes == [fastest]  # the real output: written once, by the chosen backend
+    want = project_param(g, "w", 7, 64, torch.ones(3, 64), backend=fastest)
+    assert torch.equal(out, want)  # bit-identical to naming the backend
+    entry, = json.loads((cache / "autotune.json").read_text())[autotune.machine_key("cpu")].items()
+    assert entry[0] == f"project | cpu | {pr.shape_class(g, 64, None)}" and entry[1]["backend"] == fastest
+    assert "n128" in entry[0]
+    # cached: the next call (and the next process) times nothing
+    monkeypatch.setattr(autotune, "time_backends", lambda *a, **k: pytest.fail("a cached choice must not be timed"))
+    autotune.forget()
+    writes.clear()
+    project_param(g, "w", 7, 64, out)
+    assert writes == [fastest]
+
+
+@needs_ext
+def test_project_forced_or_small_calls_are_not_timed(cache, monkeypatch):
+    from icons_fast.ops.project import project_param
+
+    monkeypatch.setattr(autotune, "pick", lambda *a, **k: pytest.fail("must not be timed"))
+    g = _grads()
+    # below MIN_FLOPS: the preference order's first, untimed
+    assert torch.equal(project_param(g, "w", 7, 64, torch.zeros(3, 64)),
+                       project_param(g, "w", 7, 64, torch.zeros(3, 64), backend="cpp"))
+    monkeypatch.setattr(autotune, "MIN_FLOPS", 0.0)
+    writes: list = []
+    out = torch.zeros(3, 64)
+    _spy(monkeypatch, "project", ["cpp", "torch"], out, writes)
+    project_param(g, "w", 7, 64, out, backend="torch")  # explicit
+    monkeypatch.setenv("ICONS_FAST_BACKEND_PROJECT", "cpp")  # the op's variable
+    project_param(g, "w", 7, 64, out)
+    monkeypatch.setenv("ICONS_FAST_BACKEND_PROJECT", "")
+    monkeypatch.setenv("ICONS_FAST_BACKEND", "torch")  # the global one
+    project_param(g, "w", 7, 64, out)
+    assert writes == ["torch", "cpp", "torch"]
+
+
+def test_auto_never_takes_the_triton_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for op in backend.OPS:
+        assert "triton" not in backend.auto_candidates(op, "cpu")
+
+
+def _lora_inputs(n=3, t=5, d_in=16, d_out=12, r=4):
+    from icons_fast.ops.lora_grad import LoraParams
+
+    g = torch.Generator().manual_seed(2)
+    X, D = torch.randn(n, t, d_in, generator=g), torch.randn(n, t, d_out, generator=g)
+    mask = torch.ones(n, t, dtype=torch.int64)
+    mask[1, 3:] = 0
+    site = LoraParams(torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g), 2.0, "s.A", "s.B")
+    return X, D, mask, site
+
+
+@pytest.mark.skipif(not has_triton(), reason="triton is not installed")
+@pytest.mark.parametrize("fastest", ["triton", "torch"])
+def test_lora_grad_auto_runs_the_measured_fastest(cache, monkeypatch, fastest):
+    """The CPU has one lora_grad backend; a second one (Triton, interpreted) is let in here to have a choice."""
+    from icons_fast.contract import ProjectionSpec
+    from icons_fast.ops.lora_grad import TUNE_SAMPLES, lora_grad_project
+
+    monkeypatch.setitem(backend._PREFERENCE, ("lora_grad", "cpu"), ("triton", "torch"))
+    monkeypatch.setattr(autotune, "MIN_FLOPS", 0.0)  # the torch backend's own project calls are measured too
+    medians = {"triton": 2.0, "torch": 1.5, "cpp": 1.0}
+    medians[fastest] = 0.5
+    seen: list = []
+    _fake_timing(monkeypatch, medians, seen)
+    X, D, mask, site = _lora_inputs()
+    spec = ProjectionSpec(seed=3, proj_dim=32)
+    out = torch.ones(3, 32)
+    writes: list = []
+    _spy(monkeypatch, "lora_grad", ["triton", "torch"], out, writes)
+    lora_grad_project(X, D, site, spec, mask, out=out)
+    assert ["torch", "triton"] in seen  # (a nested measurement of the project op may come first)
+    assert writes == [fastest]
+    want = lora_grad_project(X, D, site, spec, mask, out=torch.ones(3, 32), backend=fastest)
+    assert torch.equal(out, want)
+    data = json.loads((cache / "autotune.json").read_text())[autotune.machine_key("cpu")]
+    key = [e for e in data if e.startswith("lora_grad")]
+    assert key == [f"lora_grad | cpu | float32/float32 B{autotune.pow2_class(min(3, TUNE_SAMPLES))} T8 d16x16 r4 k32"]
+    # the env variable and an explicit backend skip the timing (the project op's choice is cached by now)
+    monkeypatch.setattr(autotune, "time_backends", lambda *a, **k: pytest.fail("must not be timed"))
+    monkeypatch.setenv("ICONS_FAST_BACKEND_LORA_GRAD", "torch")
+    writes.clear()
+    lora_grad_project(X, D, site, spec, mask, out=out)
+    lora_grad_project(X, D, site, spec, mask, out=out, backend="triton")
+    assert writes == ["torch", "triton"]
+
+
+@pytest.mark.cuda
+def test_auto_on_cuda_measures_and_matches_the_named_backend(cache):
+    """On a GPU: project (triton vs torch), lora_grad and influence (cuda vs torch) are measured with a real clock;
+    every result equals the chosen backend's own (no assertion on which one wins)."""
+    from icons_fast.contract import ProjectionSpec
+    from icons_fast.ops.lora_grad import lora_grad_project
+    from icons_fast.ops.project import project_param
+
+    dev = torch.device("cuda")
+    g = torch.randn(16, 1 << 16, device=dev)
+    out = project_param(g, "w", 1, 4096, torch.zeros(16, 4096, device=dev))
+    data = json.loads((cache / "autotune.json").read_text())[autotune.machine_key(dev)]
+    (entry, got), = [(e, v) for e, v in data.items() if e.startswith("project | cuda")]
+    assert sorted(got["median_s"]) == ["torch", "triton"]
+    assert torch.equal(out, project_param(g, "w", 1, 4096, torch.zeros(16, 4096, device=dev), backend=got["backend"]))
+
+    X, D, mask, site = _lora_inputs(n=16, t=256, d_in=1024, d_out=1024, r=16)
+    X, D, mask = X.to(dev).half(), D.to(dev).half(), mask.to(dev)
+    site = type(site)(site.A.to(dev), site.B.to(dev), site.scale, site.a_name, site.b_name)
+    spec = ProjectionSpec(seed=3, proj_dim=4096)
+    got_l = lora_grad_project(X, D, site, spec, mask)
+    data = json.loads((cache / "autotune.json").read_text())[autotune.machine_key(dev)]
+    (choice,) = [v["backend"] for e, v in data.items() if e.startswith("lora_grad | cuda")]
+    assert torch.equal(got_l, lora_grad_project(X, D, site, spec, mask, backend=choice))
+
+    train = torch.randn(8192, 1024, device=dev).half()
+    targets = torch.randn(2048, 1024, device=dev)
+    offsets = sr.offsets_from_sizes([1024, 1024])
+    got_i = sr.segment_reduce(train, targets, offsets, "max")
+    data = json.loads((cache / "autotune.json").read_text())[autotune.machine_key(dev)]
+    (choice,) = [v["backend"] for e, v in data.items() if e.startswith("influence | cuda")]
+    assert torch.equal(got_i, sr.segment_reduce(train, targets, offsets, "max", backend=choice))
+    # top-m past the CUDA kernel's limit: torch, untimed
+    assert sr.choose_backend(train, targets, offsets, "topm", m=sr.CUDA_MAX_TOPM + 1) == "torch"
+
+
+@needs_ext
+def test_project_auto_times_adam_on_the_sliced_moments(cache, monkeypatch):
+    from icons_fast.contract import AdamMoments
+    from icons_fast.ops.project import project_param
+
+    monkeypatch.setattr(autotune, "MIN_FLOPS", 0.0)
+    monkeypatch.setattr(pr, "TUNE_ELEMENTS", 64)
+    seen: list = []
+    _fake_timing(monkeypatch, {"cpp": 1.0, "torch": 0.5}, seen)
+    g = _grads(n=200)
+    gen = torch.Generator().manual_seed(4)
+    adam = AdamMoments(torch.randn(10, 20, generator=gen), torch.rand(10, 20, generator=gen))
+    out = project_param(g, "w", 7, 32, torch.zeros(3, 32), adam=adam)
+    assert seen == [["cpp", "torch"]]
+    assert torch.equal(out, project_param(g, "w", 7, 32, torch.zeros(3, 32), adam=adam, backend="torch"))
+    entries = json.loads((cache / "autotune.json").read_text())[autotune.machine_key("cpu")]
+    assert list(entries) == ["project | cpu | float32 B4 n64 k32 adam"]

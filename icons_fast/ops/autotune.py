@@ -19,6 +19,9 @@ Rules:
   build measures again.
 - Forcing a backend (``ICONS_FAST_BACKEND_<OP>=name``, ``ICONS_FAST_BACKEND``,
   or an explicit ``backend=``) skips the timing (``ops.backend.requested_backend``).
+- Calls with less work than ``MIN_FLOPS`` are not worth a timing: the ops
+  take the first available backend of the preference order for them
+  (``ops.backend.measured_backend``, the one place the ops reach ``pick`` from).
 
 The clock is an argument (``clock``) so tests can inject timings.
 """
@@ -43,7 +46,9 @@ log = logging.getLogger(__name__)
 
 REFERENCE = "torch"
 ROUNDS = 3
-_LOCK = threading.Lock()
+MIN_FLOPS = 2e9  # below this much work per call (the op's nominal flops) "auto" times nothing
+# Re-entrant: timing the torch backend of lora_grad calls the project op, whose "auto" may be measured in turn.
+_LOCK = threading.RLock()
 _MEMORY: dict[str, dict] = {}  # path -> loaded cache file (this process)
 _SAID: set[tuple[str, str]] = set()  # (path, entry) whose cached choice was logged in this process
 
@@ -115,11 +120,18 @@ def _extension_build() -> str:
         return hashlib.sha256(f.read()).hexdigest()[:12]
 
 
+@functools.lru_cache(maxsize=None)
+def _gpu_name(dev: torch.device) -> str:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "no GPU"
+
+
 def machine_key(device: str | torch.device = "cpu") -> str:
     """What a measured choice depends on besides the shape: CPU model and ISA, GPU, torch and icons-fast versions,
     and the build of the compiled extension."""
     dev = torch.device(device)
-    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "no GPU"
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    gpu = _gpu_name(dev)
     return (f"{cpu_name()} [{cpu_isa()}] | {gpu} | torch {torch.__version__} | icons-fast {_package_version()} "
             f"(extension {_extension_build()})")
 

@@ -9,9 +9,14 @@ The choice is made here and nowhere else:
 
 - ``resolve_backend(op, "auto", device)`` picks the first available backend
   for that device in the order of ``_PREFERENCE`` and says which one it took
-  (``logging`` at INFO level). Ops whose speed order depends on the machine
-  (the influence op on the CPU) instead time their candidates once per shape
-  class through ``ops.autotune.pick`` (measured dispatch, cached on disk).
+  (``logging`` at INFO level): the static choice, for callers that need a
+  name before they see any input (e.g. ``RademacherProjector``).
+- ``measured_backend(op, "auto", device, shape_class, work, run_sample)``:
+  what every op calls with its inputs in hand. It times the candidates
+  (``auto_candidates``: the available backends of the op on that device) once
+  per shape class on a sample of the inputs through ``ops.autotune.pick``
+  (measured dispatch, cached on disk); below ``autotune.MIN_FLOPS`` of work,
+  or with one candidate, it takes the first of the preference order untimed.
 - Forcing: an explicit name (argument, ``--backend``), else
   ``ICONS_FAST_BACKEND_<OP>`` (e.g. ``ICONS_FAST_BACKEND_INFLUENCE=blas``),
   else ``ICONS_FAST_BACKEND`` (``requested_backend``). A forced name that
@@ -26,9 +31,11 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
+
+from icons_fast.ops import autotune
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +43,9 @@ log = logging.getLogger(__name__)
 # backends(), --backend and ICONS_FAST_BACKEND).
 OPS = ("project", "lora_grad", "influence")
 
-# Fastest first; "torch" is the reference and always available.
+# Fastest first; "torch" is the reference and always available. The CPU lists never
+# hold "triton": on the CPU it only runs in the interpreter (TRITON_INTERPRET=1, for
+# tests), which must never be a choice of "auto"; it runs there when named explicitly.
 _PREFERENCE = {
     ("project", "cuda"): ("triton", "torch"),
     ("project", "cpu"): ("cpp", "torch"),
@@ -144,11 +153,19 @@ def _say_choice(op: str, device_type: str, name: str) -> None:
     log.info("icons_fast: %s on %s uses backend %r", op, device_type, name)
 
 
+def _device_type(device: str | torch.device) -> str:
+    return "cuda" if torch.device(device).type == "cuda" else "cpu"
+
+
+def auto_candidates(op: str, device: str | torch.device = "cpu") -> list[str]:
+    """The backends "auto" may take for ``op`` on ``device``: the available ones, in the preference order."""
+    dt = _device_type(device)
+    return [b for b in _PREFERENCE[(op, dt)] if _available(b, dt)[0]]
+
+
 def backends(device: str | torch.device = "cpu") -> dict[str, list[str]]:
     """Available backends per op for ``device``, fastest first."""
-    dt = torch.device(device).type
-    dt = "cuda" if dt == "cuda" else "cpu"
-    return {op: [b for b in _PREFERENCE[(op, dt)] if _available(b, dt)[0]] for op in OPS}
+    return {op: auto_candidates(op, device) for op in OPS}
 
 
 def env_var(op: str) -> str:
@@ -164,7 +181,7 @@ def requested_backend(op: str, requested: str | None = "auto", device: str | tor
     per_op = os.environ.get(env_var(op), "") or "auto"
     if per_op != "auto":
         return per_op
-    dt = "cuda" if torch.device(device).type == "cuda" else "cpu"
+    dt = _device_type(device)
     general = os.environ.get("ICONS_FAST_BACKEND", "auto") or "auto"
     # The global variable naming a backend this op/device does not have means auto for it.
     return general if general in _PREFERENCE[(op, dt)] else "auto"
@@ -179,21 +196,55 @@ def resolve_backend(op: str, requested: str | None = "auto", device: str | torch
     """
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; ops: {OPS}")
-    dt = "cuda" if torch.device(device).type == "cuda" else "cpu"
+    dt = _device_type(device)
     requested = requested_backend(op, requested, dt)
     if requested == "auto":
-        for name in _PREFERENCE[(op, dt)]:
-            if _available(name, dt)[0]:
-                _say_choice(op, dt, name)
-                return name
-        return "torch"
+        name = auto_candidates(op, dt)[0]
+        _say_choice(op, dt, name)
+        return name
     ok, why = _available(requested, dt)
     if not ok:
         raise BackendUnavailable(
-            f"backend {requested!r} cannot run {op!r} on {dt}: {why}. "
-            f"Available here: {[b for b in _PREFERENCE[(op, dt)] if _available(b, dt)[0]]}"
+            f"backend {requested!r} cannot run {op!r} on {dt}: {why}. Available here: {auto_candidates(op, dt)}"
         )
     return requested
+
+
+def measured_backend(op: str, requested: str | None, device: str | torch.device, shape_class: str, work: float,
+                     run_sample: Callable[[str], object], exclude: Collection[str] = ()) -> str:
+    """The backend that runs one call of ``op`` on ``device``: forced, else measured (``ops.autotune``).
+
+    Args:
+        requested: an explicit backend, or "auto" / None (then the environment, ``requested_backend``).
+            A forced name is checked by ``resolve_backend`` (``BackendUnavailable``) and never timed.
+        shape_class: what the measured choice is keyed on besides the machine
+            (dtype and sizes up to powers of two, ``autotune.pow2_class``).
+        work: the call's nominal work in flops; below ``autotune.MIN_FLOPS`` nothing is timed.
+        run_sample: ``run_sample(name)`` runs backend ``name`` once on a small
+            slice of the call's inputs, writing scratch outputs only (the
+            caller's output is written once, afterwards, by the chosen backend).
+            Called only when the shape class has no cached choice yet.
+        exclude: backends that cannot run these particular arguments (never candidates).
+    Returns the backend name: with "auto", the first of ``auto_candidates``
+    (less ``exclude``) when it is the only one or ``work`` is small, else the
+    measured-fastest that is not slower than "torch" (``autotune.pick``).
+    On CUDA every timed call ends with a synchronize, so the clock sees the kernels.
+    """
+    dt = _device_type(device)
+    requested = requested_backend(op, requested, dt)
+    if requested != "auto":
+        return resolve_backend(op, requested, dt)
+    names = [b for b in auto_candidates(op, dt) if b not in exclude]
+    if len(names) == 1 or work < autotune.MIN_FLOPS:
+        _say_choice(op, dt, names[0])
+        return names[0]
+
+    def timed(name: str) -> Callable[[], None]:
+        if dt != "cuda":
+            return lambda: run_sample(name)
+        return lambda: (run_sample(name), torch.cuda.synchronize(device))
+
+    return autotune.pick(op, device, shape_class, {name: timed(name) for name in names})
 
 
 # ------------------------------------------------------------------ registry
@@ -214,7 +265,7 @@ def register(op: str, backend: str) -> Callable[[Callable], Callable]:
 
 def registry(device: str | torch.device = "cpu") -> dict[tuple[str, str], tuple[bool, Callable]]:
     """The table ``(op, backend) -> (available on device, impl)`` of every registered implementation."""
-    dt = "cuda" if torch.device(device).type == "cuda" else "cpu"
+    dt = _device_type(device)
     return {key: (_available(key[1], dt)[0], fn) for key, fn in _IMPLS.items()}
 
 

@@ -30,6 +30,15 @@ call per LoRA site. Backends:
   (``per_sample_lora_grads``), Adam by ``adam_precondition_ref``; step 2 the
   project op on the fastest project backend of the device (C++ on the CPU).
 
+Dispatch: ``backend="auto"`` (and no ``ICONS_FAST_BACKEND_LORA_GRAD`` /
+``ICONS_FAST_BACKEND``) times the available backends of the device
+("triton" and "torch" on a GPU; the CPU has "torch" only) once per shape
+class (``shape_class``) on the first ``TUNE_SAMPLES`` samples into a scratch
+``out``, and keeps the fastest that is not slower than "torch"
+(``ops.backend.measured_backend``, cached on disk per machine). Calls of
+less work than ``autotune.MIN_FLOPS`` take the first available backend of
+the preference order without timing.
+
 References: ``lora_grads_ref`` (the formula, in X's dtype) and
 ``lora_grad_project_ref`` (+ ``adam_precondition_ref`` + ``project_param_ref``,
 every step in X's dtype).
@@ -42,11 +51,13 @@ import torch
 from torch.profiler import record_function
 
 from icons_fast.contract import AdamMoments, ProjectionSpec
-from icons_fast.ops.backend import implementation, register
+from icons_fast.ops import autotune
+from icons_fast.ops.backend import implementation, measured_backend, register
 from icons_fast.ops.project import adam_precondition_ref, project_param, project_param_ref
 
 # (A's moments, B's moments), or None for plain gradients
 LoraAdam = tuple[AdamMoments, AdamMoments]
+TUNE_SAMPLES = 4  # samples the measured dispatch times each backend on
 
 
 @dataclass(frozen=True)
@@ -191,9 +202,29 @@ def lora_grad_project(
         raise ValueError(
             f"out must be float32 [{n}, {k}] on {X.device}; got {out.dtype} {tuple(out.shape)} on {out.device}"
         )
-    _, impl = implementation("lora_grad", backend, X.device)
-    impl(X, D, site, spec, mask, adam, out)
+    b = min(n, TUNE_SAMPLES)
+
+    def run_sample(name):  # the first TUNE_SAMPLES samples into a scratch out
+        scratch = torch.zeros(b, k, dtype=torch.float32, device=X.device)
+        implementation("lora_grad", name, X.device)[1](X[:b], D[:b], site, spec, None if mask is None else mask[:b],
+                                                       adam, scratch)
+
+    t, d_in, d_out, r = X.shape[1], X.shape[2], D.shape[2], site.A.shape[0]
+    work = 2.0 * n * r * (d_in + d_out) * (2 * t + k)  # U, V, the two weight gradients, their projections
+    name = measured_backend("lora_grad", backend, X.device, shape_class(X, D, site, spec, adam), work, run_sample)
+    implementation("lora_grad", name, X.device)[1](X, D, site, spec, mask, adam, out)
     return out
+
+
+def shape_class(X: torch.Tensor, D: torch.Tensor, site: LoraParams, spec: ProjectionSpec,
+                adam: LoraAdam | None) -> str:
+    """What a measured choice is keyed on besides the machine: the dtypes of X and D, the timed samples, T,
+    d_in, d_out, r and k up to powers of two, and whether Adam is applied."""
+    pow2 = autotune.pow2_class
+    dtypes = "/".join(str(t.dtype).removeprefix("torch.") for t in (X, D))
+    b, t, d_in = X.shape
+    return (f"{dtypes} B{pow2(min(b, TUNE_SAMPLES))} T{pow2(t)} d{pow2(d_in)}x{pow2(D.shape[2])} "
+            f"r{pow2(site.A.shape[0])} k{pow2(spec.proj_dim)}{' adam' if adam is not None else ''}")
 
 
 @register("lora_grad", "triton")

@@ -9,7 +9,7 @@ The matrix is the projection contract of ``icons_fast.contract``:
 ``R[i, j] = +-1/sqrt(k)`` from a counter hash of (seed, parameter id, element
 index ``i``, column ``j``), never stored. ``G'`` is ``G`` or, with the
 parameter's ``AdamMoments``, the LESS direction ``adam_precondition_ref(G)``.
-Backends (registered below, chosen by ``resolve_backend("project", ...)``):
+Backends (registered below; "auto" measures them, see "Dispatch"):
 
 - ``"cpp"`` (CPU tensors): ``icons_fast._C``. ``method="fused"`` runs
   ``project_accumulate`` (a four-Russians product that never materialises
@@ -26,6 +26,16 @@ Backends (registered below, chosen by ``resolve_backend("project", ...)``):
 
 Every path accumulates in float32 and adds into ``out``, so a model's
 projection is a sum of per-parameter calls.
+
+Dispatch: ``backend="auto"`` (and no ``ICONS_FAST_BACKEND_PROJECT`` /
+``ICONS_FAST_BACKEND``) times the available backends of the device ("cpp"
+and "torch" on the CPU, "triton" and "torch" on a GPU; never the Triton
+interpreter) once per shape class (``shape_class``: dtype, batch, the first
+``TUNE_ELEMENTS`` elements, k, Adam or not) on ``g[:, :TUNE_ELEMENTS]`` into a
+scratch ``out``, and keeps the fastest that is not slower than "torch"
+(``ops.backend.measured_backend``, cached on disk per machine). Calls of
+less work (``2 B n k``) than ``autotune.MIN_FLOPS`` take the first available
+backend of the preference order without timing.
 """
 
 from __future__ import annotations
@@ -35,7 +45,8 @@ import logging
 import torch
 
 from icons_fast.contract import MASK32, AdamMoments, param_id, rademacher_signs_ref, sign_value
-from icons_fast.ops.backend import cpu_ext, implementation, register, resolve_backend
+from icons_fast.ops import autotune
+from icons_fast.ops.backend import cpu_ext, implementation, measured_backend, register, resolve_backend
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +57,9 @@ _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # which cost most on a busy CPU); BLAS on a [tile, 5120] tile is 2x faster at
 # 128 rows (2.6 MB, near L2) than at 1024 rows (21 MB).
 DEFAULT_ROWS = {"fused": 32768, "tile": 128, "torch": 1024}
+# Elements (columns of g, rows of R) the measured dispatch times each backend on: four tiles of the torch
+# backend; 2 B 4096 k flops (0.7 GFLOP at B = 16, k = 5120) keeps the timing of a shape class short.
+TUNE_ELEMENTS = 4096
 
 
 def _check_tile_args(row_start: int, n_rows: int, k: int) -> None:
@@ -189,10 +203,29 @@ def project_param(
         raise ValueError(f"tile_rows must be >= 1, got {tile_rows}")
     if B == 0 or n == 0:
         return out
-    _, impl = implementation("project", backend, g.device)
-    impl(g, param_id(pid), int(seed) & MASK32, k, out, tile_rows=tile_rows, row_start=row_start, method=method,
-         adam=adam)
+    pid, seed = param_id(pid), int(seed) & MASK32
+    cols = min(n, TUNE_ELEMENTS)
+
+    def run_sample(name):  # the first TUNE_ELEMENTS elements into a scratch out
+        part = None if adam is None else AdamMoments(
+            adam.exp_avg.reshape(-1)[:cols], adam.exp_avg_sq.reshape(-1)[:cols], adam.beta1, adam.beta2, adam.eps)
+        scratch = torch.zeros(B, k, dtype=torch.float32, device=g.device)
+        implementation("project", name, g.device)[1](g[:, :cols], pid, seed, k, scratch, tile_rows=tile_rows,
+                                                     row_start=row_start, method=method, adam=part)
+
+    name = measured_backend("project", backend, g.device, shape_class(g, k, adam), 2.0 * B * n * k, run_sample)
+    impl = implementation("project", name, g.device)[1]
+    impl(g, pid, seed, k, out, tile_rows=tile_rows, row_start=row_start, method=method, adam=adam)
     return out
+
+
+def shape_class(g: torch.Tensor, k: int, adam: AdamMoments | None) -> str:
+    """What a measured choice is keyed on besides the machine: g's dtype, B, the timed elements and k
+    up to powers of two, and whether Adam is applied (every n past ``TUNE_ELEMENTS`` times the same sample)."""
+    B, n = g.shape
+    pow2 = autotune.pow2_class
+    return (f"{str(g.dtype).removeprefix('torch.')} B{pow2(B)} n{pow2(min(n, TUNE_ELEMENTS))} k{pow2(k)}"
+            f"{' adam' if adam is not None else ''}")
 
 
 @register("project", "triton")

@@ -22,7 +22,7 @@ Several checkpoints ``c`` with weights ``w_c`` are several calls into the same
 ``out`` (``weight=w_c``). Int8 train features carry a per-row fp32 ``scale``
 (``x_i = scale_i * q_i``).
 
-Backends (registered below; "auto" on the CPU measures them, see "Dispatch"):
+Backends (registered below; "auto" measures them, see "Dispatch"):
 
 - ``"blas"``: CPU. Per block of ``block_rows`` train rows: convert the rows to
   fp32 into a reused buffer, one fp32 GEMM through torch (MKL / oneDNN) into a
@@ -51,11 +51,15 @@ extension does not depend on the torch build. ``segment_reduce_ref`` is the
 plain-torch reference that tests compare against.
 
 Dispatch: ``backend="auto"`` (and no ``ICONS_FAST_BACKEND_INFLUENCE`` /
-``ICONS_FAST_BACKEND``) on the CPU times every available backend once per
-(train dtype, reduction, k class, M class) on the first ``TUNE_ROWS`` rows
-and keeps the fastest that is not slower than "torch" (``ops.autotune``,
-cached on disk per machine). Calls below ``TUNE_MIN_FLOPS`` take the first
-available backend of the preference order without timing.
+``ICONS_FAST_BACKEND``) times every available backend of the device (the
+CPU ones, or "cuda" and "torch" on a GPU) once per (train dtype, reduction,
+k class, M class) on the first ``TUNE_ROWS`` rows into a scratch accumulator
+and keeps the fastest that is not slower than "torch"
+(``ops.backend.measured_backend``, cached on disk per machine by
+``ops.autotune``). Calls of less work (``2 N M k``) than
+``autotune.MIN_FLOPS`` take the first available backend of the preference
+order without timing. Top-m with ``m > CUDA_MAX_TOPM`` runs on "torch" on a
+GPU (the CUDA kernel keeps at most that many).
 
 Error budget of "blas-bf16" (held by ``tests/test_influence_ext.py`` against
 fp64): each input is rounded to bf16 (relative error <= 2^-9 per element),
@@ -80,7 +84,9 @@ from collections.abc import Sequence
 import torch
 
 from icons_fast.ops import autotune
-from icons_fast.ops.backend import BackendUnavailable, backends, cpu_ext, implementation, register, requested_backend
+from icons_fast.ops.backend import (
+    BackendUnavailable, cpu_ext, implementation, measured_backend, register, requested_backend,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +104,6 @@ BF16_MIN_OVERLAP = 0.95  # top-20% selection overlap with fp64, per task
 BF16_REDUCTIONS = ("mean", "max", "topm")
 BF16_TRAIN_DTYPES = (torch.float16, torch.bfloat16)
 TUNE_ROWS = 4096  # train rows the measured dispatch times each backend on (a full block of each)
-TUNE_MIN_FLOPS = 2e9  # below this much work (2 N M k) "auto" does not time anything
 
 
 def offsets_from_sizes(sizes: Sequence[int]) -> torch.Tensor:
@@ -240,53 +245,44 @@ def choose_backend(train, targets_cat, offsets, reduction: str, m: int | None = 
 
 def _choose(train, targets_cat, offs, reduction, m, threshold, scale, backend, block_rows) -> str:
     requested = requested_backend("influence", backend, train.device)
-    explicit = requested != "auto"
-    if requested == "blas-bf16" and (train.dtype not in BF16_TRAIN_DTYPES or reduction not in BF16_REDUCTIONS):
+    excluded = _excluded(train, reduction, m)
+    if requested == "blas-bf16" and "blas-bf16" in excluded:
         raise BackendUnavailable(
             f"backend 'blas-bf16' runs fp16/bf16 train features with {BF16_REDUCTIONS} only (its error budget); "
             f"got {train.dtype} train features and reduction {reduction!r}: use backend='blas'")
-    if requested == "auto" and train.device.type == "cpu":
-        requested = _measured_choice(train, targets_cat, offs, reduction, m, threshold, scale, block_rows)
-    name = implementation("influence", requested, train.device)[0]
-    if name == "cuda" and reduction == "topm" and int(m) > CUDA_MAX_TOPM:
-        if explicit:
-            raise BackendUnavailable(f"the CUDA top-m reduction keeps at most m={CUDA_MAX_TOPM}; use backend='torch' for m={m}")
+    if requested == "cuda" and "cuda" in excluded and train.device.type == "cuda":
+        raise BackendUnavailable(f"the CUDA top-m reduction keeps at most m={CUDA_MAX_TOPM}; use backend='torch' for m={m}")
+    if requested == "auto" and "cuda" in excluded and train.device.type == "cuda":
         log.info("icons_fast: influence top-m with m=%d > %d runs on the torch backend", m, CUDA_MAX_TOPM)
-        name = "torch"
-    return name
+    n, k = train.shape
+    rows = min(n, TUNE_ROWS)
+
+    def run_sample(name):  # the first TUNE_ROWS rows into a scratch accumulator
+        impl = implementation("influence", name, train.device)[1]
+        scratch = torch.zeros(rows, offs.numel() - 1, device=train.device)
+        sc = None if scale is None else scale[:rows]
+        br = int(block_rows or DEFAULT_BLOCK_ROWS[name])
+        impl(train[:rows], targets_cat, offs, reduction, m, threshold, 1.0, scratch, sc, br, 0)
+
+    return measured_backend("influence", requested, train.device, shape_class(train, targets_cat, reduction),
+                            2.0 * n * targets_cat.shape[0] * k, run_sample, excluded)
 
 
-def _candidates(train, reduction) -> list[str]:
-    """The CPU backends that may run this call, in the preference order of ``ops.backend``."""
-    names = backends(train.device)["influence"]
+def _excluded(train, reduction, m) -> tuple[str, ...]:
+    """Backends that cannot run these arguments: "blas-bf16" outside its error budget, "cuda" for top-m past
+    ``CUDA_MAX_TOPM``. They are never candidates of "auto"; asking for one by name raises."""
+    out = []
     if train.dtype not in BF16_TRAIN_DTYPES or reduction not in BF16_REDUCTIONS:
-        names = [b for b in names if b != "blas-bf16"]
-    return names
+        out.append("blas-bf16")
+    if reduction == "topm" and int(m) > CUDA_MAX_TOPM:
+        out.append("cuda")
+    return tuple(out)
 
 
 def shape_class(train, targets_cat, reduction) -> str:
     """What a measured choice is keyed on besides the machine: dtype, reduction, k and M up to powers of two."""
     k, mt = train.shape[1], targets_cat.shape[0]
     return f"{TRAIN_DTYPES[train.dtype]} {reduction} k{autotune.pow2_class(k)} M{autotune.pow2_class(mt)}"
-
-
-def _measured_choice(train, targets_cat, offs, reduction, m, threshold, scale, block_rows) -> str:
-    """The backend "auto" runs on the CPU: measured once per shape class (``ops.autotune.pick``)."""
-    names = _candidates(train, reduction)
-    n, k = train.shape
-    if len(names) == 1 or 2.0 * n * targets_cat.shape[0] * k < TUNE_MIN_FLOPS:
-        return names[0]
-    rows = min(n, TUNE_ROWS)
-    x, sc = train[:rows], (None if scale is None else scale[:rows])
-    scratch = torch.zeros(rows, offs.numel() - 1)
-
-    def call(name):
-        impl = implementation("influence", name, train.device)[1]
-        br = int(block_rows or DEFAULT_BLOCK_ROWS[name])
-        return lambda: impl(x, targets_cat, offs, reduction, m, threshold, 1.0, scratch, sc, br, 0)
-
-    return autotune.pick("influence", train.device, shape_class(train, targets_cat, reduction),
-                         {name: call(name) for name in names})
 
 
 @register("influence", "torch")
