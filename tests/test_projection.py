@@ -291,9 +291,10 @@ def test_explicit_cpp_without_extension_raises(monkeypatch):
         project_param(torch.randn(2, 10), "p", 0, 4, torch.zeros(2, 4), backend="cpp")
     # "auto" falls back to torch quietly and still computes the contract.
     proj = RademacherProjector(10, 4, backend="auto")
-    assert proj.backend == "torch"
+    assert proj.backend == "auto" and proj.backends_ran == {}
     g = torch.randn(2, 10)
     assert rel_err(proj.project(g), project_ref(g, 4, 0)) < 1e-5
+    assert proj.backends_ran == {"project": ["torch"]} and proj.describe_backend() == "auto (ran: project torch)"
 
 
 def test_bad_arguments_raise():
