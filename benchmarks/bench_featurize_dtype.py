@@ -79,7 +79,7 @@ def main() -> None:
     for name in exts:
         print(f"{name:<9} featurize {med[name]:.3f} s per batch of {cfg.batch}  "
               f"({cfg.batch / med[name]:.1f} samples/s)")
-    print(f"bf16 / fp32 time: {med['bfloat16'] / med['float32']:.2f}  (backend {exts['float32'].backend})")
+    print(f"bf16 / fp32 time: {med['bfloat16'] / med['float32']:.2f}  (backend {exts['float32'].describe_backend()})")
 
     # agreement with float64
     feats = {name: (features(m, args.pool, cfg.batch, cfg.seq, cfg.proj_dim, seed=100),

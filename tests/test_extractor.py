@@ -188,3 +188,86 @@ def test_triton_backend_equals_torch_backend(lora_model, batch, mode):
     tri = GradientExtractor(lora_model, backend="triton", **kw)
     assert tri.backend == "triton"
     torch.testing.assert_close(tri.featurize(batch), ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture
+def measured(tmp_path, monkeypatch):
+    """A private measured-dispatch cache, nothing forced by the environment, every call worth a timing."""
+    from icons_fast.ops import autotune, backend
+
+    monkeypatch.setenv("ICONS_FAST_CACHE", str(tmp_path))
+    monkeypatch.delenv("ICONS_FAST_BACKEND", raising=False)
+    for op in backend.OPS:
+        monkeypatch.delenv(backend.env_var(op), raising=False)
+    monkeypatch.setattr(autotune, "MIN_FLOPS", 0.0)
+    autotune.forget()
+    yield tmp_path
+    autotune.forget()
+
+
+def _fixed_medians(monkeypatch, medians: dict[str, float]) -> list:
+    """Timings replaced by ``medians`` (per backend name); the candidates still run once each. Returns what was timed."""
+    from icons_fast.ops import autotune
+
+    timed: list = []
+
+    def fake_time(candidates, rounds=3, clock=None):
+        timed.append(sorted(candidates))
+        for fn in candidates.values():
+            fn()
+        return {name: medians[name] for name in candidates}
+
+    monkeypatch.setattr(autotune, "time_backends", fake_time)
+    return timed
+
+
+@pytest.mark.parametrize("fastest", ["triton", "torch"])
+def test_auto_is_measured_per_call_and_equals_a_forced_backend(lora_model, batch, measured, monkeypatch, fastest):
+    """"auto" reaches the lora_grad op (measured there), gives the forced backend's features and names what ran.
+
+    The CPU has one lora_grad backend; Triton (interpreted) is let in as a second one to have a choice."""
+    pytest.importorskip("triton")
+    from icons_fast.ops import backend
+
+    monkeypatch.setitem(backend._PREFERENCE, ("lora_grad", "cpu"), ("triton", "torch"))
+    medians = {"triton": 2.0, "torch": 1.5, "cpp": 1.0}  # cpp: the project op's C++ backend (torch's projection)
+    medians[fastest] = 0.5
+    timed = _fixed_medians(monkeypatch, medians)
+    kw = dict(proj_dim=45, seed=2)
+    ex = GradientExtractor(lora_model, backend="auto", **kw)
+    assert ex.backend == "auto" and ex.describe_backend() == "auto" and not timed  # nothing chosen at construction
+    got = ex.featurize(batch)
+    assert ["torch", "triton"] in timed
+    assert ex.backends_ran["lora_grad"] == [fastest]
+    # triton: the project op runs inside the kernel's backend; what the torch backend's sample projected with
+    # while being timed (cpp, the fastest project backend with these medians) is not what ran.
+    # torch: its projection is measured in turn (torch 0.5 s beats cpp 1.0 s).
+    want_project = fastest
+    assert ex.backends_ran["project"] == [want_project]
+    assert ex.describe_backend() == f"auto (ran: lora_grad {fastest}, project {want_project})"
+    for forced in ("torch", "triton"):
+        ref = GradientExtractor(lora_model, backend=forced, **kw)
+        assert ref.backend == forced
+        torch.testing.assert_close(got, ref.featurize(batch), rtol=1e-4, atol=1e-6)
+        assert ref.backends_ran["lora_grad"] == [forced]
+    # cached: a new extractor times nothing and runs the same
+    monkeypatch.setattr(backend.autotune, "time_backends", lambda *a, **k: pytest.fail("a cached choice is not timed"))
+    again = GradientExtractor(lora_model, backend="auto", **kw)
+    assert torch.equal(again.featurize(batch), got) and again.backends_ran == ex.backends_ran
+
+
+def test_forced_backends_are_passed_on_unchanged(lora_model, batch, measured, monkeypatch):
+    from icons_fast.ops import autotune
+    from icons_fast.ops.backend import BackendUnavailable
+
+    monkeypatch.setattr(autotune, "pick", lambda *a, **k: pytest.fail("a forced backend is not timed"))
+    monkeypatch.setenv("ICONS_FAST_BACKEND", "torch")  # every op that has a torch backend: lora_grad and project
+    ex = GradientExtractor(lora_model, proj_dim=16, backend="auto")
+    assert ex.backend == "torch"
+    ex.featurize(batch)
+    assert ex.backends_ran == {"lora_grad": ["torch"], "project": ["torch"]} and ex.describe_backend() == "torch"
+    monkeypatch.delenv("ICONS_FAST_BACKEND")
+    monkeypatch.setenv("ICONS_FAST_BACKEND_LORA_GRAD", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # Triton cannot run here now: the request raises at once
+    with pytest.raises(BackendUnavailable, match="triton"):
+        GradientExtractor(lora_model, proj_dim=16)

@@ -246,3 +246,49 @@ def test_rerun_warmup_with_other_settings_removes_old_checkpoints(tmp_path, tiny
     assert RunLayout(cfg.out).warmup_checkpoints() == second
     left = sorted(d for d in os.listdir(os.path.join(cfg.out, "warmup")) if d.startswith("checkpoint-"))
     assert left == [os.path.basename(second[0])]
+
+
+def test_resume_with_another_backend_mixes_equal_features_and_logs_what_ran(finished_run, tmp_path, monkeypatch,
+                                                                             caplog):
+    """The run was featurized with "auto" (the default); a shard recomputed with every op forced to torch passes
+    the store's checks (the backend is not part of any fingerprint) and equals the "auto" one within the
+    cross-backend tolerance; the featurize log names the request and what ran."""
+    import shutil
+
+    import torch
+
+    from icons_fast.features.store import FeatureStore
+    from icons_fast.ops import backend
+    from icons_fast.stages.pipeline import featurize_all
+
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(finished_run.out, run_dir)
+    cfg = Config.from_dict(finished_run.to_dict())
+    cfg.out = run_dir
+    assert cfg.features.backend == "auto"
+    ckpt = sorted(os.listdir(os.path.join(run_dir, "features")))[0]
+    store = FeatureStore.open(os.path.join(run_dir, "features", ckpt, "train"))
+    before = store.load()
+    os.unlink(store.shard_path(16, 32))  # the middle shard: recomputed on the rerun
+    for op in backend.OPS:
+        monkeypatch.delenv(backend.env_var(op), raising=False)
+    monkeypatch.setenv("ICONS_FAST_BACKEND", "torch")  # lora_grad and project: the references
+    caplog.set_level(logging.INFO, logger="icons_fast")
+    featurize_all(cfg, run_dir, splits=["train"])
+    assert "k=64, backend=torch): 1 of 3 shard(s) to do" in caplog.text
+    assert "; backend torch" in caplog.text  # every op call ran the forced backend
+    after = FeatureStore.open(os.path.join(run_dir, "features", ckpt, "train")).load()
+    assert np.array_equal(before[0], after[0]) and before[1] == after[1]
+    rows = np.isin(after[0], np.arange(16, 32))
+    assert torch.equal(after[2][~rows], before[2][~rows])  # the other shards are untouched
+    torch.testing.assert_close(after[2][rows].float(), before[2][rows].float(), rtol=0, atol=2e-3)  # fp16 rows
+    np.testing.assert_allclose(after[3], before[3], rtol=1e-4)  # raw norms, fp32
+
+    # the same shard under "auto": the log names what each op ran
+    os.unlink(store.shard_path(16, 32))
+    monkeypatch.delenv("ICONS_FAST_BACKEND")
+    caplog.clear()
+    featurize_all(cfg, run_dir, splits=["train"])
+    project = "cpp" if backend.has_cpu_ext() else "torch"  # the CPU's lora_grad has one backend, torch
+    assert "backend=auto): 1 of 3 shard(s) to do" in caplog.text
+    assert f"; backend auto (ran: lora_grad torch, project {project})" in caplog.text

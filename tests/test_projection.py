@@ -291,9 +291,10 @@ def test_explicit_cpp_without_extension_raises(monkeypatch):
         project_param(torch.randn(2, 10), "p", 0, 4, torch.zeros(2, 4), backend="cpp")
     # "auto" falls back to torch quietly and still computes the contract.
     proj = RademacherProjector(10, 4, backend="auto")
-    assert proj.backend == "torch"
+    assert proj.backend == "auto" and proj.backends_ran == {}
     g = torch.randn(2, 10)
     assert rel_err(proj.project(g), project_ref(g, 4, 0)) < 1e-5
+    assert proj.backends_ran == {"project": ["torch"]} and proj.describe_backend() == "auto (ran: project torch)"
 
 
 def test_bad_arguments_raise():
@@ -353,3 +354,45 @@ def test_triton_backend_of_project_param_matches_torch():
     ref = project_param(g, 12345, 9, 37, out=torch.zeros(3, 37), backend="torch")
     tri = project_param(g, 12345, 9, 37, out=torch.zeros(3, 37), backend="triton")
     torch.testing.assert_close(tri, ref, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ "auto" passed on
+
+
+@needs_cpp
+@pytest.mark.parametrize("fastest", ["cpp", "torch"])
+def test_auto_is_measured_per_shape_class_and_named(tmp_path, monkeypatch, fastest):
+    """"auto" reaches every project call: one timing per shape class, the forced backend's features, what ran named."""
+    from icons_fast.ops import autotune
+
+    monkeypatch.setenv("ICONS_FAST_CACHE", str(tmp_path))
+    for var in ("ICONS_FAST_BACKEND", backend_mod.env_var("project")):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(autotune, "MIN_FLOPS", 0.0)
+    autotune.forget()
+    timed: list = []
+
+    def fake_time(candidates, rounds=3, clock=None):
+        timed.append(sorted(candidates))
+        return {name: 0.5 if name == fastest else 1.0 for name in candidates}
+
+    monkeypatch.setattr(autotune, "time_backends", fake_time)
+    shapes = {"a": 300, "b": (7, 9)}
+    gen = torch.Generator().manual_seed(8)
+    g = {"a": torch.randn(3, 300, generator=gen), "b": torch.randn(3, 7, 9, generator=gen)}
+    proj = RademacherProjector(363, 40, seed=6, param_shapes=shapes)
+    assert proj.backend == "auto" and not timed
+    got = proj.project(g)
+    assert timed == [["cpp", "torch"]] * 2  # two shape classes: n up to 512 and up to 64
+    assert proj.backends_ran == {"project": [fastest]} and proj.describe_backend() == f"auto (ran: project {fastest})"
+    proj.project(g)
+    assert len(timed) == 2  # cached per shape class
+    for forced in ("cpp", "torch"):
+        ref = RademacherProjector(363, 40, seed=6, param_shapes=shapes, backend=forced)
+        assert ref.backend == forced
+        want = ref.project(g)
+        assert ref.describe_backend() == forced
+        if forced == fastest:
+            assert torch.equal(got, want)  # the same backend: the same bits
+        assert rel_err(got, want) < 1e-5  # what test_cpp_and_torch_backends_agree allows between backends
+    autotune.forget()

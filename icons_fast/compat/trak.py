@@ -98,8 +98,12 @@ class TRAKProjector(_Base):
 
     @property
     def backend(self) -> str:
-        """The projection backend chosen at construction (torch / cpp / triton)."""
+        """The projection backend asked for: "auto" (measured per shape class by the project op) or the forced name."""
         return self._inner.backend
+
+    def describe_backend(self) -> str:
+        """The request and what ran it so far, e.g. "auto (ran: project cpp)" (``RademacherProjector.describe_backend``)."""
+        return self._inner.describe_backend()
 
     def project(self, grads, model_id: int = 0) -> torch.Tensor:
         """``Tensor[B, proj_dim]`` in ``dtype`` from ``Tensor[B, grad_dim]`` or ``{name: Tensor[B, ...]}``.

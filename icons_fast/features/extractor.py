@@ -28,7 +28,7 @@ from torch.profiler import record_function
 from icons_fast.contract import AdamMoments, ProjectionSpec
 from icons_fast.model.inputs import MODEL_INPUT_KEYS, per_sample_losses
 from icons_fast.model.lora import lora_modules, trainable_parameters
-from icons_fast.ops.backend import resolve_backend
+from icons_fast.ops.backend import describe, recording_choices, requested_backend, resolve_backend
 from icons_fast.ops.lora_grad import LoraParams, lora_grad_project, per_sample_lora_grads
 
 
@@ -65,8 +65,16 @@ class GradientExtractor:
         optimizer_state: for "adam", ``{"exp_avg": {name: T}, "exp_avg_sq": {name: T}}``
             keyed by parameter name (what warmup saves).
         backend: "auto" | "torch" | "triton" (per-module gradient + projection).
+            "auto" (when no ``ICONS_FAST_BACKEND_LORA_GRAD`` / ``ICONS_FAST_BACKEND``
+            forces one) is passed on to every call of the lora_grad op, whose
+            measured dispatch picks per shape class (``ops.lora_grad``); an
+            explicit backend that cannot run raises ``BackendUnavailable`` here.
 
-    ``featurize(batch) -> Tensor[B, proj_dim]`` (float32).
+    ``featurize(batch) -> Tensor[B, proj_dim]`` (float32). ``backend`` holds the
+    request ("auto" or the forced name), ``backends_ran`` the backends that ran
+    so far (``{"lora_grad": [names], "project": [names]}``; the torch lora_grad
+    backend projects through the project op's own "auto") and
+    ``describe_backend()`` both in one string for logs.
     """
 
     def __init__(
@@ -94,9 +102,10 @@ class GradientExtractor:
         self.param_names = [n for n, _ in trainable_parameters(model)]
         device = next(model.parameters()).device
         self.device = device
-        self.backend = resolve_backend("lora_grad", backend, device)
-        # what the torch lora_grad backend projects with (the triton backend projects with Triton)
-        self.project_backend = resolve_backend("project", "auto", device) if self.backend == "torch" else None
+        self.backend = requested_backend("lora_grad", backend, device)
+        if self.backend != "auto":
+            resolve_backend("lora_grad", self.backend, device)  # a forced backend that cannot run raises now
+        self.backends_ran: dict[str, list[str]] = {}
         self.moments = self._check_moments(optimizer_state) if mode == "adam" else None
 
     # ------------------------------------------------------------ set-up
@@ -219,8 +228,12 @@ class GradientExtractor:
         captured, mask = self._forward_backward(batch)
         spec = ProjectionSpec(self.seed, self.proj_dim)
         out = torch.zeros(batch["labels"].shape[0], self.proj_dim, dtype=torch.float32, device=self.device)
-        with torch.no_grad():
+        with torch.no_grad(), recording_choices(self.backends_ran):
             for site in self.sites:
                 x, d = captured.pop(site.name)  # free the activations as we go
                 lora_grad_project(x, d, site.params(), spec, mask, self._adam(site), out, backend=self.backend)
         return out
+
+    def describe_backend(self) -> str:
+        """The request and what ran it so far, e.g. "auto (ran: lora_grad torch, project cpp)" (``ops.backend.describe``)."""
+        return describe(self.backend, self.backends_ran)

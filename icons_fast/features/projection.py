@@ -29,7 +29,7 @@ from typing import Mapping
 import torch
 
 from icons_fast.contract import MASK32, fnv1a32
-from icons_fast.ops.backend import resolve_backend
+from icons_fast.ops.backend import describe, recording_choices, requested_backend, resolve_backend
 from icons_fast.ops.project import project_param, project_param_ref
 
 MODEL_ID_STRIDE = 10_000
@@ -70,9 +70,16 @@ class RademacherProjector:
             input is split into these parameters in order, so flat and dict
             inputs give the same features. Without it a flat input is one
             parameter named ``""``.
-        backend: "auto" | "cpp" | "torch" | "triton" (resolved once, here; an
-            explicit backend that cannot run raises ``BackendUnavailable``).
+        backend: "auto" | "cpp" | "torch" | "triton". "auto" (when no
+            ``ICONS_FAST_BACKEND_PROJECT`` / ``ICONS_FAST_BACKEND`` forces one)
+            is passed on to every call of the project op, whose measured
+            dispatch picks per shape class (``ops.project``); an explicit
+            backend that cannot run raises ``BackendUnavailable`` here.
         block_rows: rows of ``R`` per kernel call / tile (None: measured default).
+
+    ``backend`` holds the request ("auto" or the forced name), ``backends_ran``
+    the backends that ran so far (``{"project": [names]}``) and
+    ``describe_backend()`` both in one string for logs.
     """
 
     def __init__(
@@ -110,7 +117,10 @@ class RademacherProjector:
             total = sum(self.param_shapes.values())
             if total != self.grad_dim:
                 raise ValueError(f"param_shapes hold {total} elements but grad_dim={self.grad_dim}; they must agree")
-        self.backend = resolve_backend("project", backend, self.device)
+        self.backend = requested_backend("project", backend, self.device)
+        if self.backend != "auto":
+            resolve_backend("project", self.backend, self.device)  # a forced backend that cannot run raises now
+        self.backends_ran: dict[str, list[str]] = {}
         self._pids: dict[str, int] = {}
 
     def _pid(self, name: str) -> int:
@@ -169,12 +179,17 @@ class RademacherProjector:
                 raise TypeError(f"gradient {name!r} has dtype {t.dtype}; expected one of {_DTYPES}")
         seed = effective_seed(self.seed, model_id)
         out = torch.zeros(batch, self.proj_dim, dtype=torch.float32, device=self.device)
-        for name, t in parts:
-            project_param(
-                t.to(self.device), self._pid(name), seed, self.proj_dim, out,
-                backend=self.backend, tile_rows=self.block_rows,
-            )
+        with recording_choices(self.backends_ran):
+            for name, t in parts:
+                project_param(
+                    t.to(self.device), self._pid(name), seed, self.proj_dim, out,
+                    backend=self.backend, tile_rows=self.block_rows,
+                )
         return out.to(self.dtype)
+
+    def describe_backend(self) -> str:
+        """The request and what ran it so far, e.g. "auto (ran: project cpp)" or "torch" (``ops.backend.describe``)."""
+        return describe(self.backend, self.backends_ran)
 
     def free_memory(self) -> None:
         """Nothing is cached between calls (``R`` is never stored); kept for TRAK's interface."""

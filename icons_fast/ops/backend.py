@@ -17,6 +17,9 @@ The choice is made here and nowhere else:
   per shape class on a sample of the inputs through ``ops.autotune.pick``
   (measured dispatch, cached on disk); below ``autotune.MIN_FLOPS`` of work,
   or with one candidate, it takes the first of the preference order untimed.
+- ``recording_choices()``: a block that collects which backend ran each op
+  call made inside it (``{op: [names]}``), so a caller that passes "auto" on
+  (``RademacherProjector``, ``GradientExtractor``) can say what actually ran.
 - Forcing: an explicit name (argument, ``--backend``), else
   ``ICONS_FAST_BACKEND_<OP>`` (e.g. ``ICONS_FAST_BACKEND_INFLUENCE=blas``),
   else ``ICONS_FAST_BACKEND`` (``requested_backend``). A forced name that
@@ -28,10 +31,12 @@ Capability queries that always exist: ``has_cpu_ext()``, ``has_cuda_ext()``,
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
-from collections.abc import Callable, Collection
+import threading
+from collections.abc import Callable, Collection, Iterator
 
 import torch
 
@@ -233,18 +238,73 @@ def measured_backend(op: str, requested: str | None, device: str | torch.device,
     dt = _device_type(device)
     requested = requested_backend(op, requested, dt)
     if requested != "auto":
-        return resolve_backend(op, requested, dt)
+        return _record(op, resolve_backend(op, requested, dt))
     names = [b for b in auto_candidates(op, dt) if b not in exclude]
     if len(names) == 1 or work < autotune.MIN_FLOPS:
         _say_choice(op, dt, names[0])
-        return names[0]
+        return _record(op, names[0])
 
     def timed(name: str) -> Callable[[], None]:
         if dt != "cuda":
             return lambda: run_sample(name)
         return lambda: (run_sample(name), torch.cuda.synchronize(device))
 
-    return autotune.pick(op, device, shape_class, {name: timed(name) for name in names})
+    with _not_recorded():  # the timed samples (and the ops they call) are not what ran the caller's call
+        name = autotune.pick(op, device, shape_class, {name: timed(name) for name in names})
+    return _record(op, name)
+
+
+# ------------------------------------------------------------------ what ran
+_RECORDING = threading.local()  # .stack: the open recording_choices() dicts of this thread, innermost last
+
+
+def _record(op: str, name: str) -> str:
+    """Note that ``name`` runs a call of ``op`` in every open ``recording_choices()`` block; returns ``name``."""
+    for ran in getattr(_RECORDING, "stack", ()):
+        names = ran.setdefault(op, [])
+        if name not in names:
+            names.append(name)
+    return name
+
+
+@contextlib.contextmanager
+def recording_choices(ran: dict[str, list[str]] | None = None) -> Iterator[dict[str, list[str]]]:
+    """Collect the backend of every op call made in the block (this thread): ``{op: [names, in first-use order]}``.
+
+    Every op dispatches through ``measured_backend``, which records its answer
+    here; the calls that only time a candidate (a measurement) are not recorded.
+    ``ran``: a dict to add to (e.g. one kept over many blocks); a new one when None.
+    """
+    ran = {} if ran is None else ran
+    stack = _RECORDING.__dict__.setdefault("stack", [])
+    stack.append(ran)
+    try:
+        yield ran
+    finally:
+        del stack[next(i for i, d in enumerate(stack) if d is ran)]  # by identity: two blocks may hold equal dicts
+
+
+def describe(requested: str, ran: dict[str, list[str]]) -> str:
+    """A backend request and what ran it, for logs and bench rows.
+
+    ``"auto"`` before anything ran; ``"auto (ran: lora_grad torch, project cpp)"``
+    after (several names of one op joined by "+": measured per shape class); a
+    forced name that is all that ran reads as just that name (``"cpp"``).
+    """
+    if not ran or all(names == [requested] for names in ran.values()):
+        return requested
+    parts = [f"{op} {'+'.join(names)}" for op, names in ran.items()]
+    return f"{requested} (ran: {', '.join(parts)})"
+
+
+@contextlib.contextmanager
+def _not_recorded() -> Iterator[None]:
+    saved = _RECORDING.__dict__.get("stack", [])
+    _RECORDING.stack = []
+    try:
+        yield
+    finally:
+        _RECORDING.stack = saved
 
 
 # ------------------------------------------------------------------ registry

@@ -228,7 +228,7 @@ def _featurize_split(cfg: Config, run_dir: str, split: str, records_path: str, c
     todo = store.missing_ranges(mine)
     n_todo = sum(e - s for s, e in todo)
     log.info("%s @ %s (%s, k=%d, backend=%s): %d of %d shard(s) to do, process %d/%d", split, ckpt_name, mode,
-             cfg.features.proj_dim, extractor.backend, len(todo), len(mine), rank, world)
+             cfg.features.proj_dim, extractor.describe_backend(), len(todo), len(mine), rank, world)
     retries_path = layout.oom_retries(split)
 
     def on_retry(size: int, indices: list[int]) -> None:
@@ -296,6 +296,7 @@ def _featurize_split(cfg: Config, run_dir: str, split: str, records_path: str, c
         store.finalize()
     t_end = time.perf_counter()
     if n_todo:
-        log.info("%s: %d sample(s) in %.1f s (%.1f samples/s) after %.1f s loading the model and data", split, n_todo,
-                 t_end - t_loaded, n_todo / max(t_end - t_loaded, 1e-9), t_loaded - t0)
+        log.info("%s: %d sample(s) in %.1f s (%.1f samples/s) after %.1f s loading the model and data; backend %s",
+                 split, n_todo, t_end - t_loaded, n_todo / max(t_end - t_loaded, 1e-9), t_loaded - t0,
+                 extractor.describe_backend())
     return out_dir
