@@ -40,7 +40,7 @@ MODEL_DTYPES = ("float32", "bfloat16", "float16")  # icons_fast.model.loading.DT
 STORE_DTYPES = ("float16", "bfloat16", "float32", "int8")  # icons_fast.features.store.DTYPES
 STORE_DTYPE_ALIASES = ("fp16", "half", "bf16", "fp32", "float")  # accepted by features.store.canonical_dtype
 GRADIENT_MODES = ("adam", "sgd")  # icons_fast.features.extractor.GradientExtractor(mode=...)
-BACKENDS = ("auto", "torch", "triton", "cpp")  # names icons_fast.ops.backend.resolve_backend takes for featurize
+BACKENDS = ("auto", "torch", "triton")  # the backends both featurize ops (lora_grad and project) have
 TIE_BREAKS = ("mean_rank", "index", "random")  # icons_fast.select.voting.TIE_BREAKS
 RULES = ("icons", "less", "tracin", "mean", "max", "rank", "znorm", "random")  # icons_fast.select.rules.RULES
 AGGREGATES = ("mean", "max", "topm:<m>")  # icons_fast.select.influence.parse_aggregate

@@ -380,3 +380,12 @@ def test_project_auto_times_adam_on_the_sliced_moments(cache, monkeypatch):
     assert torch.equal(out, project_param(g, "w", 7, 32, torch.zeros(3, 32), adam=adam, backend="torch"))
     entries = json.loads((cache / "autotune.json").read_text())[autotune.machine_key("cpu")]
     assert list(entries) == ["project | cpu | float32 B4 n64 k32 adam"]
+
+
+def test_a_backend_the_op_does_not_have_is_refused_by_name():
+    """lora_grad has no cpp kernel: forcing it names the op's backends instead of failing later in the registry."""
+    from icons_fast.ops.backend import BackendUnavailable, resolve_backend
+
+    with pytest.raises(BackendUnavailable, match=r"op 'lora_grad' has no backend 'cpp'; its backends: \['triton', 'torch'\]"):
+        resolve_backend("lora_grad", "cpp", "cpu")
+    assert resolve_backend("lora_grad", "torch", "cpu") == "torch"

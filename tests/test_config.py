@@ -55,7 +55,7 @@ def test_fingerprint_and_saved_run_config(tmp_path):
     ("select.rule", "best", "icons, less, tracin"),
     ("model.dtype", "fp8", "float32, bfloat16, float16"),
     ("features.store_dtype", "int4", "float16, bfloat16, float32, int8"),
-    ("features.backend", "cudnn", "auto, torch, triton, cpp"),
+    ("features.backend", "cudnn", "auto, torch, triton"),
     ("device", "gpu", "auto, cpu, cuda, cuda:N"),
 ])
 def test_bad_choices_name_the_key_the_value_and_the_allowed_ones(key, bad, allowed):

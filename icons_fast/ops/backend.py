@@ -207,6 +207,9 @@ def resolve_backend(op: str, requested: str | None = "auto", device: str | torch
         name = auto_candidates(op, dt)[0]
         _say_choice(op, dt, name)
         return name
+    known = list(dict.fromkeys(_PREFERENCE[(op, "cuda")] + _PREFERENCE[(op, "cpu")]))  # every backend of the op
+    if requested not in known:
+        raise BackendUnavailable(f"op {op!r} has no backend {requested!r}; its backends: {known}")
     ok, why = _available(requested, dt)
     if not ok:
         raise BackendUnavailable(
