@@ -109,6 +109,7 @@ def build_tiny_llava(out_dir: str, size: str = "tiny", seed: int = 0) -> str:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
     )
     config = LlavaConfig(
         vision_config=vision,
@@ -118,7 +119,6 @@ def build_tiny_llava(out_dir: str, size: str = "tiny", seed: int = 0) -> str:
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
