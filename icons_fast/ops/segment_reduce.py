@@ -93,10 +93,13 @@ log = logging.getLogger(__name__)
 REDUCTIONS = ("mean", "max", "topm", "count")
 TRAIN_DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.int8: "i8"}
 TARGET_DTYPES = {torch.float32: "f32", torch.float16: "f16"}
-# blas: 4096 rows measured at least as fast as 2048 and faster than 1024 and 256 (MKL's own blocking
-# wants tall panels, and every block costs a fork/join of the thread pool, which a busy machine
-# makes expensive) at k = 1024, M = 2,000 on a Xeon; BLAS_BUFFER_BYTES caps it for large M + k.
-DEFAULT_BLOCK_ROWS = {"cpp": 144, "torch": 4096, "cuda": 64, "blas": 4096, "blas-bf16": 4096}
+# blas: 2048 rows per block. With the score block transposed ([M, rows], the fold reading one
+# target's scores of all rows contiguously), top-m at k = 1024, M = 2,000 on a Xeon (2 threads, 5
+# interleaved rounds) took 0.95 / 0.94 / 1.06x the plain GEMM's time at 1024 / 2048 / 4096 rows,
+# max 0.90 / 0.93 / 0.95x: a [M, 4096] block (32 MiB) no longer stays in cache for the fold, and
+# fewer rows cost MKL efficiency and a fork/join of the thread pool per block
+# (benchmarks/RESULTS.md section 11). BLAS_BUFFER_BYTES caps it for large M + k.
+DEFAULT_BLOCK_ROWS = {"cpp": 144, "torch": 4096, "cuda": 64, "blas": 2048, "blas-bf16": 2048}
 BLAS_BUFFER_BYTES = 64 << 20  # blas: at most this much for the row buffer + score buffer (fp32)
 CUDA_MAX_TOPM = 32
 BF16_SCORE_BUDGET = 2.0**-7  # |score error| / (||x|| ||t||), see the module docstring
