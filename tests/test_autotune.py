@@ -14,18 +14,6 @@ from icons_fast.ops.backend import BackendUnavailable, has_cpu_ext, has_triton, 
 needs_ext = pytest.mark.skipif(not has_cpu_ext(), reason="icons_fast._C is not built")
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """A private cache directory and a fresh in-process copy of the cache file."""
-    monkeypatch.setenv("ICONS_FAST_CACHE", str(tmp_path))
-    monkeypatch.delenv("ICONS_FAST_BACKEND", raising=False)
-    for op in backend.OPS:
-        monkeypatch.delenv(backend.env_var(op), raising=False)
-    autotune.forget()
-    yield tmp_path
-    autotune.forget()
-
-
 def fake_backends(costs: dict[str, float], calls: dict[str, int] | None = None):
     """A fake clock and candidates whose every call advances it by their cost (seconds)."""
     now = [0.0]
@@ -60,12 +48,12 @@ def test_time_backends_takes_medians_and_drops_failing_backends():
     assert med == pytest.approx({"torch": 0.3, "cpp": 0.1})
 
 
-def test_pick_measures_once_then_reads_the_cache_file(cache):
+def test_pick_measures_once_then_reads_the_cache_file(autotune_cache):
     calls: dict[str, int] = {}
     clock, cands = fake_backends({"torch": 2.0, "cpp": 1.0, "blas": 0.5}, calls)
     assert autotune.pick("influence", "cpu", "f16 max k1024 M2048", cands, clock=clock) == "blas"
     assert calls == {"torch": 4, "cpp": 4, "blas": 4}  # 1 warm-up + 3 rounds each
-    data = json.loads((cache / "autotune.json").read_text())
+    data = json.loads((autotune_cache / "autotune.json").read_text())
     (machine, entries), = data.items()
     assert machine == autotune.machine_key("cpu")
     entry = entries["influence | cpu | f16 max k1024 M2048"]
@@ -80,7 +68,7 @@ def test_pick_measures_once_then_reads_the_cache_file(cache):
     assert calls["torch"] == 4
 
 
-def test_machine_key_names_cpu_and_versions_and_a_new_machine_measures_again(cache, monkeypatch):
+def test_machine_key_names_cpu_and_versions_and_a_new_machine_measures_again(autotune_cache, monkeypatch):
     key = autotune.machine_key("cpu")
     assert autotune.cpu_name() in key and f"torch {torch.__version__}" in key and "icons-fast" in key
     assert autotune.cpu_isa() in key
@@ -93,11 +81,11 @@ def test_machine_key_names_cpu_and_versions_and_a_new_machine_measures_again(cac
     clock2, slow_cpp = fake_backends({"torch": 1.0, "cpp": 3.0}, calls)
     assert autotune.pick("influence", "cpu", "c", slow_cpp, clock=clock2) == "torch"
     assert calls  # measured again under the new machine key
-    assert len(json.loads((cache / "autotune.json").read_text())) == 2
+    assert len(json.loads((autotune_cache / "autotune.json").read_text())) == 2
 
 
-def test_stale_or_corrupt_cache_is_measured_again(cache):
-    (cache / "autotune.json").write_text("{not json")
+def test_stale_or_corrupt_cache_is_measured_again(autotune_cache):
+    (autotune_cache / "autotune.json").write_text("{not json")
     calls: dict[str, int] = {}
     clock, cands = fake_backends({"torch": 1.0, "cpp": 0.5}, calls)
     assert autotune.pick("influence", "cpu", "c", cands, clock=clock) == "cpp"
@@ -135,7 +123,7 @@ def _inputs(n=64, k=32, sizes=(5, 11)):
 
 
 @needs_ext
-def test_forced_backend_skips_the_measurement(cache, monkeypatch):
+def test_forced_backend_skips_the_measurement(autotune_cache, monkeypatch):
     monkeypatch.setattr(autotune, "MIN_FLOPS", 0.0)
     monkeypatch.setattr(autotune, "pick", lambda *a, **k: pytest.fail("a forced backend must not be timed"))
     train, targets, offsets = _inputs()
@@ -148,7 +136,7 @@ def test_forced_backend_skips_the_measurement(cache, monkeypatch):
 
 @needs_ext
 @pytest.mark.parametrize("fastest", ["cpp", "blas", "torch"])
-def test_auto_runs_the_measured_fastest_and_stays_correct(cache, monkeypatch, fastest):
+def test_auto_runs_the_measured_fastest_and_stays_correct(autotune_cache, monkeypatch, fastest):
     """segment_reduce(auto) times its candidates (here: injected medians) and runs the fastest, results unchanged."""
     monkeypatch.setattr(autotune, "MIN_FLOPS", 0.0)
     medians = {"torch": 1.0, "cpp": 1.5, "blas": 1.2, "blas-bf16": 3.0}
@@ -174,13 +162,13 @@ def test_auto_runs_the_measured_fastest_and_stays_correct(cache, monkeypatch, fa
 
 
 @needs_ext
-def test_auto_does_not_time_small_calls(cache, monkeypatch):
+def test_auto_does_not_time_small_calls(autotune_cache, monkeypatch):
     monkeypatch.setattr(autotune, "pick", lambda *a, **k: pytest.fail("too little work to be worth timing"))
     train, targets, offsets = _inputs()
     assert sr.choose_backend(train, targets, offsets, "mean") == "blas"  # the preference order's first
 
 
-def test_one_log_line_per_choice(cache, caplog):
+def test_one_log_line_per_choice(autotune_cache, caplog):
     clock, cands = fake_backends({"torch": 1.0, "cpp": 0.5})
     with caplog.at_level("INFO", logger="icons_fast.ops.autotune"):
         for _ in range(3):
@@ -192,18 +180,6 @@ def test_one_log_line_per_choice(cache, caplog):
 
 
 # ---------------------------------------------------------------- project and lora_grad
-def _fake_timing(monkeypatch, medians: dict[str, float], seen: list):
-    """Replace the timing by fixed medians (per backend name); the candidates still run once each on the sample."""
-
-    def fake_time(candidates, rounds=3, clock=None):
-        seen.append(sorted(candidates))
-        for fn in candidates.values():
-            fn()
-        return {name: medians[name] for name in candidates}
-
-    monkeypatch.setattr(autotune, "time_backends", fake_time)
-
-
 def _spy(monkeypatch, op: str, names, out: torch.Tensor, writes: list):
     """Record which backends of ``op`` write into ``out`` (the caller's output, not a scratch one)."""
     for name in names:
@@ -224,15 +200,14 @@ def _grads(b=3, n=300, seed=1):
 
 @needs_ext
 @pytest.mark.parametrize("fastest", ["cpp", "torch"])
-def test_project_auto_runs_the_measured_fastest_once_and_caches_it(cache, monkeypatch, fastest):
+def test_project_auto_runs_the_measured_fastest_once_and_caches_it(autotune_cache, fixed_timings, monkeypatch, fastest):
     from icons_fast.ops.project import project_param
 
     monkeypatch.setattr(autotune, "MIN_FLOPS", 0.0)
     monkeypatch.setattr(pr, "TUNE_ELEMENTS", 128)  # the sample is g[:, :128]
     medians = {"cpp": 2.0, "torch": 1.5}
     medians[fastest] = 0.5
-    seen: list = []
-    _fake_timing(monkeypatch, medians, seen)
+    seen = fixed_timings(medians)
     g = _grads()
     out = torch.ones(3, 64)
     writes: list = []
@@ -242,7 +217,7 @@ def test_project_auto_runs_the_measured_fastest_once_and_caches_it(cache, monkey
     assert writes == [fastest]  # the real output: written once, by the chosen backend
     want = project_param(g, "w", 7, 64, torch.ones(3, 64), backend=fastest)
     assert torch.equal(out, want)  # bit-identical to naming the backend
-    entry, = json.loads((cache / "autotune.json").read_text())[autotune.machine_key("cpu")].items()
+    entry, = json.loads((autotune_cache / "autotune.json").read_text())[autotune.machine_key("cpu")].items()
     assert entry[0] == f"project | cpu | {pr.shape_class(g, 64, None)}" and entry[1]["backend"] == fastest
     assert "n128" in entry[0]
     # cached: the next call (and the next process) times nothing
@@ -254,7 +229,7 @@ def test_project_auto_runs_the_measured_fastest_once_and_caches_it(cache, monkey
 
 
 @needs_ext
-def test_project_forced_or_small_calls_are_not_timed(cache, monkeypatch):
+def test_project_forced_or_small_calls_are_not_timed(autotune_cache, monkeypatch):
     from icons_fast.ops.project import project_param
 
     monkeypatch.setattr(autotune, "pick", lambda *a, **k: pytest.fail("must not be timed"))
@@ -294,7 +269,7 @@ def _lora_inputs(n=3, t=5, d_in=16, d_out=12, r=4):
 
 @pytest.mark.skipif(not has_triton(), reason="triton is not installed")
 @pytest.mark.parametrize("fastest", ["triton", "torch"])
-def test_lora_grad_auto_runs_the_measured_fastest(cache, monkeypatch, fastest):
+def test_lora_grad_auto_runs_the_measured_fastest(autotune_cache, fixed_timings, monkeypatch, fastest):
     """The CPU has one lora_grad backend; a second one (Triton, interpreted) is let in here to have a choice."""
     from icons_fast.contract import ProjectionSpec
     from icons_fast.ops.lora_grad import TUNE_SAMPLES, lora_grad_project
@@ -303,8 +278,7 @@ def test_lora_grad_auto_runs_the_measured_fastest(cache, monkeypatch, fastest):
     monkeypatch.setattr(autotune, "MIN_FLOPS", 0.0)  # the torch backend's own project calls are measured too
     medians = {"triton": 2.0, "torch": 1.5, "cpp": 1.0}
     medians[fastest] = 0.5
-    seen: list = []
-    _fake_timing(monkeypatch, medians, seen)
+    seen = fixed_timings(medians)
     X, D, mask, site = _lora_inputs()
     spec = ProjectionSpec(seed=3, proj_dim=32)
     out = torch.ones(3, 32)
@@ -315,7 +289,7 @@ def test_lora_grad_auto_runs_the_measured_fastest(cache, monkeypatch, fastest):
     assert writes == [fastest]
     want = lora_grad_project(X, D, site, spec, mask, out=torch.ones(3, 32), backend=fastest)
     assert torch.equal(out, want)
-    data = json.loads((cache / "autotune.json").read_text())[autotune.machine_key("cpu")]
+    data = json.loads((autotune_cache / "autotune.json").read_text())[autotune.machine_key("cpu")]
     key = [e for e in data if e.startswith("lora_grad")]
     assert key == [f"lora_grad | cpu | float32/float32 B{autotune.pow2_class(min(3, TUNE_SAMPLES))} T8 d16x16 r4 k32"]
     # the env variable and an explicit backend skip the timing (the project op's choice is cached by now)
@@ -328,7 +302,7 @@ def test_lora_grad_auto_runs_the_measured_fastest(cache, monkeypatch, fastest):
 
 
 @pytest.mark.cuda
-def test_auto_on_cuda_measures_and_matches_the_named_backend(cache):
+def test_auto_on_cuda_measures_and_matches_the_named_backend(autotune_cache):
     """On a GPU: project (triton vs torch), lora_grad and influence (cuda vs torch) are measured with a real clock;
     every result equals the chosen backend's own (no assertion on which one wins)."""
     from icons_fast.contract import ProjectionSpec
@@ -338,7 +312,7 @@ def test_auto_on_cuda_measures_and_matches_the_named_backend(cache):
     dev = torch.device("cuda")
     g = torch.randn(16, 1 << 16, device=dev)
     out = project_param(g, "w", 1, 4096, torch.zeros(16, 4096, device=dev))
-    data = json.loads((cache / "autotune.json").read_text())[autotune.machine_key(dev)]
+    data = json.loads((autotune_cache / "autotune.json").read_text())[autotune.machine_key(dev)]
     (entry, got), = [(e, v) for e, v in data.items() if e.startswith("project | cuda")]
     assert sorted(got["median_s"]) == ["torch", "triton"]
     assert torch.equal(out, project_param(g, "w", 1, 4096, torch.zeros(16, 4096, device=dev), backend=got["backend"]))
@@ -348,7 +322,7 @@ def test_auto_on_cuda_measures_and_matches_the_named_backend(cache):
     site = type(site)(site.A.to(dev), site.B.to(dev), site.scale, site.a_name, site.b_name)
     spec = ProjectionSpec(seed=3, proj_dim=4096)
     got_l = lora_grad_project(X, D, site, spec, mask)
-    data = json.loads((cache / "autotune.json").read_text())[autotune.machine_key(dev)]
+    data = json.loads((autotune_cache / "autotune.json").read_text())[autotune.machine_key(dev)]
     (choice,) = [v["backend"] for e, v in data.items() if e.startswith("lora_grad | cuda")]
     assert torch.equal(got_l, lora_grad_project(X, D, site, spec, mask, backend=choice))
 
@@ -356,7 +330,7 @@ def test_auto_on_cuda_measures_and_matches_the_named_backend(cache):
     targets = torch.randn(2048, 1024, device=dev)
     offsets = sr.offsets_from_sizes([1024, 1024])
     got_i = sr.segment_reduce(train, targets, offsets, "max")
-    data = json.loads((cache / "autotune.json").read_text())[autotune.machine_key(dev)]
+    data = json.loads((autotune_cache / "autotune.json").read_text())[autotune.machine_key(dev)]
     (choice,) = [v["backend"] for e, v in data.items() if e.startswith("influence | cuda")]
     assert torch.equal(got_i, sr.segment_reduce(train, targets, offsets, "max", backend=choice))
     # top-m past the CUDA kernel's limit: torch, untimed
@@ -364,21 +338,20 @@ def test_auto_on_cuda_measures_and_matches_the_named_backend(cache):
 
 
 @needs_ext
-def test_project_auto_times_adam_on_the_sliced_moments(cache, monkeypatch):
+def test_project_auto_times_adam_on_the_sliced_moments(autotune_cache, fixed_timings, monkeypatch):
     from icons_fast.contract import AdamMoments
     from icons_fast.ops.project import project_param
 
     monkeypatch.setattr(autotune, "MIN_FLOPS", 0.0)
     monkeypatch.setattr(pr, "TUNE_ELEMENTS", 64)
-    seen: list = []
-    _fake_timing(monkeypatch, {"cpp": 1.0, "torch": 0.5}, seen)
+    seen = fixed_timings({"cpp": 1.0, "torch": 0.5})
     g = _grads(n=200)
     gen = torch.Generator().manual_seed(4)
     adam = AdamMoments(torch.randn(10, 20, generator=gen), torch.rand(10, 20, generator=gen))
     out = project_param(g, "w", 7, 32, torch.zeros(3, 32), adam=adam)
     assert seen == [["cpp", "torch"]]
     assert torch.equal(out, project_param(g, "w", 7, 32, torch.zeros(3, 32), adam=adam, backend="torch"))
-    entries = json.loads((cache / "autotune.json").read_text())[autotune.machine_key("cpu")]
+    entries = json.loads((autotune_cache / "autotune.json").read_text())[autotune.machine_key("cpu")]
     assert list(entries) == ["project | cpu | float32 B4 n64 k32 adam"]
 
 

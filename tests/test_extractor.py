@@ -190,49 +190,19 @@ def test_triton_backend_equals_torch_backend(lora_model, batch, mode):
     torch.testing.assert_close(tri.featurize(batch), ref, rtol=1e-4, atol=1e-6)
 
 
-@pytest.fixture
-def measured(tmp_path, monkeypatch):
-    """A private measured-dispatch cache, nothing forced by the environment, every call worth a timing."""
-    from icons_fast.ops import autotune, backend
-
-    monkeypatch.setenv("ICONS_FAST_CACHE", str(tmp_path))
-    monkeypatch.delenv("ICONS_FAST_BACKEND", raising=False)
-    for op in backend.OPS:
-        monkeypatch.delenv(backend.env_var(op), raising=False)
-    monkeypatch.setattr(autotune, "MIN_FLOPS", 0.0)
-    autotune.forget()
-    yield tmp_path
-    autotune.forget()
-
-
-def _fixed_medians(monkeypatch, medians: dict[str, float]) -> list:
-    """Timings replaced by ``medians`` (per backend name); the candidates still run once each. Returns what was timed."""
-    from icons_fast.ops import autotune
-
-    timed: list = []
-
-    def fake_time(candidates, rounds=3, clock=None):
-        timed.append(sorted(candidates))
-        for fn in candidates.values():
-            fn()
-        return {name: medians[name] for name in candidates}
-
-    monkeypatch.setattr(autotune, "time_backends", fake_time)
-    return timed
-
-
 @pytest.mark.parametrize("fastest", ["triton", "torch"])
-def test_auto_is_measured_per_call_and_equals_a_forced_backend(lora_model, batch, measured, monkeypatch, fastest):
+def test_auto_is_measured_per_call_and_equals_a_forced_backend(lora_model, batch, autotune_cache, fixed_timings, monkeypatch, fastest):
     """"auto" reaches the lora_grad op (measured there), gives the forced backend's features and names what ran.
 
     The CPU has one lora_grad backend; Triton (interpreted) is let in as a second one to have a choice."""
     pytest.importorskip("triton")
-    from icons_fast.ops import backend
+    from icons_fast.ops import autotune, backend
 
     monkeypatch.setitem(backend._PREFERENCE, ("lora_grad", "cpu"), ("triton", "torch"))
+    monkeypatch.setattr(autotune, "MIN_FLOPS", 0.0)  # every call is worth a timing
     medians = {"triton": 2.0, "torch": 1.5, "cpp": 1.0}  # cpp: the project op's C++ backend (torch's projection)
     medians[fastest] = 0.5
-    timed = _fixed_medians(monkeypatch, medians)
+    timed = fixed_timings(medians)
     kw = dict(proj_dim=45, seed=2)
     ex = GradientExtractor(lora_model, backend="auto", **kw)
     assert ex.backend == "auto" and ex.describe_backend() == "auto" and not timed  # nothing chosen at construction
@@ -256,10 +226,11 @@ def test_auto_is_measured_per_call_and_equals_a_forced_backend(lora_model, batch
     assert torch.equal(again.featurize(batch), got) and again.backends_ran == ex.backends_ran
 
 
-def test_forced_backends_are_passed_on_unchanged(lora_model, batch, measured, monkeypatch):
+def test_forced_backends_are_passed_on_unchanged(lora_model, batch, autotune_cache, monkeypatch):
     from icons_fast.ops import autotune
     from icons_fast.ops.backend import BackendUnavailable
 
+    monkeypatch.setattr(autotune, "MIN_FLOPS", 0.0)  # auto would time every call
     monkeypatch.setattr(autotune, "pick", lambda *a, **k: pytest.fail("a forced backend is not timed"))
     monkeypatch.setenv("ICONS_FAST_BACKEND", "torch")  # every op that has a torch backend: lora_grad and project
     ex = GradientExtractor(lora_model, proj_dim=16, backend="auto")
