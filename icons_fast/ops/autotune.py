@@ -58,31 +58,29 @@ def cache_path() -> str:
     return os.path.join(cache_dir(), "autotune.json")
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
+def _cpuinfo(field: str) -> str | None:
+    """The value of the first ``field`` line of /proc/cpuinfo (None where there is none or no such file)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown CPU"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
+    name = _cpuinfo("model name")
+    return name if name is not None else (platform.processor() or "unknown CPU")
 
 
 @functools.lru_cache(maxsize=None)
 def cpu_isa() -> str:
     """The widest vector / matrix ISA the CPU reports: "AMX" > "AVX-512" (+BF16) > "AVX2" > "baseline"."""
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
+    flags = set((_cpuinfo("flags") or "").split())
     if "amx_bf16" in flags:
         return "AMX"
     if "avx512f" in flags:
