@@ -35,6 +35,7 @@ import torch  # noqa: E402
 
 from icons_fast.bench import timing  # noqa: E402
 from icons_fast.bench.ops import influence_providers  # noqa: E402
+from icons_fast.bench.suite import run_influence_suite  # noqa: E402
 
 
 def main() -> None:
@@ -54,19 +55,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     env = timing.env_info("cpu")
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
+    load = os.getloadavg()
     print(f"# bench_influence  {datetime.date.today()}  {env['device']}  torch {env['torch']}  "
           f"threads {env['threads']}  load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     print(f"# N={args.n:,} k={args.k} M={args.m} T={args.tasks}  fp16 train, fp32 targets, "
           f"medians of {args.repeats} interleaved rounds")
     scan = (256, 1024, 4096) if args.block_rows_scan else ()
     provs = influence_providers(args.n, args.k, args.m, args.tasks, "cpu", blas_block_rows=scan)
-    times = timing.measure_interleaved([p["fn"] for p in provs], args.repeats, warmup=1)
-    rows = [timing.make_row("influence", p["name"], "", ts, p["items"], p["unit"], env, p["flops"], None, p["note"])
-            for p, ts in zip(provs, times)]
-    by_name = {p["name"]: p for p in provs}
-    timing.set_time_ratios(rows, "vs_gemm", lambda r: by_name[r["provider"]].get("gemm"))
-    timing.set_time_ratios(rows, "vs_ref", lambda r: by_name[r["provider"]].get("ref"))
+    rows = run_influence_suite(provs, "", args.repeats, env, timing.synchronizer("cpu"))
     print(f"{'path':<30}{'time s':>9}{'GFLOP/s':>9}{'x GEMM':>8}{'x ref':>7}  note")
     for r in rows:
         vs_ref = f"{r['vs_ref']:>7.2f}" if r["vs_ref"] != "" else f"{'':>7}"

@@ -45,6 +45,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from icons_fast.config import Config  # noqa: E402
 from icons_fast.data import load_records, save_records  # noqa: E402
 from icons_fast.data.replica import BENCHMARKS, SOURCES, make_replica_data  # noqa: E402
+from icons_fast.fileio import atomic_json  # noqa: E402
 
 # (name, rule, budget); a name may carry a remedy: "icons+dedup", "icons+quota".
 CONDITIONS = (
@@ -160,8 +161,7 @@ def run_seed(seed: int, out: str, data: dict, base: str, args, conditions) -> di
         print(f"[quality] seed {seed} {name:<12s} n={len(idx):4d} "
               + " ".join(f"{b}={a:.3f}" for b, a in results["accuracy"][name].items())
               + f"  ({results['train_seconds'][name]:.0f} s)", flush=True)
-        with open(result_path, "w") as f:
-            json.dump(results, f, indent=2)
+        atomic_json(result_path, results)  # the resume marker: never half-written by a killed seed
     return results
 
 

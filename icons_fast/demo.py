@@ -69,9 +69,10 @@ def caption_accuracy(model_dir: str, records: list, image_folder: str, max_lengt
 
     lm = load_model(model_dir, "float32", "cpu")
     dataset, _ = make_dataset(lm, records, image_folder, max_length, ErrorLog(None), stage="data")
+    model = lm.model.eval()
     exact = objects = n_objects = count = 0
     for i, rec in enumerate(records):
-        pred = normalize_answer(greedy_answer(lm.model.eval(), dataset[i], lm.tokenizer, max_new_tokens=48))
+        pred = normalize_answer(greedy_answer(model, dataset[i], lm.tokenizer, max_new_tokens=48))
         gold = normalize_answer(rec["conversations"][1]["value"])
         exact += pred == gold
         head, _, body = gold.partition(": ")

@@ -40,6 +40,16 @@ def _run_suite(suite: str, config: str, provs: list[dict], repeats: int, env: di
                             p.get("flops"), p.get("bytes"), p.get("note", "")) for p, ts in zip(provs, times)]
 
 
+def run_influence_suite(provs: list[dict], config: str, repeats: int, env: dict, sync) -> list[dict]:
+    """The influence rows of ``provs`` (``bench.ops.influence_providers``), timed in interleaved rounds, with
+    ``vs_gemm`` / ``vs_ref``: time over the provider's plain GEMM row / reference row (< 1 = faster)."""
+    rows = _run_suite("influence", config, provs, repeats, env, sync)
+    by_name = {p["name"]: p for p in provs}
+    timing.set_time_ratios(rows, "vs_gemm", lambda row: by_name[row["provider"]].get("gemm"))
+    timing.set_time_ratios(rows, "vs_ref", lambda row: by_name[row["provider"]].get("ref"))
+    return rows
+
+
 def run_bench(suites=SUITES, config_name: str | None = None, quick: bool = False, device: str = "auto",
               repeats: int | None = None, batch: int | None = None, proj_dim: int | None = None,
               layers: int | None = None, seq: int | None = None, baseline: str = "auto",
@@ -81,12 +91,8 @@ def run_bench(suites=SUITES, config_name: str | None = None, quick: bool = False
         rows += r
     if "influence" in suites:
         n, k, m, t = sizes["influence"]
-        provs = influence_providers(n, k, m, t, dev)
-        r = _run_suite("influence", f"N={n} k={k} M={m} T={t}", provs, repeats, env, sync)
+        r = run_influence_suite(influence_providers(n, k, m, t, dev), f"N={n} k={k} M={m} T={t}", repeats, env, sync)
         timing.set_ratios(r, "torch materialise max")
-        by_name = {p["name"]: p for p in provs}
-        timing.set_time_ratios(r, "vs_gemm", lambda row: by_name[row["provider"]].get("gemm"))
-        timing.set_time_ratios(r, "vs_ref", lambda row: by_name[row["provider"]].get("ref"))
         rows += r
     if "voting" in suites:
         n, t = sizes["voting"]
