@@ -7,7 +7,8 @@ from icons_fast.data import ErrorLog, load_records, make_replica_data
 from icons_fast.data.loader import make_dataset
 from icons_fast.distributed import parse_shard, process_share
 from icons_fast.features.extractor import GradientExtractor
-from icons_fast.stages.featurize import featurize_resilient, sub_batch
+from icons_fast.data.collate import batch_rows
+from icons_fast.stages.featurize import featurize_resilient
 from icons_fast.model.loading import load_model
 from icons_fast.model.lora import attach_lora
 
@@ -40,11 +41,11 @@ class OOMAbove:
         return self.inner.featurize(batch)
 
 
-def test_sub_batch_keeps_each_rows_own_image(setup):
+def test_batch_rows_keeps_each_rows_own_image(setup):
     ex, batch = setup
     full = ex.featurize(batch)
     for rows in ([1, 5, 6], [7], [0, 2, 3, 4]):
-        torch.testing.assert_close(ex.featurize(sub_batch(batch, rows)), full[rows], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(ex.featurize(batch_rows(batch, rows)), full[rows], rtol=1e-4, atol=1e-6)
 
 
 def test_out_of_memory_batch_is_retried_in_halves(setup):

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from icons_fast.config import Config
 from icons_fast.distributed import barrier, device_for_rank, is_main, parse_shard, process_share
+from icons_fast.data.collate import batch_rows
 from icons_fast.data.formats import source_sha256
 from icons_fast.fileio import raise_write_error
 from icons_fast.rundir import RunLayout, target_splits, writer_lock
@@ -120,13 +121,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
-def sub_batch(batch: dict, rows: list[int]) -> dict:
-    """Rows ``rows`` of a collated batch with their own images (``icons_fast.data.collate.batch_rows``)."""
-    from icons_fast.data.collate import batch_rows
-
-    return batch_rows(batch, rows)
-
-
 def featurize_resilient(extractor, batch: dict, on_retry) -> tuple[torch.Tensor, list[int]]:
     """``extractor.featurize(batch)``, retried in halves (with their images) when the device runs out of memory.
 
@@ -146,8 +140,8 @@ def featurize_resilient(extractor, batch: dict, on_retry) -> tuple[torch.Tensor,
         return torch.full((1, extractor.proj_dim), float("nan")), [0]
     on_retry(n, batch["indices"].tolist())
     half = n // 2
-    g1, bad1 = featurize_resilient(extractor, sub_batch(batch, list(range(half))), on_retry)
-    g2, bad2 = featurize_resilient(extractor, sub_batch(batch, list(range(half, n))), on_retry)
+    g1, bad1 = featurize_resilient(extractor, batch_rows(batch, list(range(half))), on_retry)
+    g2, bad2 = featurize_resilient(extractor, batch_rows(batch, list(range(half, n))), on_retry)
     return torch.cat([g1.to(g2.device), g2]), bad1 + [half + r for r in bad2]
 
 
