@@ -109,37 +109,36 @@ def train_model(
     ema_loss = None
     t0 = time.perf_counter()
     bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
-    for epoch in range(epochs):
-        order = rng.permutation(np.asarray(indices, dtype=np.int64))
-        for start in range(0, len(order), batch_size):
-            items = [dataset[int(i)] for i in order[start : start + batch_size]]
-            batch = collate_fn(items)
-            for err in batch.get("errors", []):
-                excluded.add(err.index)
-                if error_log is not None:
-                    error_log.add(err)
-            if batch.get("input_ids") is not None and len(batch["input_ids"]):
-                loss = batch_loss(model, batch, device)
-                loss.backward()
-                ema_loss = loss.item() if ema_loss is None else 0.9 * ema_loss + 0.1 * loss.item()
-                samples += len(batch["input_ids"])
-            last_lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            elapsed = time.perf_counter() - t0
-            bar.update(1)
-            bar.set_postfix(loss=f"{ema_loss:.3f}" if ema_loss is not None else "-", samples_s=f"{samples / elapsed:.1f}")
-            if step in ckpts:
-                save_checkpoint(step, last_lr, epoch + (start + batch_size) / len(order), samples, optimizer)
-            if after_step is not None:
-                try:
+    try:  # the bar is closed whatever stops the loop (an exception, a stop request from after_step)
+        for epoch in range(epochs):
+            order = rng.permutation(np.asarray(indices, dtype=np.int64))
+            for start in range(0, len(order), batch_size):
+                items = [dataset[int(i)] for i in order[start : start + batch_size]]
+                batch = collate_fn(items)
+                for err in batch.get("errors", []):
+                    excluded.add(err.index)
+                    if error_log is not None:
+                        error_log.add(err)
+                if batch.get("input_ids") is not None and len(batch["input_ids"]):
+                    loss = batch_loss(model, batch, device)
+                    loss.backward()
+                    ema_loss = loss.item() if ema_loss is None else 0.9 * ema_loss + 0.1 * loss.item()
+                    samples += len(batch["input_ids"])
+                last_lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                elapsed = time.perf_counter() - t0
+                bar.update(1)
+                bar.set_postfix(loss=f"{ema_loss:.3f}" if ema_loss is not None else "-",
+                                samples_s=f"{samples / elapsed:.1f}")
+                if step in ckpts:
+                    save_checkpoint(step, last_lr, epoch + (start + batch_size) / len(order), samples, optimizer)
+                if after_step is not None:
                     after_step(step, total)
-                except BaseException:
-                    bar.close()
-                    raise
-    bar.close()
+    finally:
+        bar.close()
     model.eval()
     elapsed = time.perf_counter() - t0
     return {
