@@ -17,9 +17,9 @@ def make_dataset(loaded_model, records: list, image_folder: str | None, max_leng
     ``template``: auto | vicuna_v1 | chat (``icons_fast.data.conversation.resolve_template``
     with the model's family and chat template).
     """
-    family = getattr(loaded_model, "family", "llava" if loaded_model.is_llava else "causal_lm")
+    family = loaded_model.family
     config = loaded_model.model.config if family != "causal_lm" else None
     builder = CheckedBuilder(LlavaSampleBuilder(loaded_model.processor, config, image_folder, max_length,
                                                 template=template, family=family,
-                                                chat_template=getattr(loaded_model, "chat_template", None)))
+                                                chat_template=loaded_model.chat_template))
     return LlavaDataset(records, builder, error_log, stage=stage), builder.collate

@@ -56,9 +56,13 @@ class LoadedModel:
     model: Any  # nn.Module (possibly PEFT-wrapped later)
     processor: Any  # LlavaProcessor / ProcessorParts, or a tokenizer for text-only models
     path: str  # the directory it was loaded from
-    is_llava: bool  # LLaVA-1.5 (family "llava")
     family: str = "llava"  # a value of VISION_FAMILIES, or TEXT_FAMILY
     chat_template: str | None = None  # the model's own template (jinja), None when it has none
+
+    @property
+    def is_llava(self) -> bool:
+        """LLaVA-1.5 (family "llava")."""
+        return self.family == "llava"
 
     @property
     def tokenizer(self):
@@ -131,7 +135,7 @@ def load_model(model: str, dtype: str = "float32", device: str | torch.device = 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     net.to(device)
-    return LoadedModel(model=net, processor=processor, path=path, is_llava=family == "llava", family=family,
+    return LoadedModel(model=net, processor=processor, path=path, family=family,
                        chat_template=chat_template_of(processor, path))
 
 
