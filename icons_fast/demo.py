@@ -95,11 +95,12 @@ def stage1_base(size: str = STAGE1["size"], n_captions: int = STAGE1["n_captions
     holds :func:`caption_accuracy` on 64 held-out captions.
     """
     from icons_fast.data import load_records
-    from icons_fast.data.replica import make_caption_data
+    from icons_fast.data.replica import VERSION, make_caption_data
     from icons_fast.fileio import cache_dir
     from icons_fast.train.finetune import run_train
 
-    root = os.path.join(cache_dir(), f"stage1-{size}-n{n_captions}-e{epochs}-lr{lr:g}-b{batch_size}-seed{seed}")
+    root = os.path.join(cache_dir(),
+                        f"stage1-v{VERSION}-{size}-n{n_captions}-e{epochs}-lr{lr:g}-b{batch_size}-seed{seed}")
     model_dir = os.path.join(root, "model")
     report = os.path.join(root, "base_report.json")
     if os.path.exists(os.path.join(model_dir, "config.json")) and os.path.exists(report):
@@ -116,8 +117,9 @@ def stage1_base(size: str = STAGE1["size"], n_captions: int = STAGE1["n_captions
     acc = caption_accuracy(model_dir, load_records(data["eval"]), data["image_folder"])
     log.info("stage-1 base: held-out captions exact %.3f, objects %.3f, count %.3f",
              acc["exact"], acc["objects"], acc["count"])
-    atomic_json(report, {"stage1": {"size": size, "n_captions": n_captions, "epochs": epochs, "lr": lr,
-                                    "batch_size": batch_size, "seed": seed}, "held_out_captions": acc})
+    atomic_json(report, {"stage1": {"replica_version": VERSION, "size": size, "n_captions": n_captions,
+                                    "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed},
+                         "held_out_captions": acc})
     return model_dir
 
 

@@ -13,6 +13,7 @@ from icons_fast.data.replica import (
     COLORS,
     LOWQUALITY_WRONG,
     QUADRANTS,
+    SHAPES,
     SOURCES,
     TARGET_BENCHMARKS,
     UNSEEN_BENCHMARKS,
@@ -122,12 +123,36 @@ def test_pixels_agree_with_the_true_answers(replica, train):
         if r["demo_task"] == "count":
             assert str(len(found)) == truth, r["id"]
         elif r["demo_task"] == "position":
-            colour = q.split("Where is the ")[1].split()[0]
-            assert found[truth] == colour, r["id"]
+            assert list(found) == [truth], r["id"]
         else:
             assert truth in found.values(), r["id"]
         checked += 1
     assert checked > 40
+
+
+def test_one_object_type_per_image_and_position_only_about_one_object(replica, train):
+    """Every scene holds copies of one type (one colour in the pixels); position questions see exactly one object."""
+    n_multi = 0
+    for r in train:
+        if r["source"] in ("text", "unsupported"):
+            continue
+        found = _objects_in_pixels(_pixels(replica["image_folder"], r))
+        assert 1 <= len(found) <= 3 and len(set(found.values())) == 1, r["id"]
+        n_multi += len(found) > 1
+        if "position" in r["demo_tasks"]:
+            assert len(found) == 1, r["id"]
+    assert n_multi > 40
+    for r in load_records(replica["eval"]["position"]):
+        assert len(_objects_in_pixels(_pixels(replica["image_folder"], r))) == 1, r["id"]
+
+
+def test_multiple_choice_options_keep_their_canonical_order(replica, train):
+    mc = [r for r in train if r["demo_task"] == "mc"] + load_records(replica["eval"]["mmbench"])
+    assert len(mc) > 20
+    for r in mc:
+        lines = r["conversations"][0]["value"].split("\n")
+        options = [line[3:] for line in lines if line[:3] in ("A. ", "B. ", "C. ", "D. ")]
+        assert options in (list(COLORS), list(SHAPES)), r["id"]
 
 
 def test_duplicates_are_shifted_re_renders(replica, train):

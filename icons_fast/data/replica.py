@@ -3,37 +3,42 @@
 Everything is rendered here (coloured shapes on a 32x32 canvas), never downloaded,
 and seeded: the same arguments give byte-identical files.
 
-Scenes: one to three objects, each in its own quadrant of the canvas (top left,
-top right, bottom left, bottom right), with distinct colours (red, green, blue,
-yellow) and distinct shapes (circle, square, triangle), so that "the circle" or
-"the red one" always names exactly one object.
+Scenes: one to three copies of one object type (a colour out of red, green,
+blue, yellow and a shape out of circle, square, triangle), each copy in its own
+quadrant of the canvas (top left, top right, bottom left, bottom right). One
+type per image keeps every question's referent unambiguous ("the circle" is
+every circle there) and within reach of the built-in model: with several types
+per image it learns each question kind alone but not the mixed pool
+(``benchmarks/RESULTS.md`` section 9). Position questions are asked only about
+single-object scenes, where "where is it" has one answer.
 
 Stage 1 (:func:`make_caption_data`), LLaVA's alignment pre-training: "Describe
 the image." answered with a caption that names every object, e.g.
-``two shapes: a red circle at the top left, a blue square at the bottom right``.
+``two shapes: a red circle at the top left, a red circle at the bottom right``.
 
 Stage 2 (:func:`make_replica_data`), a pool built like LLaVA-665K from sources
 of different quality and format. Every record carries its source in ``source``:
 
     source         share  what
-    vqa            .25    clean short-answer VQA (colour, shape, count, yes/no, position)
+    vqa            .30    clean short-answer VQA (colour, shape, count, yes/no existence, position)
     mc             .10    clean lettered multiple choice (A-OKVQA style)
     conversation   .10    2-3 turns about one image, answered in sentences
-    caption        .08    "Describe the image." -> the caption
-    lowquality     .15    VQA / multiple choice where most answers (60%) are wrong
-    duplicate      .12    a vqa / mc / conversation record re-rendered one pixel off
+    caption        .06    "Describe the image." -> the caption
+    lowquality     .13    VQA / multiple choice where most answers (60%) are wrong
+    duplicate      .10    a vqa / mc / conversation record re-rendered one pixel off
     unsupported    .08    uninformative image (blank or noise) with an answer it cannot support
-    text           .12    text-only instructions (arithmetic), no image
+    text           .13    text-only instructions (arithmetic), no image
 
 Benchmarks (``targets/<name>.json``: a small validation set used as the
 selection target; ``eval/<name>.json``: a separate held-out test set). They
 share the same perception, as VQAv2 / GQA / POPE / MMBench do:
 
-    vqa       "What color is the circle?" / "What shape is the red one?"  chance 1/4 or 1/3
+    vqa       "What color are the shapes?" / "What shape is it?"           chance 1/4 or 1/3
     pope      "Is there a blue square in the image?" -> yes / no           chance 1/2
-    mmbench   lettered options, answer with the letter                     chance 1/4 or 1/3
+    mmbench   lettered options (colours or shapes, always in the same
+              order), answer with the letter                               chance 1/4 or 1/3
     count     "How many shapes are there?" -> 1 / 2 / 3                     chance 1/3
-    position  "Where is the red circle?" -> top left / ...                  never a target (unseen)
+    position  "Where is the shape?" -> top left / ...  (one object)         never a target (unseen)
 
 Ground truth lives in extra keys that every loader keeps untouched:
 ``demo_task`` (question kind of the first turn), ``demo_tasks`` (one kind per
@@ -53,6 +58,8 @@ from PIL import Image, ImageDraw
 
 from icons_fast.data.records import save_records
 
+# Bumped whenever the generated data changes, so that caches built on it (the stage-1 base) are rebuilt.
+VERSION = 2
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 CAPTION_PROMPT = "Describe the image."
@@ -67,8 +74,14 @@ BENCHMARKS = {"vqa": ("color", "shape"), "pope": ("exist",), "mmbench": ("mc",),
               "position": ("position",)}
 TARGET_BENCHMARKS = ("vqa", "pope", "mmbench", "count")
 UNSEEN_BENCHMARKS = ("position",)
-SOURCES = {"vqa": 0.25, "mc": 0.10, "conversation": 0.10, "caption": 0.08, "lowquality": 0.15,
-           "duplicate": 0.12, "unsupported": 0.08, "text": 0.12}
+SOURCES = {"vqa": 0.30, "mc": 0.10, "conversation": 0.10, "caption": 0.06, "lowquality": 0.13,
+           "duplicate": 0.10, "unsupported": 0.08, "text": 0.13}
+# Question kinds per source and their weights; position needs a single-object scene. Existence
+# questions weigh four times the others in the clean VQA source: they are the one kind that compares
+# the question's words with the image, and in a mixed pool the built-in model learns them last.
+VQA_KINDS = {"color": 1, "shape": 1, "count": 1, "exist": 4, "position": 1}
+LOWQUALITY_KINDS = ("color", "shape", "count", "exist", "mc")
+CONVERSATION_KINDS = ("color", "shape", "count", "exist")
 LOWQUALITY_WRONG = 0.6  # share of wrong answers in the low-quality source
 # Separate random streams: the pool, the targets, the test sets and the captions never share a draw.
 _STREAM = {"train": 0, "targets": 1, "eval": 2, "captions": 3}
@@ -77,12 +90,11 @@ _STREAM = {"train": 0, "targets": 1, "eval": 2, "captions": 3}
 # ---------------------------------------------------------------- scenes and rendering
 
 def random_scene(rng, n_objects: int | None = None) -> list[tuple[str, str, str]]:
-    """``[(colour, shape, quadrant)]`` in quadrant order: distinct colours, shapes and quadrants."""
+    """``[(colour, shape, quadrant)]`` in quadrant order: one colour and shape, distinct quadrants."""
     n = int(rng.integers(1, 4)) if n_objects is None else n_objects
-    colours = rng.choice(list(COLORS), size=n, replace=False)
-    shapes = rng.choice(SHAPES, size=n, replace=False)
+    colour, shape = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
     quads = sorted(rng.choice(len(QUADRANTS), size=n, replace=False))
-    return [(str(c), str(s), QUADRANTS[q]) for c, s, q in zip(colours, shapes, quads)]
+    return [(colour, shape, QUADRANTS[q]) for q in quads]
 
 
 def render_scene(scene, image_size: int = 32, shift: tuple[int, int] = (0, 0), jitter=None) -> Image.Image:
@@ -128,18 +140,27 @@ def ask(rng, scene, kind: str) -> tuple[str, str, list[str]]:
     """A question of ``kind`` about ``scene``: ``(question, true short answer, wrong answers)``.
 
     The question has no answer-format suffix; ``mc`` questions carry their options.
+    Only existence questions name a colour and a shape: every other kind reads one
+    attribute of the image's single object type. (Naming the attributes there, e.g.
+    "what color is the circle?", teaches that the named words never matter, and the
+    existence questions, which must compare them with the image, then stay near chance.)
     """
     obj = scene[int(rng.integers(len(scene)))]
     colour, shape, quad = obj
+    many = len(scene) > 1
+    colour_question = "What color are the shapes?" if many else "What color is the shape?"
+    shape_question = "What shape are they?" if many else "What shape is it?"
     if kind == "color":
-        return f"What color is the {shape}?", colour, [c for c in COLORS if c != colour]
+        return colour_question, colour, [c for c in COLORS if c != colour]
     if kind == "shape":
-        return f"What shape is the {colour} one?", shape, [s for s in SHAPES if s != shape]
+        return shape_question, shape, [s for s in SHAPES if s != shape]
     if kind == "count":
         n = str(len(scene))
         return "How many shapes are there?", n, [str(k) for k in (1, 2, 3) if str(k) != n]
     if kind == "position":
-        return f"Where is the {colour} {shape}?", quad, [q for q in QUADRANTS if q != quad]
+        if len(scene) != 1:
+            raise ValueError(f"a position question needs a single-object scene, got {len(scene)} objects")
+        return "Where is the shape?", quad, [q for q in QUADRANTS if q != quad]
     if kind == "exist":
         if rng.random() < 0.5:
             return f"Is there a {colour} {shape} in the image?", "yes", ["no"]
@@ -154,10 +175,10 @@ def ask(rng, scene, kind: str) -> tuple[str, str, list[str]]:
         return f"Is there a {c} {s} in the image?", "no", ["yes"]
     if kind == "mc":
         if rng.random() < 0.5:
-            question, truth, options = f"What color is the {shape}?", colour, list(COLORS)
+            question, truth, options = colour_question, colour, list(COLORS)
         else:
-            question, truth, options = f"What shape is the {colour} one?", shape, list(SHAPES)
-        options = [str(o) for o in rng.permutation(options)]
+            question, truth, options = shape_question, shape, list(SHAPES)
+        # Options keep their canonical order: with shuffled options the built-in model stays at chance.
         letters = "ABCD"[: len(options)]
         body = question + "\n" + "\n".join(f"{letter}. {o}" for letter, o in zip(letters, options))
         right = letters[options.index(truth)]
@@ -165,12 +186,12 @@ def ask(rng, scene, kind: str) -> tuple[str, str, list[str]]:
     raise ValueError(f"unknown question kind {kind!r}; choose from {KINDS}")
 
 
-def sentence(kind: str, question: str, answer: str) -> str:
-    """The conversation source's long-form answer."""
+def sentence(kind: str, answer: str, n_objects: int) -> str:
+    """The conversation source's long-form answer about a scene of ``n_objects`` copies."""
     if kind == "color":
-        return f"The {question.split()[-1].rstrip('?')} is {answer}."
+        return f"They are {answer}." if n_objects > 1 else f"It is {answer}."
     if kind == "shape":
-        return f"It is a {answer}."
+        return f"They are {answer}s." if n_objects > 1 else f"It is a {answer}."
     if kind == "count":
         return f"There {'is' if answer == '1' else 'are'} {answer} shape{'s' if answer != '1' else ''}."
     if kind == "position":
@@ -239,30 +260,33 @@ def _pool_record(rng, i, source, out_dir, image_size):
         kind = str(rng.choice(["color", "shape", "count"]))
         q, a, _ = ask(rng, random_scene(rng), kind)  # a question about a scene that is not in the image
         return _record(rid, name, [(f"{q}\n{SHORT_ANSWER}", a)], [kind], [None], source), None
-    scene = random_scene(rng)
-    jitter = _draw(rng, out_dir, name, scene, image_size)
     if source == "vqa":
-        kind = str(rng.choice(["color", "shape", "count", "exist", "position"]))
-        rec = short_record(rng, rid, name, scene, kind, source)
-    elif source == "mc":
-        rec = short_record(rng, rid, name, scene, "mc", source)
+        weights = np.array(list(VQA_KINDS.values()), dtype=float)
+        kind = str(rng.choice(list(VQA_KINDS), p=weights / weights.sum()))
     elif source == "lowquality":
-        kind = str(rng.choice(["color", "shape", "count", "exist", "mc"]))
+        kind = str(rng.choice(LOWQUALITY_KINDS))
+    else:
+        kind = {"mc": "mc", "caption": "caption", "conversation": "conversation"}.get(source)
+        if kind is None:
+            raise ValueError(f"unknown source {source!r}; choose from {sorted(SOURCES)}")
+    scene = random_scene(rng, 1 if kind == "position" else None)
+    jitter = _draw(rng, out_dir, name, scene, image_size)
+    if source in ("vqa", "mc"):
+        rec = short_record(rng, rid, name, scene, kind, source)
+    elif source == "lowquality":
         rec = short_record(rng, rid, name, scene, kind, source, wrong=bool(rng.random() < LOWQUALITY_WRONG))
     elif source == "caption":
         text = caption(scene)
         rec = _record(rid, name, [(CAPTION_PROMPT, text)], ["caption"], [text], source)
-    elif source == "conversation":
-        kinds = [str(k) for k in rng.choice(["color", "shape", "count", "exist", "position"],
-                                            size=int(rng.integers(2, 4)), replace=False)]
+    else:  # conversation: 2-3 different kinds about the one image
+        allowed = CONVERSATION_KINDS + (("position",) if len(scene) == 1 else ())
+        kinds = [str(k) for k in rng.choice(allowed, size=int(rng.integers(2, 4)), replace=False)]
         turns, truths = [], []
         for k in kinds:
             q, a, _ = ask(rng, scene, k)
-            turns.append((q, sentence(k, q, a)))
+            turns.append((q, sentence(k, a, len(scene))))
             truths.append(turns[-1][1])
         rec = _record(rid, name, turns, kinds, truths, source)
-    else:
-        raise ValueError(f"unknown source {source!r}; choose from {sorted(SOURCES)}")
     return rec, (scene, jitter)
 
 
@@ -309,10 +333,10 @@ def _benchmark_set(out_dir: str, split: str, bench: str, n: int, seed: int, imag
     records = []
     for i in range(n):
         name = f"{split}_{bench}_{i:04d}.png"
-        scene = random_scene(rng)
-        _draw(rng, out_dir, name, scene, image_size)
         kinds = BENCHMARKS[bench]
         kind = kinds[i % len(kinds)]
+        scene = random_scene(rng, 1 if kind == "position" else None)
+        _draw(rng, out_dir, name, scene, image_size)
         records.append(short_record(rng, f"{split}-{bench}-{i:04d}", name, scene, kind, source=bench))
     return records
 
