@@ -130,14 +130,33 @@ def composition(pool: list, idx) -> dict:
             "text": by_source.get("text", 0) / n, "question_kinds": dict(sorted(kinds.items()))}
 
 
+def study_key(args, data: dict, base: str) -> dict:
+    """What a seed's results depend on besides the seed: the recipe, the pool's bytes, the base and the replica.
+
+    A ``result.json`` is reused only under the same key, so a changed setting or a
+    regenerated replica never mixes old accuracies into a new table.
+    """
+    from icons_fast.data.replica import VERSION
+    from icons_fast.fileio import file_sha256
+
+    recipe = {k: v for k, v in vars(args).items() if k not in ("seeds", "jobs", "out", "only", "full_from",
+                                                                  "remedies", "base")}
+    return {"recipe": recipe, "replica_version": VERSION, "pool_sha256": file_sha256(data["train"]),
+            "base": os.path.abspath(base)}
+
+
 def run_seed(seed: int, out: str, data: dict, base: str, args, conditions) -> dict:
     from icons_fast.demo import demo_config
 
     result_path = os.path.join(out, f"seed{seed}", "result.json")
+    key = study_key(args, data, base)
     if os.path.exists(result_path):
         with open(result_path) as f:
             done = json.load(f)
-        if all(name in done["accuracy"] for name, _, _ in conditions):
+        if done.get("key") != key:
+            print(f"[quality] seed {seed}: {result_path} was made with other settings, data or base; "
+                  "running the seed again", flush=True)
+        elif all(name in done["accuracy"] for name, _, _ in conditions):
             print(f"[quality] seed {seed}: reusing {result_path}", flush=True)
             return done
     cfg = demo_config(None, data, os.path.join(out, f"seed{seed}", "select"))
@@ -149,7 +168,8 @@ def run_seed(seed: int, out: str, data: dict, base: str, args, conditions) -> di
     cfg.model.lora_r, cfg.model.lora_alpha = args.lora_r, 2 * args.lora_r
     t = time.perf_counter()
     sel = engine_run(cfg) if any(rule != "full" for _, rule, _ in conditions) else None
-    results = {"select_seconds": time.perf_counter() - t, "accuracy": {}, "composition": {}, "train_seconds": {}}
+    results = {"key": key, "select_seconds": time.perf_counter() - t, "accuracy": {}, "composition": {},
+               "train_seconds": {}}
     pool = load_records(data["train"])
     for name, rule, budget in conditions:
         idx = np.arange(len(pool)) if rule == "full" else engine_select(rule, sel, budget, seed)
@@ -273,6 +293,9 @@ def main(argv=None) -> int:
     data = make_replica_data(os.path.join(args.out, "data"), n_train=args.n_train, seed=0,
                              n_target=args.n_target, n_eval=args.n_eval)
     t0 = time.perf_counter()
+    if not args.base:
+        print("[quality] stage-1 base: caption pre-training of the built-in model (a few minutes, cached "
+              "after the first run)", flush=True)
     base = args.base or stage1_base()
     report_path = os.path.join(os.path.dirname(os.path.abspath(base)), "base_report.json")
     base_report = {"held_out_captions": None}
@@ -288,6 +311,9 @@ def main(argv=None) -> int:
         for s, r in per_seed.items():
             with open(os.path.join(args.full_from, f"seed{s}", "result.json")) as f:
                 ref = json.load(f)
+            if ref.get("key", {}).get("pool_sha256") != r["key"]["pool_sha256"]:
+                raise SystemExit(f"--full-from {args.full_from}: seed {s} was fine-tuned on another pool; "
+                                 "rerun it with this --n-train and replica, or drop --full-from")
             r["accuracy"]["full"], r["composition"]["full"] = ref["accuracy"]["full"], ref["composition"]["full"]
         conditions = [("full", "full", 1.0)] + conditions
     names = [c[0] for c in conditions]

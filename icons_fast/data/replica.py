@@ -260,15 +260,16 @@ def _pool_record(rng, i, source, out_dir, image_size):
         kind = str(rng.choice(["color", "shape", "count"]))
         q, a, _ = ask(rng, random_scene(rng), kind)  # a question about a scene that is not in the image
         return _record(rid, name, [(f"{q}\n{SHORT_ANSWER}", a)], [kind], [None], source), None
+    if source not in ("vqa", "mc", "lowquality", "caption", "conversation"):
+        raise ValueError(f"unknown source {source!r}; choose from {sorted(SOURCES)}")
+    kind = None  # the question kind of a single-turn source, drawn before the scene (position needs one object)
     if source == "vqa":
         weights = np.array(list(VQA_KINDS.values()), dtype=float)
         kind = str(rng.choice(list(VQA_KINDS), p=weights / weights.sum()))
     elif source == "lowquality":
         kind = str(rng.choice(LOWQUALITY_KINDS))
-    else:
-        kind = {"mc": "mc", "caption": "caption", "conversation": "conversation"}.get(source)
-        if kind is None:
-            raise ValueError(f"unknown source {source!r}; choose from {sorted(SOURCES)}")
+    elif source == "mc":
+        kind = "mc"
     scene = random_scene(rng, 1 if kind == "position" else None)
     jitter = _draw(rng, out_dir, name, scene, image_size)
     if source in ("vqa", "mc"):
