@@ -88,6 +88,10 @@ def engine_select(rule: str, sel: dict, budget: float, seed: int, dedup_threshol
     if rule == "icons+dedup":
         keep = remedies.collapse_near_duplicates(sel["features"], dedup_threshold, valid)
         count = int(budget * int(valid.sum()))  # the same size as the other 20% subsets
+        if int((valid & keep).sum()) < count:
+            raise SystemExit(f"icons+dedup: collapsing near-duplicates at cosine >= {dedup_threshold} keeps "
+                             f"{int((valid & keep).sum())} of {int(valid.sum())} samples, fewer than the "
+                             f"{count} to select; raise --dedup-threshold")
         return np.sort(np.asarray(select_by_rule("icons", scores, names, count, valid & keep, seed)))
     if rule == "icons+quota":
         return remedies.quota_vote(scores, budget, valid)
@@ -172,7 +176,7 @@ def run_seed(seed: int, out: str, data: dict, base: str, args, conditions) -> di
                "train_seconds": {}}
     pool = load_records(data["train"])
     for name, rule, budget in conditions:
-        idx = np.arange(len(pool)) if rule == "full" else engine_select(rule, sel, budget, seed)
+        idx = np.arange(len(pool)) if rule == "full" else engine_select(rule, sel, budget, seed, args.dedup_threshold)
         results["composition"][name] = composition(pool, idx)
         t = time.perf_counter()
         results["accuracy"][name] = train_and_eval(base, data, [pool[i] for i in idx],
@@ -275,6 +279,10 @@ def main(argv=None) -> int:
     ap.add_argument("--lora-r", type=int, default=8, help="LoRA rank of the selection warmup")
     ap.add_argument("--proj-dim", type=int, default=1024, help="k, the projection dimension")
     ap.add_argument("--remedies", action="store_true", help="also fine-tune on icons+dedup and icons+quota at 20%%")
+    ap.add_argument("--dedup-threshold", type=float, default=0.99,
+                    help="icons+dedup: pool samples whose unit features reach this cosine are linked, and each "
+                         "connected group keeps one sample (at 0.95 the replica's same-kind questions chain "
+                         "into a few hundred groups)")
     ap.add_argument("--only", nargs="+", default=None, help="only these conditions (ablations: with --full-from)")
     ap.add_argument("--full-from", default=None,
                     help="take the full-pool accuracies from this earlier --out (same pool and recipe) instead of "
