@@ -79,7 +79,7 @@ def engine_run(cfg: Config) -> dict:
     return {"scores": scores, "names": names, "valid": valid, "features": features}
 
 
-def engine_select(rule: str, sel: dict, budget: float, seed: int, dedup_threshold: float = 0.95) -> np.ndarray:
+def engine_select(rule: str, sel: dict, budget: float, seed: int, dedup_threshold: float) -> np.ndarray:
     """Indices chosen by ``rule`` (``select_by_rule``'s names, or ``icons+dedup`` / ``icons+quota``), ascending."""
     from icons_fast.select import remedies
     from icons_fast.select.rules import select_by_rule
@@ -176,7 +176,8 @@ def run_seed(seed: int, out: str, data: dict, base: str, args, conditions) -> di
                "train_seconds": {}}
     pool = load_records(data["train"])
     for name, rule, budget in conditions:
-        idx = np.arange(len(pool)) if rule == "full" else engine_select(rule, sel, budget, seed, args.dedup_threshold)
+        idx = (np.arange(len(pool)) if rule == "full"
+               else engine_select(rule, sel, budget, seed, args.dedup_threshold))
         results["composition"][name] = composition(pool, idx)
         t = time.perf_counter()
         results["accuracy"][name] = train_and_eval(base, data, [pool[i] for i in idx],

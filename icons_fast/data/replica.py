@@ -78,7 +78,8 @@ SOURCES = {"vqa": 0.30, "mc": 0.10, "conversation": 0.10, "caption": 0.06, "lowq
            "duplicate": 0.10, "unsupported": 0.08, "text": 0.13}
 # Question kinds per source and their weights; position needs a single-object scene. Existence
 # questions weigh four times the others in the clean VQA source: they are the one kind that compares
-# the question's words with the image, and in a mixed pool the built-in model learns them last.
+# the question's words with the image, and the built-in model learns them last in a mixed pool
+# (benchmarks/RESULTS.md section 9: still near chance there).
 VQA_KINDS = {"color": 1, "shape": 1, "count": 1, "exist": 4, "position": 1}
 LOWQUALITY_KINDS = ("color", "shape", "count", "exist", "mc")
 CONVERSATION_KINDS = ("color", "shape", "count", "exist")
@@ -140,10 +141,9 @@ def ask(rng, scene, kind: str) -> tuple[str, str, list[str]]:
     """A question of ``kind`` about ``scene``: ``(question, true short answer, wrong answers)``.
 
     The question has no answer-format suffix; ``mc`` questions carry their options.
-    Only existence questions name a colour and a shape: every other kind reads one
-    attribute of the image's single object type. (Naming the attributes there, e.g.
-    "what color is the circle?", teaches that the named words never matter, and the
-    existence questions, which must compare them with the image, then stay near chance.)
+    Only existence questions name a colour and a shape (and must compare them with
+    the image); every other kind reads one attribute of the image's single object
+    type, so it names none ("What color are the shapes?").
     """
     obj = scene[int(rng.integers(len(scene)))]
     colour, shape, quad = obj
