@@ -303,8 +303,8 @@ def main(argv=None) -> int:
                              n_target=args.n_target, n_eval=args.n_eval)
     t0 = time.perf_counter()
     if not args.base:
-        print("[quality] stage-1 base: caption pre-training of the built-in model (a few minutes, cached "
-              "after the first run)", flush=True)
+        print("[quality] stage-1 base: the first run pre-trains the built-in model on captions (a few "
+              "minutes), later runs read the cache", flush=True)
     base = args.base or stage1_base()
     report_path = os.path.join(os.path.dirname(os.path.abspath(base)), "base_report.json")
     base_report = {"held_out_captions": None}
