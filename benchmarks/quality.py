@@ -25,8 +25,9 @@ Stage-2 fine-tuning is a full fine-tune: on a caption-only base the answer
 formats (lettered options, yes/no, digits) are new, and LoRA r=8 does not learn
 them (``benchmarks/RESULTS.md`` section 9).
 
-Writes ``seed<k>/result.json`` as each seed finishes (a rerun skips finished
-seeds), then ``quality.json`` and ``quality.md`` under ``--out``.
+Writes ``seed<k>/result.json`` as each seed finishes (a rerun skips the seeds
+finished with the same settings, pool, base and replica version), then
+``quality.json`` and ``quality.md`` under ``--out``.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from icons_fast.config import Config  # noqa: E402
 from icons_fast.data import load_records, save_records  # noqa: E402
-from icons_fast.data.replica import BENCHMARKS, SOURCES, make_replica_data  # noqa: E402
+from icons_fast.data.replica import BENCHMARKS, SOURCES, VERSION, make_replica_data  # noqa: E402
 from icons_fast.fileio import atomic_json  # noqa: E402
 
 # (name, rule, budget); a name may carry a remedy: "icons+dedup", "icons+quota".
@@ -140,13 +141,30 @@ def study_key(args, data: dict, base: str) -> dict:
     A ``result.json`` is reused only under the same key, so a changed setting or a
     regenerated replica never mixes old accuracies into a new table.
     """
-    from icons_fast.data.replica import VERSION
     from icons_fast.fileio import file_sha256
 
     recipe = {k: v for k, v in vars(args).items() if k not in ("seeds", "jobs", "out", "only", "full_from",
-                                                                  "remedies", "base")}
+                                                                  "remedies", "base", "data_from_parent")}
     return {"recipe": recipe, "replica_version": VERSION, "pool_sha256": file_sha256(data["train"]),
             "base": os.path.abspath(base)}
+
+
+def full_pool_references(args, key: dict) -> dict:
+    """``{seed: result}`` of ``--full-from``, checked before anything runs: same pool, base, replica, stage 2."""
+    refs = {}
+    for s in args.seeds:
+        path = os.path.join(args.full_from, f"seed{s}", "result.json")
+        if not os.path.exists(path):
+            raise SystemExit(f"--full-from {args.full_from}: no {path}; run seed {s} there first, or drop --full-from")
+        with open(path) as f:
+            refs[s] = json.load(f)
+        ref_key = refs[s].get("key", {})
+        stage2 = ("n_eval", "epochs", "lr", "batch_size")  # what the full-pool accuracy depends on
+        if (any(ref_key.get(k) != key[k] for k in ("pool_sha256", "base", "replica_version"))
+                or any(ref_key.get("recipe", {}).get(k) != key["recipe"][k] for k in stage2)):
+            raise SystemExit(f"--full-from {args.full_from}: seed {s} was fine-tuned on another pool, base, "
+                             "replica or stage-2 recipe; rerun it with these settings, or drop --full-from")
+    return refs
 
 
 def run_seed(seed: int, out: str, data: dict, base: str, args, conditions) -> dict:
@@ -222,7 +240,7 @@ def composition_table(rows: dict) -> str:
 
 
 def kinds_table(per_seed: dict, names: list) -> str:
-    """Question kinds of the single-turn short-answer records (vqa, mc, lowquality, duplicate) per subset."""
+    """First-turn question kinds of the vqa, mc, lowquality and duplicate records, per subset and seed."""
     kinds = sorted({k for r in per_seed.values() for c in r["composition"].values() for k in c["question_kinds"]})
     lines = ["| subset | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
     for name in names:
@@ -253,7 +271,8 @@ def run_parallel(argv: list, args) -> None:
             seed = pending.pop(0)
             log_path = os.path.join(args.out, f"seed{seed}.log")
             os.makedirs(args.out, exist_ok=True)
-            cmd = [sys.executable, os.path.abspath(__file__), *rest, "--seeds", str(seed), "--jobs", "1"]
+            cmd = [sys.executable, os.path.abspath(__file__), *rest, "--seeds", str(seed), "--jobs", "1",
+                   "--data-from-parent"]
             running.append((seed, subprocess.Popen(cmd, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)))
             print(f"[quality] seed {seed} running in process {running[-1][1].pid}, log {log_path}", flush=True)
         time.sleep(2)
@@ -289,6 +308,7 @@ def main(argv=None) -> int:
                     help="take the full-pool accuracies from this earlier --out (same pool and recipe) instead of "
                          "fine-tuning on the full pool again")
     ap.add_argument("--base", default=None, help="model to fine-tune (default: the cached stage-1 base)")
+    ap.add_argument("--data-from-parent", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--jobs", type=int, default=3,
                     help="seeds run in this many processes at once, one thread each (tiny models gain little "
                          "from a second thread; 3 seeds in 3 processes on 2 cores finish in 1.5 seed-times, "
@@ -299,8 +319,14 @@ def main(argv=None) -> int:
     conditions = list(CONDITIONS) + (list(REMEDIES) if args.remedies else [])
     if args.only:
         conditions = [c for c in conditions if c[0] in args.only or (c[0] == "full" and not args.full_from)]
-    data = make_replica_data(os.path.join(args.out, "data"), n_train=args.n_train, seed=0,
-                             n_target=args.n_target, n_eval=args.n_eval)
+    paths_file = os.path.join(args.out, "data", "paths.json")
+    if args.data_from_parent:  # a seed process: the parent wrote the data; rewriting it would race the others
+        with open(paths_file) as f:
+            data = json.load(f)
+    else:
+        data = make_replica_data(os.path.join(args.out, "data"), n_train=args.n_train, seed=0,
+                                 n_target=args.n_target, n_eval=args.n_eval)
+        atomic_json(paths_file, data)
     t0 = time.perf_counter()
     if not args.base:
         print("[quality] stage-1 base: the first run pre-trains the built-in model on captions (a few "
@@ -312,18 +338,15 @@ def main(argv=None) -> int:
         with open(report_path) as f:
             base_report = json.load(f)
     base_s = time.perf_counter() - t0
+    refs = full_pool_references(args, study_key(args, data, base)) if args.full_from else {}
     t0 = time.perf_counter()
     if args.jobs > 1 and len(args.seeds) > 1:
         run_parallel(argv if argv is not None else sys.argv[1:], args)
     per_seed = {s: run_seed(s, args.out, data, base, args, conditions) for s in args.seeds}
     if args.full_from:  # the reference run's full-pool model, seed by seed
         for s, r in per_seed.items():
-            with open(os.path.join(args.full_from, f"seed{s}", "result.json")) as f:
-                ref = json.load(f)
-            if ref.get("key", {}).get("pool_sha256") != r["key"]["pool_sha256"]:
-                raise SystemExit(f"--full-from {args.full_from}: seed {s} was fine-tuned on another pool; "
-                                 "rerun it with this --n-train and replica, or drop --full-from")
-            r["accuracy"]["full"], r["composition"]["full"] = ref["accuracy"]["full"], ref["composition"]["full"]
+            r["accuracy"]["full"] = refs[s]["accuracy"]["full"]
+            r["composition"]["full"] = refs[s]["composition"]["full"]
         conditions = [("full", "full", 1.0)] + conditions
     names = [c[0] for c in conditions]
     benches = list(BENCHMARKS)
@@ -332,7 +355,7 @@ def main(argv=None) -> int:
     rows = {"pool": [comp["pool"]], **{n: [r["composition"][n] for r in per_seed.values()] for n in names}}
     md = (accuracy_table(per_seed, benches, names) + "\n\nComposition (mean over seeds, % of the subset):\n\n"
           + composition_table(rows)
-          + "\n\nQuestion kinds of the short-answer records (seed by seed):\n\n"
+          + "\n\nFirst-turn question kinds of the vqa, mc, low-quality and duplicate records (seed by seed):\n\n"
           + kinds_table(per_seed, names))
     print(md)
     header = (f"replica pool n={args.n_train}, targets {args.n_target} per benchmark, "

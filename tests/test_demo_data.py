@@ -17,6 +17,8 @@ from icons_fast.data.replica import (
     SOURCES,
     TARGET_BENCHMARKS,
     UNSEEN_BENCHMARKS,
+    ask,
+    random_scene,
 )
 
 N = 400
@@ -144,6 +146,31 @@ def test_one_object_type_per_image_and_position_only_about_one_object(replica, t
     assert n_multi > 40
     for r in load_records(replica["eval"]["position"]):
         assert len(_objects_in_pixels(_pixels(replica["image_folder"], r))) == 1, r["id"]
+
+
+def test_only_existence_questions_name_a_colour_or_a_shape(replica, train):
+    """Every other kind reads the image's one object type, so its question names none; position never without one."""
+    words = set(COLORS) | set(SHAPES) | {s + "s" for s in SHAPES}
+    n_exist = 0
+    for r in train:
+        questions = [t["value"].split("\n") for t in r["conversations"][0::2]]
+        for kind, lines in zip(r["demo_tasks"], questions):
+            stem = [line for line in lines if line not in ("<image>",) and line[:3] not in ("A. ", "B. ", "C. ", "D. ")]
+            named = words & set(" ".join(stem).rstrip("?").replace("?", " ").split())
+            if kind == "exist":
+                assert len(named) == 2, (r["id"], stem)
+                n_exist += 1
+            else:
+                assert not named, (r["id"], stem)
+        if r["source"] == "unsupported":
+            assert r["demo_tasks"][0] in ("color", "shape", "count"), r["id"]
+    assert n_exist > 40
+
+
+def test_a_position_question_about_several_objects_is_refused():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="single-object"):
+        ask(rng, random_scene(rng, 2), "position")
 
 
 def test_multiple_choice_options_keep_their_canonical_order(replica, train):

@@ -6,8 +6,8 @@ and seeded: the same arguments give byte-identical files.
 Scenes: one to three copies of one object type (a colour out of red, green,
 blue, yellow and a shape out of circle, square, triangle), each copy in its own
 quadrant of the canvas (top left, top right, bottom left, bottom right). One
-type per image keeps every question's referent unambiguous ("the circle" is
-every circle there) and within reach of the built-in model: with several types
+type per image keeps every question's referent unambiguous ("the shapes" are
+all one colour and shape) and within reach of the built-in model: with several types
 per image it learns each question kind alone but not the mixed pool
 (``benchmarks/RESULTS.md`` section 9). Position questions are asked only about
 single-object scenes, where "where is it" has one answer.
@@ -129,7 +129,7 @@ def uninformative_image(rng, image_size: int = 32) -> Image.Image:
 
 
 def caption(scene) -> str:
-    """The caption that names every object: ``two shapes: a red circle at the top left, a blue ...``."""
+    """The caption that names every object: ``two shapes: a red circle at the top left, a red circle at ...``."""
     n = len(scene)
     head = f"{NUMBER_WORDS[n]} shape{'s' if n > 1 else ''}"
     return head + ": " + ", ".join(f"a {c} {s} at the {q}" for c, s, q in scene)
@@ -164,14 +164,12 @@ def ask(rng, scene, kind: str) -> tuple[str, str, list[str]]:
     if kind == "exist":
         if rng.random() < 0.5:
             return f"Is there a {colour} {shape} in the image?", "yes", ["no"]
-        present = {(c, s) for c, s, _ in scene}
-        # Half of the absent objects reuse a colour of the scene (POPE's "adversarial" negatives).
+        # An absent object: half reuse the scene's colour with another shape (POPE's "adversarial"
+        # negatives), half take another colour.
         if rng.random() < 0.5:
-            c = colour
-            s = str(rng.choice([s for s in SHAPES if (c, s) not in present]))
+            c, s = colour, str(rng.choice([s for s in SHAPES if s != shape]))
         else:
-            c = str(rng.choice([c for c in COLORS if c not in {o[0] for o in scene}] or list(COLORS)))
-            s = str(rng.choice([s for s in SHAPES if (c, s) not in present]))
+            c, s = str(rng.choice([c for c in COLORS if c != colour])), str(rng.choice(SHAPES))
         return f"Is there a {c} {s} in the image?", "no", ["yes"]
     if kind == "mc":
         if rng.random() < 0.5:
