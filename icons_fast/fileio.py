@@ -149,15 +149,26 @@ def atomic_json(path: str, obj: Any, **dump_kwargs) -> str:
     return atomic_write(path, lambda f: json.dump(obj, f, **dump_kwargs))
 
 
+_sha256_memo: dict[tuple, str] = {}
+
+
 def file_sha256(path: str, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file's bytes, read in chunks."""
+    """Hex sha256 of a file's bytes, read in chunks.
+
+    Remembered per (real path, inode, size, mtime), so that the stages of one process
+    (warmup, featurize, the freshness checks) hash an unchanged pool or checkpoint once.
+    """
     import hashlib
 
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _sha256_memo:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+        _sha256_memo[key] = h.hexdigest()
+    return _sha256_memo[key]
 
 
 def atomic_npy(path: str, arr: np.ndarray) -> str:

@@ -701,3 +701,27 @@ def test_full_disk_mid_featurize_is_one_line_and_the_rerun_equals_uninterrupted(
     assert [(e["start"], e["end"]) for e in store.entries()] == [(0, 4), (4, 8)]
     assert not os.path.exists(store.shard_path(8, 12))
     _assert_same_outcome(_finish(cfg), reference)
+
+
+def test_file_sha256_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    """One read per unchanged file; a rewrite (new mtime) or a replacement (new inode, same size and mtime) rehashes."""
+    import hashlib
+
+    path = tmp_path / "pool.json"
+    path.write_bytes(b"aaaa")
+    reads = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: (reads.append(str(p)), real_open(p, *a, **k))[1])
+    assert fileio.file_sha256(str(path)) == hashlib.sha256(b"aaaa").hexdigest()
+    assert fileio.file_sha256(str(path)) == hashlib.sha256(b"aaaa").hexdigest()
+    assert reads.count(str(path)) == 1
+    stat = path.stat()
+    path.write_bytes(b"bbbb")  # same size; force a new mtime so the test does not depend on timer granularity
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert fileio.file_sha256(str(path)) == hashlib.sha256(b"bbbb").hexdigest()
+    other = tmp_path / "other.json"
+    other.write_bytes(b"cccc")
+    st = path.stat()
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(other, path)  # same size and mtime, another inode
+    assert fileio.file_sha256(str(path)) == hashlib.sha256(b"cccc").hexdigest()

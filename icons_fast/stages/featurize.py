@@ -49,22 +49,6 @@ from icons_fast.signals import GracefulStop, Preempted
 log = logging.getLogger(__name__)
 
 
-_sha_memo: dict[tuple, str] = {}
-
-
-def data_sha256(source: str) -> str:
-    """``source_sha256(source)`` (a pool or target file, folder or hub dataset), remembered per
-    (path, size, mtime) so the stages of one process hash a source once."""
-    try:
-        st = os.stat(source)
-        key = (os.path.abspath(source), st.st_size, st.st_mtime_ns)
-    except FileNotFoundError:  # a hub dataset id: its cache files are hashed
-        key = (source, None, None)
-    if key not in _sha_memo:
-        _sha_memo[key] = source_sha256(source)
-    return _sha_memo[key]
-
-
 def split_jobs(cfg: Config) -> list[tuple[str, str | None, str, str | None]]:
     """``[(split, data file, gradient mode, image folder)]``: the pool, then every target (sub)task in config order."""
     target_images = cfg.data.target_image_folder or cfg.data.image_folder
@@ -202,7 +186,7 @@ def _featurize_split(cfg: Config, run_dir: str, split: str, records_path: str, c
         "lora": lora_fingerprint(model),
         "checkpoint_step": state["step"],
         "checkpoint_sha256": checkpoint_sha256(ckpt_dir),  # a retrained warmup never reuses old features
-        "data_sha256": data_sha256(records_path),
+        "data_sha256": source_sha256(records_path),
         "n_samples": len(records),
         **feature_settings(cfg, ckpt_dir, mode, image_folder),
     }

@@ -41,10 +41,11 @@ import numpy as np
 import torch
 
 from icons_fast.config import Config
+from icons_fast.data.formats import source_sha256
 from icons_fast.features.store import CorruptShard
 from icons_fast.fileio import atomic_json, atomic_npy
 from icons_fast.rundir import RunLayout, target_splits, writer_lock
-from icons_fast.stages.featurize import data_sha256, explain_corrupt, feature_settings, split_jobs
+from icons_fast.stages.featurize import explain_corrupt, feature_settings, split_jobs
 from icons_fast.select.influence import checkpoint_weights_normalised, raw_projections, stream_task_influence
 from icons_fast.stages.target_index import target_vectors
 
@@ -129,7 +130,7 @@ def check_fresh(cfg: Config, layout: RunLayout) -> None:
                 if not os.path.exists(path):
                     raise FileNotFoundError(f"the data file {path} of split {split} does not exist (its features "
                                             f"in {store.root} were made from it); pass the file the run was made with")
-                want["data_sha256"] = data_sha256(path)
+                want["data_sha256"] = source_sha256(path)
             changed = [k for k in want if k in have and have[k] != want[k]]
             if not changed:
                 continue

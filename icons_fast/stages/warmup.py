@@ -45,12 +45,12 @@ def warmup_inputs(cfg: Config) -> dict:
 
     Target sets are left out on purpose: adding a target task must not retrain the warmup.
     """
-    from icons_fast.stages.featurize import data_sha256
+    from icons_fast.data.formats import source_sha256
 
     d = cfg.to_dict()
     return {
         "train_data": os.path.abspath(cfg.data.train_data) if cfg.data.train_data else None,
-        "train_sha256": data_sha256(cfg.data.train_data) if cfg.data.train_data else None,
+        "train_sha256": source_sha256(cfg.data.train_data) if cfg.data.train_data else None,
         "image_folder": cfg.data.image_folder,
         "max_length": cfg.data.max_length,
         "template": cfg.data.template,
