@@ -102,10 +102,16 @@ def vote_order(scores, top_percent: float, valid=None) -> np.ndarray:
     """Valid indices in ICONS's order: votes descending, then mean percentile rank descending, then index."""
     s = np.asarray(scores, dtype=np.float64)
     v = np.ones(s.shape[0], dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    return _ranked_vote_order(s, top_percent, v)[0]
+
+
+def _ranked_vote_order(s: np.ndarray, top_percent: float, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`vote_order` and the percentile ranks of those samples, ``[n_valid, T]`` in the same order."""
     votes = vote_counts(s, top_percent, v)
     idx = np.flatnonzero(v)
-    mean_rank = percentile_ranks(s, v, rows=idx).mean(axis=1)
-    return idx[np.lexsort((idx, -mean_rank, -votes[idx]))]
+    ranks = percentile_ranks(s, v, rows=idx)
+    pos = np.lexsort((idx, -ranks.mean(axis=1), -votes[idx]))
+    return idx[pos], ranks[pos]
 
 
 def quota_vote(scores, budget, valid=None, top_percent: float | None = None) -> np.ndarray:
@@ -125,9 +131,9 @@ def quota_vote(scores, budget, valid=None, top_percent: float | None = None) -> 
     count, _ = budget_count(budget, n_valid)
     if top_percent is None:
         top_percent = 100.0 * count / n_valid
-    order = vote_order(s, top_percent, v)
+    order, ranks = _ranked_vote_order(s, top_percent, v)
     home = np.full(n, -1)
-    home[order] = np.argmax(percentile_ranks(s, v, rows=order), axis=1)
+    home[order] = np.argmax(ranks, axis=1)  # the task where the sample ranks highest
     quota = np.full(t, count // t)
     quota[: count % t] += 1
     taken = np.zeros(n, dtype=bool)
