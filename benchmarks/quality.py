@@ -46,7 +46,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from icons_fast.config import Config  # noqa: E402
 from icons_fast.data import load_records, save_records  # noqa: E402
 from icons_fast.data.replica import BENCHMARKS, SOURCES, VERSION, make_replica_data  # noqa: E402
-from icons_fast.fileio import atomic_json  # noqa: E402
+from icons_fast.fileio import atomic_json, file_sha256  # noqa: E402
 
 # (name, rule, budget); a name may carry a remedy: "icons+dedup", "icons+quota".
 CONDITIONS = (
@@ -89,10 +89,11 @@ def engine_select(rule: str, sel: dict, budget: float, seed: int, dedup_threshol
     if rule == "icons+dedup":
         keep = remedies.collapse_near_duplicates(sel["features"], dedup_threshold, valid)
         count = int(budget * int(valid.sum()))  # the same size as the other 20% subsets
-        if int((valid & keep).sum()) < count:
+        kept = int((valid & keep).sum())
+        if kept < count:
             raise SystemExit(f"icons+dedup: collapsing near-duplicates at cosine >= {dedup_threshold} keeps "
-                             f"{int((valid & keep).sum())} of {int(valid.sum())} samples, fewer than the "
-                             f"{count} to select; raise --dedup-threshold")
+                             f"{kept} of {int(valid.sum())} samples, fewer than the {count} to select; "
+                             "raise --dedup-threshold")
         return np.sort(np.asarray(select_by_rule("icons", scores, names, count, valid & keep, seed)))
     if rule == "icons+quota":
         return remedies.quota_vote(scores, budget, valid)
@@ -141,8 +142,6 @@ def study_key(args, data: dict, base: str) -> dict:
     A ``result.json`` is reused only under the same key, so a changed setting or a
     regenerated replica never mixes old accuracies into a new table.
     """
-    from icons_fast.fileio import file_sha256
-
     recipe = {k: v for k, v in vars(args).items() if k not in ("seeds", "jobs", "out", "only", "full_from",
                                                                   "remedies", "base", "data_from_parent")}
     return {"recipe": recipe, "replica_version": VERSION, "pool_sha256": file_sha256(data["train"]),
@@ -167,11 +166,11 @@ def full_pool_references(args, key: dict) -> dict:
     return refs
 
 
-def run_seed(seed: int, out: str, data: dict, base: str, args, conditions) -> dict:
+def run_seed(seed: int, out: str, data: dict, base: str, args, conditions, key: dict) -> dict:
+    """Select, fine-tune and evaluate every condition for ``seed``; ``key`` is ``study_key``'s, stored and checked."""
     from icons_fast.demo import demo_config
 
     result_path = os.path.join(out, f"seed{seed}", "result.json")
-    key = study_key(args, data, base)
     if os.path.exists(result_path):
         with open(result_path) as f:
             done = json.load(f)
@@ -338,11 +337,12 @@ def main(argv=None) -> int:
         with open(report_path) as f:
             base_report = json.load(f)
     base_s = time.perf_counter() - t0
-    refs = full_pool_references(args, study_key(args, data, base)) if args.full_from else {}
+    key = study_key(args, data, base)
+    refs = full_pool_references(args, key) if args.full_from else {}
     t0 = time.perf_counter()
     if args.jobs > 1 and len(args.seeds) > 1:
         run_parallel(argv if argv is not None else sys.argv[1:], args)
-    per_seed = {s: run_seed(s, args.out, data, base, args, conditions) for s in args.seeds}
+    per_seed = {s: run_seed(s, args.out, data, base, args, conditions, key) for s in args.seeds}
     if args.full_from:  # the reference run's full-pool model, seed by seed
         for s, r in per_seed.items():
             r["accuracy"]["full"] = refs[s]["accuracy"]["full"]
