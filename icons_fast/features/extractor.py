@@ -28,7 +28,7 @@ from torch.profiler import record_function
 from icons_fast.contract import AdamMoments, ProjectionSpec
 from icons_fast.model.inputs import MODEL_INPUT_KEYS, per_sample_losses
 from icons_fast.model.lora import lora_modules, trainable_parameters
-from icons_fast.ops.backend import describe, recording_choices, requested_backend, resolve_backend
+from icons_fast.ops.backend import checked_request, describe, recording_choices
 from icons_fast.ops.lora_grad import LoraParams, lora_grad_project, per_sample_lora_grads
 
 
@@ -102,9 +102,7 @@ class GradientExtractor:
         self.param_names = [n for n, _ in trainable_parameters(model)]
         device = next(model.parameters()).device
         self.device = device
-        self.backend = requested_backend("lora_grad", backend, device)
-        if self.backend != "auto":
-            resolve_backend("lora_grad", self.backend, device)  # a forced backend that cannot run raises now
+        self.backend = checked_request("lora_grad", backend, device)
         self.backends_ran: dict[str, list[str]] = {}
         self.moments = self._check_moments(optimizer_state) if mode == "adam" else None
 

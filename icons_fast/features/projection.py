@@ -29,7 +29,7 @@ from typing import Mapping
 import torch
 
 from icons_fast.contract import MASK32, fnv1a32
-from icons_fast.ops.backend import describe, recording_choices, requested_backend, resolve_backend
+from icons_fast.ops.backend import checked_request, describe, recording_choices
 from icons_fast.ops.project import project_param, project_param_ref
 
 MODEL_ID_STRIDE = 10_000
@@ -117,9 +117,7 @@ class RademacherProjector:
             total = sum(self.param_shapes.values())
             if total != self.grad_dim:
                 raise ValueError(f"param_shapes hold {total} elements but grad_dim={self.grad_dim}; they must agree")
-        self.backend = requested_backend("project", backend, self.device)
-        if self.backend != "auto":
-            resolve_backend("project", self.backend, self.device)  # a forced backend that cannot run raises now
+        self.backend = checked_request("project", backend, self.device)
         self.backends_ran: dict[str, list[str]] = {}
         self._pids: dict[str, int] = {}
 

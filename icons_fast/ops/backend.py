@@ -24,7 +24,8 @@ The choice is made here and nowhere else:
   ``ICONS_FAST_BACKEND_<OP>`` (e.g. ``ICONS_FAST_BACKEND_INFLUENCE=blas``),
   else ``ICONS_FAST_BACKEND`` (``requested_backend``). A forced name that
   cannot run raises ``BackendUnavailable`` with the reason and the fix (the
-  global variable only applies to ops that have a backend of that name).
+  global variable only applies to ops that have a backend of that name);
+  ``checked_request`` raises it up front for callers that pass the request on.
 
 Capability queries that always exist: ``has_cpu_ext()``, ``has_cuda_ext()``,
 ``has_triton()``, ``backends()``.
@@ -190,6 +191,13 @@ def requested_backend(op: str, requested: str | None = "auto", device: str | tor
     general = os.environ.get("ICONS_FAST_BACKEND", "auto") or "auto"
     # The global variable naming a backend this op/device does not have means auto for it.
     return general if general in _PREFERENCE[(op, dt)] else "auto"
+
+
+def checked_request(op: str, requested: str | None = "auto", device: str | torch.device = "cpu") -> str:
+    """``requested_backend``, with a forced name checked now: "auto", or a backend that can run ``op`` on ``device``
+    (else ``BackendUnavailable``). For callers that pass the request on to every op call and must fail early."""
+    name = requested_backend(op, requested, device)
+    return name if name == "auto" else resolve_backend(op, name, device)
 
 
 def resolve_backend(op: str, requested: str | None = "auto", device: str | torch.device = "cpu") -> str:
