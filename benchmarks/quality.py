@@ -9,7 +9,7 @@ perception (vqa, pope, mmbench, count: a small validation set each, used as
 the selection target, and a separate held-out test set) and one benchmark
 that is never a target (position).
 
-Base: the built-in model after stage-1 caption pre-training
+Base: the built-in model after stage-1 pre-training on captions and image-text matching
 (``icons_fast.demo.stage1_base``, cached). For each seed: select with the
 ICONS pipeline (LoRA warmup -> featurize -> influence), then fine-tune the
 base on every subset (full pool; random, ICONS, LESS rule, mean, max at 20%;
@@ -21,8 +21,8 @@ accuracy / full-pool accuracy x 100.
 
     python benchmarks/quality.py --seeds 0 1 2 --out runs/quality
 
-Stage-2 fine-tuning is a full fine-tune: on a caption-only base the answer
-formats (lettered options, yes/no, digits) are new, and LoRA r=8 does not learn
+Stage-2 fine-tuning is a full fine-tune: on the stage-1 base most answer
+formats (lettered options, digits, single words) are new, and LoRA r=8 does not learn
 them (``benchmarks/RESULTS.md`` section 9).
 
 Writes ``seed<k>/result.json`` as each seed finishes (a rerun skips the seeds
@@ -328,11 +328,11 @@ def main(argv=None) -> int:
         atomic_json(paths_file, data)
     t0 = time.perf_counter()
     if not args.base:
-        print("[quality] stage-1 base: the first run pre-trains the built-in model on captions (a few "
-              "minutes), later runs read the cache", flush=True)
+        print("[quality] stage-1 base: the first run pre-trains the built-in model on captions and image-text "
+              "matching (about 7 minutes on 2 cores), later runs read the cache", flush=True)
     base = args.base or stage1_base()
     report_path = os.path.join(os.path.dirname(os.path.abspath(base)), "base_report.json")
-    base_report = {"held_out_captions": None}
+    base_report = {"held_out_captions": None, "held_out_matching": None}
     if os.path.exists(report_path):
         with open(report_path) as f:
             base_report = json.load(f)
@@ -362,7 +362,8 @@ def main(argv=None) -> int:
               f"test {args.n_eval} per benchmark; seeds {args.seeds}; warmup LoRA r={args.lora_r} on "
               f"{args.warmup_fraction:.0%} for {args.warmup_epochs} epoch(s), {args.warmup_checkpoints} "
               f"checkpoint(s), k={args.proj_dim}; stage 2 full fine-tune {args.epochs} epoch(s) lr {args.lr:g}; "
-              f"base {base} (held-out captions: {base_report['held_out_captions']}); "
+              f"base {base} (held-out captions: {base_report['held_out_captions']}; held-out matching: "
+              f"{base_report.get('held_out_matching')}); "
               f"base {base_s:.0f} s, study {time.perf_counter() - t0:.0f} s")
     with open(os.path.join(args.out, "quality.md"), "w") as f:
         f.write(header + "\n\n" + md + "\n")

@@ -12,6 +12,7 @@ from icons_fast.data.replica import (
     BENCHMARKS,
     COLORS,
     LOWQUALITY_WRONG,
+    MATCH_PROMPT,
     QUADRANTS,
     SHAPES,
     SOURCES,
@@ -235,17 +236,57 @@ def test_sets_do_not_change_with_the_pool_size(tmp_path):
             assert load_records(a[split][bench]) == load_records(b[split][bench])
 
 
+def _object_type_in_pixels(px):
+    """``(colour, shape)`` of a one-type scene from the pixels: colour by RGB, shape by the filled area of one
+    copy (12-pixel square 144, circle 112, triangle 78 pixels)."""
+    colour = next(iter(_objects_in_pixels(px).values()))
+    copies = len(_objects_in_pixels(px))
+    area = int(np.any(px != np.array(BACKGROUND), axis=2).sum()) / copies
+    shape = "square" if area > 128 else "circle" if area > 95 else "triangle"
+    return colour, shape
+
+
 def test_captions_name_every_object(tmp_path):
     d = make_caption_data(str(tmp_path / "cap"), n_train=30, n_eval=10, seed=5)
     train, held_out = load_records(d["train"]), load_records(d["eval"])
     assert len(train) == 30 and len(held_out) == 10
     assert not {r["image"] for r in train} & {r["image"] for r in held_out}
+    assert {r["source"] for r in train} == {"caption"}
     for r in train + held_out:
         text = r["conversations"][1]["value"]
         found = _objects_in_pixels(_pixels(d["image_folder"], r))
         assert text.count(" at the ") == len(found)
         for quad, colour in found.items():
             assert f"{colour} " in text and f"at the {quad}" in text
+
+
+def test_matching_records_say_whether_the_text_names_the_pictured_type(tmp_path):
+    d = make_caption_data(str(tmp_path / "cap"), n_train=20, n_eval=40, seed=5, n_matching=200)
+    train, held_out = load_records(d["train"]), load_records(d["matching_eval"])
+    matching = [r for r in train if r["source"] == "matching"]
+    assert len(matching) == 200 and len(train) == 220 and len(held_out) == 40
+    assert not {r["image"] for r in matching} & {r["image"] for r in held_out}
+    changed = {"colour": 0, "shape": 0, "both": 0}
+    for r in matching + held_out:
+        question, answer = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        assert question.startswith("<image>\n" + MATCH_PROMPT + "\n")
+        _, colour, shape = question.rsplit("\n", 1)[1].split(" ")
+        true_colour, true_shape = _object_type_in_pixels(_pixels(d["image_folder"], r))
+        assert answer == ("yes" if (colour, shape) == (true_colour, true_shape) else "no"), r["id"]
+        if answer == "no":
+            changed["both" if colour != true_colour and shape != true_shape else
+                    "colour" if colour != true_colour else "shape"] += 1
+    n_no = sum(changed.values())
+    assert 0.4 < n_no / 240 < 0.6
+    assert all(c > n_no / 6 for c in changed.values()), changed  # a third each: one attribute never decides
+
+
+def test_matching_leaves_the_captions_unchanged(tmp_path):
+    a = make_caption_data(str(tmp_path / "a"), n_train=12, n_eval=4, seed=2)
+    b = make_caption_data(str(tmp_path / "b"), n_train=12, n_eval=4, seed=2, n_matching=30)
+    assert load_records(a["eval"]) == load_records(b["eval"])
+    assert sorted(load_records(a["train"]), key=lambda r: r["id"]) == sorted(
+        [r for r in load_records(b["train"]) if r["source"] == "caption"], key=lambda r: r["id"])
 
 
 def test_every_record_builds_with_the_tiny_model(replica, train, tiny_model_dir):
@@ -264,3 +305,26 @@ def test_every_record_builds_with_the_tiny_model(replica, train, tiny_model_dir)
             assert n_img == (config.image_seq_length if "image" in r else 0)
             n += 1
     assert n == N + len(TARGET_BENCHMARKS) * 8 + len(BENCHMARKS) * 20
+
+
+def test_base_report_scores_held_out_matching_and_captions(tmp_path, tiny_model_dir, monkeypatch):
+    from icons_fast import demo
+
+    d = make_caption_data(str(tmp_path / "cap"), n_train=2, n_eval=4, seed=3, n_matching=0)
+    matching, captions = load_records(d["matching_eval"]), load_records(d["eval"])
+    # The real model path runs end to end (an untrained model: only the shape of the answer is known).
+    got = demo.matching_accuracy(tiny_model_dir, matching, d["image_folder"])
+    assert got["n"] == 4 and 0.0 <= got["accuracy"] <= 1.0 and 0.0 <= got["yes_rate"] <= 1.0
+    # The scoring, with the answers fixed: the truth for the first two, the opposite for the rest.
+    gold = [r["conversations"][1]["value"] for r in matching]
+    flipped = gold[:2] + [{"yes": "no", "no": "yes"}[g] for g in gold[2:]]
+    monkeypatch.setattr(demo, "_greedy_answers", lambda *a, **k: flipped)
+    got = demo.matching_accuracy(tiny_model_dir, matching, d["image_folder"])
+    assert got["accuracy"] == 0.5 and got["yes_rate"] == sum(p == "yes" for p in flipped) / 4
+    # Captions: the first one with a wrong count word, the rest exact.
+    truth = [r["conversations"][1]["value"] for r in captions]
+    head, rest = truth[0].split(" ", 1)
+    predicted = [("one" if head != "one" else "two") + " " + rest] + truth[1:]
+    monkeypatch.setattr(demo, "_greedy_answers", lambda *a, **k: predicted)
+    got = demo.caption_accuracy(tiny_model_dir, captions, d["image_folder"])
+    assert got["exact"] == 0.75 and got["count"] == 0.75 and got["objects"] == 1.0

@@ -10,7 +10,7 @@ Modules (one job each):
 - ``images``: image loading with every failure named.
 - ``collate``: sample builder (each family's image expansion), torch dataset, padding collate.
 - ``errors``: ``SampleProblem`` / ``SampleError`` / ``ErrorLog`` (``errors.jsonl``).
-- ``replica``: the generated replica (stage-1 captions, a mixed-source stage-2 pool, benchmarks).
+- ``replica``: the generated replica (stage-1 captions and image-text matching, a mixed-source stage-2 pool, benchmarks).
 - ``bad_samples``: a pool of malformed records, one per error case.
 """
 from icons_fast.data.collate import LlavaDataset, LlavaSampleBuilder, collate, image_token_info, model_kwargs

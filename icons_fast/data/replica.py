@@ -1,4 +1,4 @@
-"""A generated replica of LLaVA's data: a caption set for stage 1, a mixed-quality stage-2 pool, benchmarks.
+"""A generated replica of LLaVA's data: caption and image-text matching sets for stage 1, a mixed-quality stage-2 pool, benchmarks.
 
 Everything is rendered here (coloured shapes on a 32x32 canvas), never downloaded,
 and seeded: the same arguments give byte-identical files.
@@ -14,7 +14,12 @@ single-object scenes, where "where is it" has one answer.
 
 Stage 1 (:func:`make_caption_data`), LLaVA's alignment pre-training: "Describe
 the image." answered with a caption that names every object, e.g.
-``two shapes: a red circle at the top left, a red circle at the bottom right``.
+``two shapes: a red circle at the top left, a red circle at the bottom right``,
+plus image-text matching ("Does the caption fit the image?\na red circle" ->
+yes / no). LLaVA's vision tower arrives from CLIP, pre-trained to tell which texts
+match an image; the built-in model starts from random weights, and captions alone
+do not teach it to compare a text with the image (``benchmarks/RESULTS.md``
+section 9: without matching the full pool stays at chance on pope).
 
 Stage 2 (:func:`make_replica_data`), a pool built like LLaVA-665K from sources
 of different quality and format. Every record carries its source in ``source``:
@@ -59,10 +64,11 @@ from PIL import Image, ImageDraw
 from icons_fast.data.records import save_records
 
 # Bumped whenever the generated data changes, so that caches built on it (the stage-1 base) are rebuilt.
-VERSION = 2
+VERSION = 3
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 CAPTION_PROMPT = "Describe the image."
+MATCH_PROMPT = "Does the caption fit the image?"
 COLORS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220), "yellow": (235, 205, 20)}
 SHAPES = ("circle", "square", "triangle")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
@@ -85,7 +91,7 @@ LOWQUALITY_KINDS = ("color", "shape", "count", "exist", "mc")
 CONVERSATION_KINDS = ("color", "shape", "count", "exist")
 LOWQUALITY_WRONG = 0.6  # share of wrong answers in the low-quality source
 # Separate random streams: the pool, the targets, the test sets and the captions never share a draw.
-_STREAM = {"train": 0, "targets": 1, "eval": 2, "captions": 3}
+_STREAM = {"train": 0, "targets": 1, "eval": 2, "captions": 3, "matching": 4}
 
 
 # ---------------------------------------------------------------- scenes and rendering
@@ -133,6 +139,26 @@ def caption(scene) -> str:
     n = len(scene)
     head = f"{NUMBER_WORDS[n]} shape{'s' if n > 1 else ''}"
     return head + ": " + ", ".join(f"a {c} {s} at the {q}" for c, s, q in scene)
+
+
+def matching_pair(rng, scene) -> tuple[str, str]:
+    """Stage-1 image-text matching about ``scene``: ``(text, "yes" | "no")``.
+
+    The text names one object type, ``a <colour> <shape>``. Half the texts name
+    the scene's type ("yes"); the others change its colour, its shape or both (a
+    third each, "no"), so that one attribute alone never decides.
+    """
+    colour, shape, _ = scene[0]
+    if rng.random() < 0.5:
+        return f"a {colour} {shape}", "yes"
+    other_colour = str(rng.choice([c for c in COLORS if c != colour]))
+    other_shape = str(rng.choice([s for s in SHAPES if s != shape]))
+    change = rng.random()
+    if change < 1 / 3:
+        return f"a {other_colour} {shape}", "no"
+    if change < 2 / 3:
+        return f"a {colour} {other_shape}", "no"
+    return f"a {other_colour} {other_shape}", "no"
 
 
 # ---------------------------------------------------------------- questions
@@ -365,23 +391,44 @@ def make_replica_data(out_dir: str, n_train: int = 800, seed: int = 0, image_siz
     return paths
 
 
-def make_caption_data(out_dir: str, n_train: int, n_eval: int = 64, seed: int = 0, image_size: int = 32) -> dict:
-    """Stage-1 alignment data: ``n_train`` caption records and ``n_eval`` held-out ones (own stream and images).
+def make_caption_data(out_dir: str, n_train: int, n_eval: int = 64, seed: int = 0, image_size: int = 32,
+                      n_matching: int = 0) -> dict:
+    """Stage-1 alignment data: captions and image-text matching, each with its own stream and images.
 
-    Returns ``dict(train=path, eval=path, image_folder=path)``.
+    ``train``: ``n_train`` caption records and ``n_matching`` matching records
+    (:func:`matching_pair`), shuffled together; ``eval``: ``n_eval`` held-out
+    captions; ``matching_eval``: ``n_eval`` held-out matching records. The
+    caption records do not change with ``n_matching``.
+
+    Returns ``dict(train=path, eval=path, matching_eval=path, image_folder=path)``.
     """
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    rng = np.random.default_rng([seed, _STREAM["captions"]])
     out = {"image_folder": os.path.join(out_dir, "images")}
+    rng = np.random.default_rng([seed, _STREAM["captions"]])
+    captions = {}
     for split, n in (("train", n_train), ("eval", n_eval)):
-        records = []
+        captions[split] = []
         for i in range(n):
             name = f"caption_{split}_{i:05d}.png"
             scene = random_scene(rng)
             _draw(rng, out_dir, name, scene, image_size)
             text = caption(scene)
-            records.append(_record(f"caption-{split}-{i:05d}", name, [(CAPTION_PROMPT, text)], ["caption"],
-                                   [text], "caption"))
-        out[split] = os.path.join(out_dir, f"captions_{split}.json")
-        save_records(records, out[split])
+            captions[split].append(_record(f"caption-{split}-{i:05d}", name, [(CAPTION_PROMPT, text)], ["caption"],
+                                           [text], "caption"))
+    rng = np.random.default_rng([seed, _STREAM["matching"]])
+    matching = {}
+    for split, n in (("train", n_matching), ("eval", n_eval)):
+        matching[split] = []
+        for i in range(n):
+            name = f"matching_{split}_{i:05d}.png"
+            scene = random_scene(rng)
+            _draw(rng, out_dir, name, scene, image_size)
+            text, answer = matching_pair(rng, scene)
+            matching[split].append(_record(f"matching-{split}-{i:05d}", name, [(f"{MATCH_PROMPT}\n{text}", answer)],
+                                           ["matching"], [answer], "matching"))
+    train = captions["train"] + matching["train"]
+    train = [train[int(k)] for k in rng.permutation(len(train))]
+    for key, records in (("train", train), ("eval", captions["eval"]), ("matching_eval", matching["eval"])):
+        out[key] = os.path.join(out_dir, f"stage1_{key}.json")
+        save_records(records, out[key])
     return out
