@@ -120,7 +120,7 @@ def stage1_base(size: str = STAGE1["size"], n_captions: int = STAGE1["n_captions
     on 64 held-out matching records.
     """
     from icons_fast.data import load_records
-    from icons_fast.data.replica import VERSION, make_caption_data
+    from icons_fast.data.replica import VERSION, make_stage1_data
     from icons_fast.fileio import cache_dir
     from icons_fast.train.finetune import run_train
 
@@ -131,7 +131,7 @@ def stage1_base(size: str = STAGE1["size"], n_captions: int = STAGE1["n_captions
     if os.path.exists(os.path.join(model_dir, "config.json")) and os.path.exists(report):
         log.info("using the cached stage-1 base %s", model_dir)
         return model_dir
-    data = make_caption_data(os.path.join(root, "data"), n_train=n_captions, n_eval=64, seed=seed + 1000,
+    data = make_stage1_data(os.path.join(root, "data"), n_train=n_captions, n_eval=64, seed=seed + 1000,
                              n_matching=n_matching)
     cfg = Config()
     cfg.override({"model.model": size, "train.full_finetune": True, "train.epochs": epochs, "train.lr": lr,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from icons_fast.data import LlavaSampleBuilder, load_records, make_caption_data, make_replica_data
+from icons_fast.data import LlavaSampleBuilder, load_records, make_stage1_data, make_replica_data
 from icons_fast.data.replica import (
     BACKGROUND,
     BENCHMARKS,
@@ -247,7 +247,7 @@ def _object_type_in_pixels(px):
 
 
 def test_captions_name_every_object(tmp_path):
-    d = make_caption_data(str(tmp_path / "cap"), n_train=30, n_eval=10, seed=5)
+    d = make_stage1_data(str(tmp_path / "cap"), n_train=30, n_eval=10, seed=5)
     train, held_out = load_records(d["train"]), load_records(d["eval"])
     assert len(train) == 30 and len(held_out) == 10
     assert not {r["image"] for r in train} & {r["image"] for r in held_out}
@@ -261,7 +261,7 @@ def test_captions_name_every_object(tmp_path):
 
 
 def test_matching_records_say_whether_the_text_names_the_pictured_type(tmp_path):
-    d = make_caption_data(str(tmp_path / "cap"), n_train=20, n_eval=40, seed=5, n_matching=200)
+    d = make_stage1_data(str(tmp_path / "cap"), n_train=20, n_eval=40, seed=5, n_matching=200)
     train, held_out = load_records(d["train"]), load_records(d["matching_eval"])
     matching = [r for r in train if r["source"] == "matching"]
     assert len(matching) == 200 and len(train) == 220 and len(held_out) == 40
@@ -282,8 +282,8 @@ def test_matching_records_say_whether_the_text_names_the_pictured_type(tmp_path)
 
 
 def test_matching_leaves_the_captions_unchanged(tmp_path):
-    a = make_caption_data(str(tmp_path / "a"), n_train=12, n_eval=4, seed=2)
-    b = make_caption_data(str(tmp_path / "b"), n_train=12, n_eval=4, seed=2, n_matching=30)
+    a = make_stage1_data(str(tmp_path / "a"), n_train=12, n_eval=4, seed=2)
+    b = make_stage1_data(str(tmp_path / "b"), n_train=12, n_eval=4, seed=2, n_matching=30)
     assert load_records(a["eval"]) == load_records(b["eval"])
     assert sorted(load_records(a["train"]), key=lambda r: r["id"]) == sorted(
         [r for r in load_records(b["train"]) if r["source"] == "caption"], key=lambda r: r["id"])
@@ -310,7 +310,7 @@ def test_every_record_builds_with_the_tiny_model(replica, train, tiny_model_dir)
 def test_base_report_scores_held_out_matching_and_captions(tmp_path, tiny_model_dir, monkeypatch):
     from icons_fast import demo
 
-    d = make_caption_data(str(tmp_path / "cap"), n_train=2, n_eval=4, seed=3, n_matching=0)
+    d = make_stage1_data(str(tmp_path / "cap"), n_train=2, n_eval=4, seed=3, n_matching=0)
     matching, captions = load_records(d["matching_eval"]), load_records(d["eval"])
     # The real model path runs end to end (an untrained model: only the shape of the answer is known).
     got = demo.matching_accuracy(tiny_model_dir, matching, d["image_folder"])

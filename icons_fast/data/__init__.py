@@ -19,11 +19,11 @@ from icons_fast.data.bad_samples import make_bad_samples
 from icons_fast.data.errors import REASONS, ErrorLog, SampleError, SampleProblem
 from icons_fast.data.images import load_image
 from icons_fast.data.records import load_records, record_id, record_ids, save_records
-from icons_fast.data.replica import make_caption_data, make_replica_data
+from icons_fast.data.replica import make_stage1_data, make_replica_data
 
 __all__ = [
     "ErrorLog", "IGNORE_INDEX", "LlavaDataset", "LlavaSampleBuilder", "REASONS", "SYSTEM_PROMPT",
     "SampleError", "SampleProblem", "collate", "image_token_info", "load_image", "load_records",
-    "make_bad_samples", "make_caption_data", "make_replica_data", "model_kwargs", "record_id", "record_ids",
+    "make_bad_samples", "make_stage1_data", "make_replica_data", "model_kwargs", "record_id", "record_ids",
     "render_prompt", "save_records", "tokenize_record",
 ]

@@ -12,7 +12,7 @@ per image it learns each question kind alone but not the mixed pool
 (``benchmarks/RESULTS.md`` section 9). Position questions are asked only about
 single-object scenes, where "where is it" has one answer.
 
-Stage 1 (:func:`make_caption_data`), LLaVA's alignment pre-training: "Describe
+Stage 1 (:func:`make_stage1_data`), LLaVA's alignment pre-training: "Describe
 the image." answered with a caption that names every object, e.g.
 ``two shapes: a red circle at the top left, a red circle at the bottom right``,
 plus image-text matching ("Does the caption fit the image?\na red circle" ->
@@ -90,7 +90,8 @@ VQA_KINDS = {"color": 1, "shape": 1, "count": 1, "exist": 4, "position": 1}
 LOWQUALITY_KINDS = ("color", "shape", "count", "exist", "mc")
 CONVERSATION_KINDS = ("color", "shape", "count", "exist")
 LOWQUALITY_WRONG = 0.6  # share of wrong answers in the low-quality source
-# Separate random streams: the pool, the targets, the test sets and the captions never share a draw.
+# Separate random streams: the pool, the targets, the test sets, the captions and the matching records
+# never share a draw.
 _STREAM = {"train": 0, "targets": 1, "eval": 2, "captions": 3, "matching": 4}
 
 
@@ -391,7 +392,7 @@ def make_replica_data(out_dir: str, n_train: int = 800, seed: int = 0, image_siz
     return paths
 
 
-def make_caption_data(out_dir: str, n_train: int, n_eval: int = 64, seed: int = 0, image_size: int = 32,
+def make_stage1_data(out_dir: str, n_train: int, n_eval: int = 64, seed: int = 0, image_size: int = 32,
                       n_matching: int = 0) -> dict:
     """Stage-1 alignment data: captions and image-text matching, each with its own stream and images.
 
