@@ -32,6 +32,7 @@ finished with the same settings, pool, base and replica version), then
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -166,6 +167,37 @@ def full_pool_references(args, key: dict) -> dict:
     return refs
 
 
+def claim_seed_dir(seed_dir: str, key: dict) -> None:
+    """Make ``seed_dir`` this study's: a directory made under another ``study_key`` is moved aside, never mixed in.
+
+    The key is written to ``seed_dir/key.json`` before any work, so that a seed killed
+    before its first result still says what it was made with. A directory whose key
+    differs (or is unknown) is renamed to ``<seed_dir>.old-<key digest>``, since its
+    features and models were made from another pool, base or recipe and the engine
+    refuses to resume on them; nothing is deleted.
+    """
+    key_path = os.path.join(seed_dir, "key.json")
+    if os.path.isdir(seed_dir) and os.listdir(seed_dir):
+        old = None
+        for path, field in ((key_path, None), (os.path.join(seed_dir, "result.json"), "key")):
+            if os.path.exists(path):
+                with open(path) as f:
+                    stored = json.load(f)
+                old = stored if field is None else stored.get(field)
+                break
+        if old != key:
+            digest = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:10]
+            aside, n = f"{seed_dir}.old-{digest}", 1
+            while os.path.exists(aside):
+                n += 1
+                aside = f"{seed_dir}.old-{digest}-{n}"
+            os.replace(seed_dir, aside)
+            print(f"[quality] {seed_dir} was made with other settings, data or base; moved it to {aside} "
+                  "and running the seed again", flush=True)
+    os.makedirs(seed_dir, exist_ok=True)
+    atomic_json(key_path, key)
+
+
 def run_seed(seed: int, out: str, data: dict, base: str, args, conditions, key: dict) -> dict:
     """Select, fine-tune and evaluate every condition for ``seed``; ``key`` is ``study_key``'s, stored and checked."""
     from icons_fast.demo import demo_config
@@ -174,12 +206,10 @@ def run_seed(seed: int, out: str, data: dict, base: str, args, conditions, key: 
     if os.path.exists(result_path):
         with open(result_path) as f:
             done = json.load(f)
-        if done.get("key") != key:
-            print(f"[quality] seed {seed}: {result_path} was made with other settings, data or base; "
-                  "running the seed again", flush=True)
-        elif all(name in done["accuracy"] for name, _, _ in conditions):
+        if done.get("key") == key and all(name in done["accuracy"] for name, _, _ in conditions):
             print(f"[quality] seed {seed}: reusing {result_path}", flush=True)
             return done
+    claim_seed_dir(os.path.join(out, f"seed{seed}"), key)
     cfg = demo_config(None, data, os.path.join(out, f"seed{seed}", "select"))
     cfg.model.model = base
     cfg.seed = cfg.features.seed = seed

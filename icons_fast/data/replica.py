@@ -49,8 +49,8 @@ Ground truth lives in extra keys that every loader keeps untouched:
 ``demo_task`` (question kind of the first turn), ``demo_tasks`` (one kind per
 turn), ``demo_answers`` (the true answer of each turn, ``None`` where the image
 cannot tell), ``demo_noisy`` (some answer is wrong or unsupported) and
-``demo_duplicate_of`` (the id of the re-rendered original). Target, test and
-caption sets use their own random streams and image names, so they never share
+``demo_duplicate_of`` (the id of the re-rendered original). Target, test and stage-1
+sets use their own random streams and image names, so they never share
 an image with the pool and do not change with ``n_train``.
 """
 from __future__ import annotations

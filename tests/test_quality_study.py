@@ -1,0 +1,47 @@
+"""benchmarks/quality.py: a rerun never mixes a seed directory made under other settings."""
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+quality = pytest.importorskip("quality")
+
+
+def _write(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def test_a_seed_dir_of_another_study_is_moved_aside_and_kept(tmp_path):
+    seed_dir = str(tmp_path / "seed0")
+    old_key, new_key = {"base": "old"}, {"base": "new"}
+    _write(os.path.join(seed_dir, "result.json"), {"key": old_key, "accuracy": {}})
+    _write(os.path.join(seed_dir, "select", "features", "x.bin"), [1])
+    quality.claim_seed_dir(seed_dir, new_key)
+    moved = [p for p in os.listdir(tmp_path) if p.startswith("seed0.old-")]
+    assert len(moved) == 1
+    assert os.path.exists(tmp_path / moved[0] / "select" / "features" / "x.bin")
+    assert os.listdir(seed_dir) == ["key.json"]
+    with open(os.path.join(seed_dir, "key.json")) as f:
+        assert json.load(f) == new_key
+
+
+def test_the_same_study_resumes_in_place_and_unknown_dirs_are_not_trusted(tmp_path):
+    seed_dir = str(tmp_path / "seed1")
+    key = {"base": "b", "pool_sha256": "p"}
+    quality.claim_seed_dir(seed_dir, key)
+    _write(os.path.join(seed_dir, "select", "partial.bin"), [1])  # killed before its first result
+    quality.claim_seed_dir(seed_dir, key)
+    assert os.path.exists(os.path.join(seed_dir, "select", "partial.bin"))
+    assert not [p for p in os.listdir(tmp_path) if ".old-" in p]
+    # A directory that says nothing about how it was made is moved aside too; a second one gets its own name.
+    for _ in range(2):
+        _write(os.path.join(seed_dir, "select", "partial.bin"), [1])
+        os.remove(os.path.join(seed_dir, "key.json"))
+        quality.claim_seed_dir(seed_dir, key)
+        assert os.listdir(seed_dir) == ["key.json"]
+    moved = sorted(p for p in os.listdir(tmp_path) if p.startswith("seed1.old-"))
+    assert len(moved) == 2 and moved[1] == moved[0] + "-2"
