@@ -725,3 +725,16 @@ def test_file_sha256_is_remembered_until_the_file_changes(tmp_path, monkeypatch)
     os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
     os.replace(other, path)  # same size and mtime, another inode
     assert fileio.file_sha256(str(path)) == hashlib.sha256(b"cccc").hexdigest()
+    assert reads.count(str(path)) == 3
+    assert len([k for k in fileio._sha256_memo if k == os.path.realpath(path)]) == 1  # replaced, not added
+
+
+def test_file_sha256_remembers_a_bounded_number_of_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(fileio, "_sha256_memo", {})
+    monkeypatch.setattr(fileio, "SHA256_MEMO_MAX", 3)
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"f{i}")
+        paths[-1].write_bytes(bytes([i]))
+        fileio.file_sha256(str(paths[-1]))
+    assert list(fileio._sha256_memo) == [os.path.realpath(p) for p in paths[2:]]  # the oldest dropped first
