@@ -359,7 +359,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if not args.base:
         print("[quality] stage-1 base: the first run pre-trains the built-in model on captions and image-text "
-              "matching (about 7 minutes on 2 cores), later runs read the cache", flush=True)
+              "matching (about 6 minutes on 2 cores), later runs read the cache", flush=True)
     base = args.base or stage1_base()
     report_path = os.path.join(os.path.dirname(os.path.abspath(base)), "base_report.json")
     base_report = {"held_out_captions": None, "held_out_matching": None}
