@@ -449,7 +449,14 @@ def test_run_to_less_writes_the_n_subtasks_line_and_one_folder_per_task(tmp_path
         f, nrm = _unit_np(rng.normal(size=(m, 6)))
         stores[split] = _store(str(run / "features" / "checkpoint-7" / split), torch.tensor(f),
                                nrm.astype(np.float32), range(m), m)
-    written = less.run_to_less(str(run), str(tmp_path / "less"))
+    from icons_fast.features.store import FeatureStore
+
+    loads = []
+    real_load = FeatureStore.load
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FeatureStore, "load", lambda self, *a, **k: (loads.append(self.root), real_load(self, *a, **k))[1])
+        written = less.run_to_less(str(run), str(tmp_path / "less"))
+    assert sorted(loads) == sorted(set(loads)) and len(loads) == 4  # every store read once
     assert str(tmp_path / "less" / "mme-ckpt7-adam") in written
     text = open(tmp_path / "less" / "N_SUBTASKS.py").read()
     namespace = {}

@@ -170,7 +170,12 @@ def store_to_less(store, out_path: str, dtype: torch.dtype | None = None, unnorm
 
     if isinstance(store, (str, os.PathLike)):
         store = FeatureStore.open(os.fspath(store))
-    idx, _ids, feats, norms = store.load()
+    return _loaded_to_less(store, store.load(), out_path, dtype, unnormalized, allow_missing)
+
+
+def _loaded_to_less(store, loaded, out_path: str, dtype, unnormalized: bool, allow_missing: bool) -> dict[str, str]:
+    """:func:`store_to_less` on ``loaded`` = ``store.load()``, read once by the caller."""
+    idx, _ids, feats, norms = loaded
     n = int(store.fingerprint.get("n_samples", len(idx)))
     if not allow_missing and (len(idx) != n or not np.array_equal(idx, np.arange(n))):
         missing = np.setdiff1d(np.arange(n), idx)
@@ -218,19 +223,21 @@ def run_to_less(run_dir: str, out_root: str, dtype: torch.dtype | None = None) -
             fp = store.fingerprint
             name = "train" if split == "train" else split[len("target-"):] if split.startswith("target-") else split
             folder = less_grad_dir(out_root, name, fp.get("checkpoint_step", ckpt), fp.get("mode", "sgd"))
-            store_to_less(store, folder, dtype=dtype, allow_missing=split != "train")
+            loaded = store.load()
+            _loaded_to_less(store, loaded, folder, dtype, unnormalized=True, allow_missing=split != "train")
             written.append(folder)
-            if name != "train":
-                by_task.setdefault(name.split("--")[0], []).append((name, store))
+            if name != "train":  # target rows are few: kept for the subtask folders below, not read again
+                by_task.setdefault(name.split("--")[0], []).append((name, store, loaded))
+            del loaded
         for task, subs in by_task.items():
             n_subtasks[task] = len(subs)
             if len(subs) == 1:
                 continue
-            loaded = [store.load() for _, store in subs]
+            loaded = [rows for _, _, rows in subs]
             sizes = [len(idx) for idx, *_ in loaded]
             if len(set(sizes)) != 1:
                 log.warning("task %s: subtasks %s have %s rows; LESS splits a task's rows into equal groups, so "
-                            "they are written only one folder per subtask", task, [n for n, _ in subs], sizes)
+                            "they are written only one folder per subtask", task, [n for n, *_ in subs], sizes)
                 continue
             fp = subs[0][1].fingerprint
             folder = less_grad_dir(out_root, task, fp.get("checkpoint_step", ckpt), fp.get("mode", "sgd"))
