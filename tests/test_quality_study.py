@@ -45,3 +45,13 @@ def test_the_same_study_resumes_in_place_and_unknown_dirs_are_not_trusted(tmp_pa
         assert os.listdir(seed_dir) == ["key.json"]
     moved = sorted(p for p in os.listdir(tmp_path) if p.startswith("seed1.old-"))
     assert len(moved) == 2 and moved[1] == moved[0] + "-2"
+
+
+def test_relative_performance_over_every_benchmark_and_over_the_targets_alone():
+    full = {"vqa": 1.0, "pope": 0.8, "mmbench": 0.5, "count": 1.0, "position": 1.0}
+    score = {"vqa": 0.5, "pope": 0.8, "mmbench": 0.5, "count": 1.0, "position": 0.0}
+    assert quality.relative(score, full) == 70.0
+    assert quality.relative(score, full, quality.TARGET_BENCHMARKS) == 87.5
+    assert quality.relative(score, dict(full, position=0.0)) == 87.5  # a zero reference is skipped
+    table = quality.accuracy_table({0: {"accuracy": {"full": full, "x": score}}}, list(full), ["full", "x"])
+    assert table.splitlines()[-1].endswith("| 70.0 ± 0.0 | 87.5 ± 0.0 |")
