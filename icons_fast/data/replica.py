@@ -85,7 +85,7 @@ SOURCES = {"vqa": 0.30, "mc": 0.10, "conversation": 0.10, "caption": 0.06, "lowq
 # Question kinds per source and their weights; position needs a single-object scene. Existence
 # questions weigh four times the others in the clean VQA source: they are the one kind that compares
 # the question's words with the image, and the built-in model learns them last in a mixed pool
-# (benchmarks/RESULTS.md section 9: still near chance there).
+# (benchmarks/RESULTS.md section 9: near chance there until stage 1 trained image-text matching).
 VQA_KINDS = {"color": 1, "shape": 1, "count": 1, "exist": 4, "position": 1}
 LOWQUALITY_KINDS = ("color", "shape", "count", "exist", "mc")
 CONVERSATION_KINDS = ("color", "shape", "count", "exist")
