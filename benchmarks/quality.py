@@ -56,7 +56,8 @@ CONDITIONS = (
     ("mean", "mean", 0.2), ("max", "max", 0.2),
     ("random10", "random", 0.1), ("icons10", "icons", 0.1), ("random40", "random", 0.4), ("icons40", "icons", 0.4),
 )
-REMEDIES = (("icons+dedup", "icons+dedup", 0.2), ("icons+quota", "icons+quota", 0.2))
+REMEDIES = (("icons+dedup", "icons+dedup", 0.2), ("icons+quota", "icons+quota", 0.2),
+            ("icons+dedup+quota", "icons+dedup+quota", 0.2))
 CHANCE = {"vqa": 0.29, "pope": 0.5, "mmbench": 0.29, "count": 1 / 3, "position": 0.25}
 
 
@@ -83,23 +84,31 @@ def engine_run(cfg: Config) -> dict:
 
 
 def engine_select(rule: str, sel: dict, budget: float, seed: int, dedup_threshold: float) -> np.ndarray:
-    """Indices chosen by ``rule`` (``select_by_rule``'s names, or ``icons+dedup`` / ``icons+quota``), ascending."""
+    """Indices chosen by ``rule``, ascending: ``select_by_rule``'s names, or a remedy of :data:`REMEDIES`.
+
+    ``icons+dedup`` collapses near-duplicates first (``remedies.collapse_near_duplicates``
+    over the pool features), ``icons+quota`` votes with per-task quotas
+    (``remedies.quota_vote``), ``icons+dedup+quota`` does both; every subset keeps the
+    size ``int(budget * N_valid)`` of the others.
+    """
     from icons_fast.select import remedies
     from icons_fast.select.rules import select_by_rule
 
     scores, names, valid = sel["scores"], sel["names"], sel["valid"]
-    if rule == "icons+dedup":
-        keep = remedies.collapse_near_duplicates(sel["features"], dedup_threshold, valid)
-        count = int(budget * int(valid.sum()))  # the same size as the other 20% subsets
-        kept = int((valid & keep).sum())
+    if rule not in {r for _, r, _ in REMEDIES}:
+        return np.sort(np.asarray(select_by_rule(rule, scores, names, budget, valid, seed)))
+    count = int(budget * int(valid.sum()))
+    candidates = valid
+    if "+dedup" in rule:
+        candidates = valid & remedies.collapse_near_duplicates(sel["features"], dedup_threshold, valid)
+        kept = int(candidates.sum())
         if kept < count:
-            raise SystemExit(f"icons+dedup: collapsing near-duplicates at cosine >= {dedup_threshold} keeps "
+            raise SystemExit(f"{rule}: collapsing near-duplicates at cosine >= {dedup_threshold} keeps "
                              f"{kept} of {int(valid.sum())} samples, fewer than the {count} to select; "
                              "raise --dedup-threshold")
-        return np.sort(np.asarray(select_by_rule("icons", scores, names, count, valid & keep, seed)))
-    if rule == "icons+quota":
-        return remedies.quota_vote(scores, budget, valid)
-    return np.sort(np.asarray(select_by_rule(rule, scores, names, budget, valid, seed)))
+    if "+quota" in rule:
+        return remedies.quota_vote(scores, count, candidates)
+    return np.sort(np.asarray(select_by_rule("icons", scores, names, count, candidates, seed)))
 
 
 # ---------------------------------------------------------------- fine-tuning and evaluation
@@ -333,7 +342,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup-checkpoints", type=int, default=1, help="warmup checkpoints the influence sums over")
     ap.add_argument("--lora-r", type=int, default=8, help="LoRA rank of the selection warmup")
     ap.add_argument("--proj-dim", type=int, default=1024, help="k, the projection dimension")
-    ap.add_argument("--remedies", action="store_true", help="also fine-tune on icons+dedup and icons+quota at 20%%")
+    ap.add_argument("--remedies", action="store_true", help="also fine-tune on icons+dedup, icons+quota and icons+dedup+quota at 20%%")
     ap.add_argument("--dedup-threshold", type=float, default=0.99,
                     help="icons+dedup: pool samples whose unit features reach this cosine are linked, and each "
                          "connected group keeps one sample (at 0.95 the replica's same-kind questions chain "

@@ -55,3 +55,26 @@ def test_relative_performance_over_every_benchmark_and_over_the_targets_alone():
     assert quality.relative(score, dict(full, position=0.0)) == 87.5  # a zero reference is skipped
     table = quality.accuracy_table({0: {"accuracy": {"full": full, "x": score}}}, list(full), ["full", "x"])
     assert table.splitlines()[-1].endswith("| 70.0 ± 0.0 | 87.5 ± 0.0 |")
+
+
+def test_remedies_pick_the_same_count_and_dedup_never_picks_a_collapsed_copy():
+    import numpy as np
+
+    from icons_fast.select import remedies
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(30, 8))
+    features = np.concatenate([base, base[:10] + 1e-4 * rng.normal(size=(10, 8))])  # rows 30-39 copy rows 0-9
+    valid = np.ones(40, dtype=bool)
+    valid[5] = False
+    sel = {"scores": rng.normal(size=(40, 3)), "names": ["a", "b", "c"], "valid": valid, "features": features}
+    keep = remedies.collapse_near_duplicates(features, 0.99, valid)
+    assert not keep[30:40][np.arange(10) != 5].any()  # each copy collapses onto its original (row 35: its own)
+    picks = {rule: quality.engine_select(rule, sel, 0.2, 0, 0.99) for _, rule, _ in quality.REMEDIES}
+    for rule, idx in picks.items():
+        assert len(idx) == int(0.2 * valid.sum()) and valid[idx].all() and list(idx) == sorted(set(idx)), rule
+        if "+dedup" in rule:
+            assert keep[idx].all(), rule
+    np.testing.assert_array_equal(picks["icons+quota"], remedies.quota_vote(sel["scores"], 0.2, valid))
+    with pytest.raises(SystemExit, match="raise --dedup-threshold"):
+        quality.engine_select("icons+dedup+quota", sel, 0.9, 0, 0.99)
