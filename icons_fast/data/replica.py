@@ -392,8 +392,20 @@ def make_replica_data(out_dir: str, n_train: int = 800, seed: int = 0, image_siz
     return paths
 
 
+def _stage1_set(rng, out_dir: str, kind: str, split: str, n: int, image_size: int, turn) -> list:
+    """``n`` single-turn stage-1 records of ``kind`` on fresh scenes; ``turn(rng, scene)`` -> ``(prompt, answer)``."""
+    records = []
+    for i in range(n):
+        name = f"{kind}_{split}_{i:05d}.png"
+        scene = random_scene(rng)
+        _draw(rng, out_dir, name, scene, image_size)
+        prompt, answer = turn(rng, scene)
+        records.append(_record(f"{kind}-{split}-{i:05d}", name, [(prompt, answer)], [kind], [answer], kind))
+    return records
+
+
 def make_stage1_data(out_dir: str, n_train: int, n_eval: int = 64, seed: int = 0, image_size: int = 32,
-                      n_matching: int = 0) -> dict:
+                     n_matching: int = 0) -> dict:
     """Stage-1 alignment data: captions and image-text matching, each with its own stream and images.
 
     ``train``: ``n_train`` caption records and ``n_matching`` matching records
@@ -406,27 +418,17 @@ def make_stage1_data(out_dir: str, n_train: int, n_eval: int = 64, seed: int = 0
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     out = {"image_folder": os.path.join(out_dir, "images")}
     rng = np.random.default_rng([seed, _STREAM["captions"]])
-    captions = {}
-    for split, n in (("train", n_train), ("eval", n_eval)):
-        captions[split] = []
-        for i in range(n):
-            name = f"caption_{split}_{i:05d}.png"
-            scene = random_scene(rng)
-            _draw(rng, out_dir, name, scene, image_size)
-            text = caption(scene)
-            captions[split].append(_record(f"caption-{split}-{i:05d}", name, [(CAPTION_PROMPT, text)], ["caption"],
-                                           [text], "caption"))
+    captions = {split: _stage1_set(rng, out_dir, "caption", split, n, image_size,
+                                   lambda rng, scene: (CAPTION_PROMPT, caption(scene)))
+                for split, n in (("train", n_train), ("eval", n_eval))}
     rng = np.random.default_rng([seed, _STREAM["matching"]])
-    matching = {}
-    for split, n in (("train", n_matching), ("eval", n_eval)):
-        matching[split] = []
-        for i in range(n):
-            name = f"matching_{split}_{i:05d}.png"
-            scene = random_scene(rng)
-            _draw(rng, out_dir, name, scene, image_size)
-            text, answer = matching_pair(rng, scene)
-            matching[split].append(_record(f"matching-{split}-{i:05d}", name, [(f"{MATCH_PROMPT}\n{text}", answer)],
-                                           ["matching"], [answer], "matching"))
+
+    def matching_turn(rng, scene):
+        text, answer = matching_pair(rng, scene)
+        return f"{MATCH_PROMPT}\n{text}", answer
+
+    matching = {split: _stage1_set(rng, out_dir, "matching", split, n, image_size, matching_turn)
+                for split, n in (("train", n_matching), ("eval", n_eval))}
     train = captions["train"] + matching["train"]
     train = [train[int(k)] for k in rng.permutation(len(train))]
     for key, records in (("train", train), ("eval", captions["eval"]), ("matching_eval", matching["eval"])):
