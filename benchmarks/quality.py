@@ -17,7 +17,7 @@ ICONS and random at 10% and 40%; optionally the remedies of
 ``icons_fast.select.remedies``) with the same recipe, and evaluate every model
 on every benchmark's test set. Each seed redoes warmup, selection and
 fine-tuning. Relative performance is the paper's: the mean over benchmarks of
-accuracy / full-pool accuracy x 100.
+accuracy / full-pool accuracy x 100, over all five and over the four targets alone.
 
     python benchmarks/quality.py --seeds 0 1 2 --out runs/quality
 
@@ -25,9 +25,10 @@ Stage-2 fine-tuning is a full fine-tune: on the stage-1 base most answer
 formats (lettered options, digits, single words) are new, and LoRA r=8 does not learn
 them (``benchmarks/RESULTS.md`` section 9).
 
-Writes ``seed<k>/result.json`` as each seed finishes (a rerun skips the seeds
-finished with the same settings, pool, base and replica version), then
-``quality.json`` and ``quality.md`` under ``--out``.
+Writes ``seed<k>/key.json`` (the study key: settings, pool, base, replica version)
+first and ``seed<k>/result.json`` after each condition; a rerun under the same key
+keeps what is done, and a seed directory made under another key is moved aside to
+``seed<k>.old-<digest>``. Then ``quality.json`` and ``quality.md`` under ``--out``.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ from icons_fast.data.replica import (  # noqa: E402
     BENCHMARKS, SOURCES, TARGET_BENCHMARKS, VERSION, make_replica_data)
 from icons_fast.fileio import atomic_json, file_sha256  # noqa: E402
 
-# (name, rule, budget); a name may carry a remedy: "icons+dedup", "icons+quota".
+# (name, rule, budget); the remedies (--remedies) are options beside the paper's rule.
 CONDITIONS = (
     ("full", "full", 1.0), ("random", "random", 0.2), ("icons", "icons", 0.2), ("less", "less", 0.2),
     ("mean", "mean", 0.2), ("max", "max", 0.2),
@@ -177,6 +178,18 @@ def full_pool_references(args, key: dict) -> dict:
     return refs
 
 
+def _read_json(path: str):
+    """The JSON object at ``path``, or None when the file is missing or unreadable (then it proves nothing)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        print(f"[quality] {path} is not readable JSON ({e}); treating it as absent", flush=True)
+        return None
+
+
 def claim_seed_dir(seed_dir: str, key: dict) -> None:
     """Make ``seed_dir`` this study's: a directory made under another ``study_key`` is moved aside, never mixed in.
 
@@ -184,17 +197,14 @@ def claim_seed_dir(seed_dir: str, key: dict) -> None:
     before its first result still says what it was made with. A directory whose key
     differs (or is unknown) is renamed to ``<seed_dir>.old-<key digest>``, since its
     features and models were made from another pool, base or recipe and the engine
-    refuses to resume on them; nothing is deleted.
+    refuses to resume on them; nothing is deleted. The key holds the stage-2 recipe
+    too, so changing e.g. ``--epochs`` also reruns the selection in a fresh directory.
     """
     key_path = os.path.join(seed_dir, "key.json")
     if os.path.isdir(seed_dir) and os.listdir(seed_dir):
-        old = None
-        for path, field in ((key_path, None), (os.path.join(seed_dir, "result.json"), "key")):
-            if os.path.exists(path):
-                with open(path) as f:
-                    stored = json.load(f)
-                old = stored if field is None else stored.get(field)
-                break
+        old = _read_json(key_path)
+        if old is None:  # made before key.json existed: its result.json says how, if anything does
+            old = (_read_json(os.path.join(seed_dir, "result.json")) or {}).get("key")
         if old != key:
             digest = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:10]
             aside, n = f"{seed_dir}.old-{digest}", 1
@@ -209,17 +219,22 @@ def claim_seed_dir(seed_dir: str, key: dict) -> None:
 
 
 def run_seed(seed: int, out: str, data: dict, base: str, args, conditions, key: dict) -> dict:
-    """Select, fine-tune and evaluate every condition for ``seed``; ``key`` is ``study_key``'s, stored and checked."""
+    """Select, fine-tune and evaluate every condition for ``seed``; ``key`` is ``study_key``'s, stored and checked.
+
+    Conditions already in ``seed<k>/result.json`` under the same key are kept, not redone
+    (a later ``--only`` into the same ``--out`` adds to them).
+    """
     from icons_fast.demo import demo_config
 
     result_path = os.path.join(out, f"seed{seed}", "result.json")
-    if os.path.exists(result_path):
-        with open(result_path) as f:
-            done = json.load(f)
-        if done.get("key") == key and all(name in done["accuracy"] for name, _, _ in conditions):
-            print(f"[quality] seed {seed}: reusing {result_path}", flush=True)
-            return done
+    results = _read_json(result_path)
+    if results is not None and results.get("key") != key:
+        results = None
+    if results is not None and all(name in results["accuracy"] for name, _, _ in conditions):
+        print(f"[quality] seed {seed}: reusing {result_path}", flush=True)
+        return results
     claim_seed_dir(os.path.join(out, f"seed{seed}"), key)
+    todo = [c for c in conditions if results is None or c[0] not in results["accuracy"]]
     cfg = demo_config(None, data, os.path.join(out, f"seed{seed}", "select"))
     cfg.model.model = base
     cfg.seed = cfg.features.seed = seed
@@ -228,11 +243,12 @@ def run_seed(seed: int, out: str, data: dict, base: str, args, conditions, key: 
     cfg.features.proj_dim = args.proj_dim
     cfg.model.lora_r, cfg.model.lora_alpha = args.lora_r, 2 * args.lora_r
     t = time.perf_counter()
-    sel = engine_run(cfg) if any(rule != "full" for _, rule, _ in conditions) else None
-    results = {"key": key, "select_seconds": time.perf_counter() - t, "accuracy": {}, "composition": {},
-               "train_seconds": {}}
+    sel = engine_run(cfg) if any(rule != "full" for _, rule, _ in todo) else None
+    if results is None:
+        results = {"key": key, "accuracy": {}, "composition": {}, "train_seconds": {}}
+    results["select_seconds"] = time.perf_counter() - t
     pool = load_records(data["train"])
-    for name, rule, budget in conditions:
+    for name, rule, budget in todo:
         idx = (np.arange(len(pool)) if rule == "full"
                else engine_select(rule, sel, budget, seed, args.dedup_threshold))
         results["composition"][name] = composition(pool, idx)
@@ -240,7 +256,7 @@ def run_seed(seed: int, out: str, data: dict, base: str, args, conditions, key: 
         results["accuracy"][name] = train_and_eval(base, data, [pool[i] for i in idx],
                                                    os.path.join(out, f"seed{seed}", name), seed, args)
         results["train_seconds"][name] = time.perf_counter() - t
-        print(f"[quality] seed {seed} {name:<12s} n={len(idx):4d} "
+        print(f"[quality] seed {seed} {name:<17s} n={len(idx):4d} "
               + " ".join(f"{b}={a:.3f}" for b, a in results["accuracy"][name].items())
               + f"  ({results['train_seconds'][name]:.0f} s)", flush=True)
         atomic_json(result_path, results)  # the resume marker: never half-written by a killed seed
@@ -324,6 +340,9 @@ def run_parallel(argv: list, args) -> None:
             if item[1].poll() is not None:
                 running.remove(item)
                 if item[1].returncode != 0:
+                    for _, other in running:  # no orphan keeps writing into a directory a rerun may move
+                        other.terminate()
+                        other.wait()
                     raise RuntimeError(f"seed {item[0]} failed (exit {item[1].returncode}); see its log in {args.out}")
 
 
@@ -344,9 +363,9 @@ def main(argv=None) -> int:
     ap.add_argument("--proj-dim", type=int, default=1024, help="k, the projection dimension")
     ap.add_argument("--remedies", action="store_true", help="also fine-tune on icons+dedup, icons+quota and icons+dedup+quota at 20%%")
     ap.add_argument("--dedup-threshold", type=float, default=0.99,
-                    help="icons+dedup: pool samples whose unit features reach this cosine are linked, and each "
-                         "connected group keeps one sample (at 0.95 the replica's same-kind questions chain "
-                         "into a few hundred groups)")
+                    help="icons+dedup and icons+dedup+quota: pool samples whose unit features reach this "
+                         "cosine are linked, and each connected group keeps one sample (at 0.95 the replica's "
+                         "same-kind questions chain into a few hundred groups)")
     ap.add_argument("--only", nargs="+", default=None, help="only these conditions (ablations: with --full-from)")
     ap.add_argument("--full-from", default=None,
                     help="take the full-pool accuracies from this earlier --out (same pool and recipe) instead of "
@@ -358,6 +377,8 @@ def main(argv=None) -> int:
                          "from a second thread; 3 seeds in 3 processes on 2 cores finish in 1.5 seed-times, "
                          "2 at a time in 2)")
     args = ap.parse_args(argv if argv is not None else sys.argv[1:])
+    if len(set(args.seeds)) != len(args.seeds):
+        ap.error(f"--seeds {' '.join(map(str, args.seeds))} lists a seed twice; each seed has one directory")
     from icons_fast.demo import stage1_base
 
     conditions = list(CONDITIONS) + (list(REMEDIES) if args.remedies else [])

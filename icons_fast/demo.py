@@ -100,8 +100,10 @@ def caption_accuracy(model_dir: str, records: list, image_folder: str) -> dict:
 
 def matching_accuracy(model_dir: str, records: list, image_folder: str) -> dict:
     """Held-out image-text matching: ``accuracy`` (greedy yes / no against the truth) and ``yes_rate``."""
+    from icons_fast.train.evaluate import normalize_answer
+
     preds = _greedy_answers(model_dir, records, image_folder, max_new_tokens=4)
-    gold = [rec["conversations"][1]["value"] for rec in records]
+    gold = [normalize_answer(rec["conversations"][1]["value"]) for rec in records]
     n = max(1, len(records))
     return {"accuracy": sum(p == g for p, g in zip(preds, gold)) / n, "yes_rate": sum(p == "yes" for p in preds) / n,
             "n": len(records)}

@@ -149,7 +149,8 @@ def atomic_json(path: str, obj: Any, **dump_kwargs) -> str:
     return atomic_write(path, lambda f: json.dump(obj, f, **dump_kwargs))
 
 
-# real path -> ((inode, size, mtime_ns), hex digest): one entry per file, the oldest dropped past the bound.
+# real path -> ((inode, size, mtime_ns), hex digest), least recently used first: one entry per file,
+# the least recently used dropped past the bound.
 _sha256_memo: dict[str, tuple[tuple, str]] = {}
 SHA256_MEMO_MAX = 4096
 
@@ -160,20 +161,20 @@ def file_sha256(path: str, chunk: int = 1 << 22) -> str:
     Remembered per real path with its (inode, size, mtime), so that the stages of one
     process (warmup, featurize, the freshness checks) hash an unchanged pool or
     checkpoint once; a rewritten file is hashed again and replaces its entry, and at
-    most ``SHA256_MEMO_MAX`` files are remembered.
+    most ``SHA256_MEMO_MAX`` files are remembered (the least recently used dropped first).
     """
     import hashlib
 
     st = os.stat(path)
     real, stamp = os.path.realpath(path), (st.st_ino, st.st_size, st.st_mtime_ns)
-    hit = _sha256_memo.get(real)
+    hit = _sha256_memo.pop(real, None)
     if hit is not None and hit[0] == stamp:
+        _sha256_memo[real] = hit  # now the most recently used
         return hit[1]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    _sha256_memo.pop(real, None)
     _sha256_memo[real] = (stamp, h.hexdigest())
     while len(_sha256_memo) > SHA256_MEMO_MAX:
         del _sha256_memo[next(iter(_sha256_memo))]

@@ -1,6 +1,7 @@
 """The generated replica: determinism, sources tagged, ground truth that the pixels confirm, disjoint sets."""
 import hashlib
 import os
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -307,7 +308,7 @@ def test_every_record_builds_with_the_tiny_model(replica, train, tiny_model_dir)
     assert n == N + len(TARGET_BENCHMARKS) * 8 + len(BENCHMARKS) * 20
 
 
-def test_base_report_scores_held_out_matching_and_captions(tmp_path, tiny_model_dir, monkeypatch):
+def test_matching_and_caption_accuracy_score_the_greedy_answers(tmp_path, tiny_model_dir, monkeypatch):
     from icons_fast import demo
 
     d = make_stage1_data(str(tmp_path / "cap"), n_train=2, n_eval=4, seed=3, n_matching=0)
@@ -328,3 +329,34 @@ def test_base_report_scores_held_out_matching_and_captions(tmp_path, tiny_model_
     monkeypatch.setattr(demo, "_greedy_answers", lambda *a, **k: predicted)
     got = demo.caption_accuracy(tiny_model_dir, captions, d["image_folder"])
     assert got["exact"] == 0.75 and got["count"] == 0.75 and got["objects"] == 1.0
+
+
+def test_stage1_base_caches_under_its_whole_recipe_and_reports_both_skills(tmp_path, monkeypatch):
+    import json
+
+    import icons_fast.fileio
+    import icons_fast.train.finetune
+    from icons_fast import demo
+
+    trained = []
+
+    def fake_train(cfg, data_path, out_dir):  # stands in for the minutes of pre-training
+        trained.append(load_records(data_path))
+        os.makedirs(os.path.join(out_dir, "model"))
+        open(os.path.join(out_dir, "model", "config.json"), "w").close()
+        return os.path.join(out_dir, "model")
+
+    monkeypatch.setattr(icons_fast.fileio, "cache_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(icons_fast.train.finetune, "run_train", fake_train)
+    monkeypatch.setattr(demo, "caption_accuracy", lambda *a: {"exact": 1.0, "objects": 1.0, "count": 1.0, "n": 64})
+    monkeypatch.setattr(demo, "matching_accuracy", lambda *a: {"accuracy": 0.9, "yes_rate": 0.5, "n": 64})
+    model = demo.stage1_base(n_captions=4, n_matching=6, epochs=1)
+    root = os.path.dirname(model)
+    assert os.path.basename(root).startswith("stage1-v") and "-n4-m6-e1-" in os.path.basename(root)
+    assert len(trained) == 1 and Counter(r["source"] for r in trained[0]) == {"caption": 4, "matching": 6}
+    with open(os.path.join(root, "base_report.json")) as f:
+        report = json.load(f)
+    assert report["stage1"]["n_matching"] == 6 and report["held_out_matching"]["accuracy"] == 0.9
+    assert report["held_out_captions"]["exact"] == 1.0
+    assert demo.stage1_base(n_captions=4, n_matching=6, epochs=1) == model and len(trained) == 1  # cached
+    assert demo.stage1_base(n_captions=4, n_matching=0, epochs=1) != model and len(trained) == 2

@@ -707,6 +707,7 @@ def test_file_sha256_is_remembered_until_the_file_changes(tmp_path, monkeypatch)
     """One read per unchanged file; a rewrite (new mtime) or a replacement (new inode, same size and mtime) rehashes."""
     import hashlib
 
+    monkeypatch.setattr(fileio, "_sha256_memo", {})
     path = tmp_path / "pool.json"
     path.write_bytes(b"aaaa")
     reads = []
@@ -726,10 +727,10 @@ def test_file_sha256_is_remembered_until_the_file_changes(tmp_path, monkeypatch)
     os.replace(other, path)  # same size and mtime, another inode
     assert fileio.file_sha256(str(path)) == hashlib.sha256(b"cccc").hexdigest()
     assert reads.count(str(path)) == 3
-    assert len([k for k in fileio._sha256_memo if k == os.path.realpath(path)]) == 1  # replaced, not added
+    assert list(fileio._sha256_memo) == [os.path.realpath(path)]  # its entry replaced, not one per version
 
 
-def test_file_sha256_remembers_a_bounded_number_of_files(tmp_path, monkeypatch):
+def test_file_sha256_remembers_a_bounded_number_of_files_least_recently_used_out(tmp_path, monkeypatch):
     monkeypatch.setattr(fileio, "_sha256_memo", {})
     monkeypatch.setattr(fileio, "SHA256_MEMO_MAX", 3)
     paths = []
@@ -737,4 +738,6 @@ def test_file_sha256_remembers_a_bounded_number_of_files(tmp_path, monkeypatch):
         paths.append(tmp_path / f"f{i}")
         paths[-1].write_bytes(bytes([i]))
         fileio.file_sha256(str(paths[-1]))
-    assert list(fileio._sha256_memo) == [os.path.realpath(p) for p in paths[2:]]  # the oldest dropped first
+        if i == 2:
+            fileio.file_sha256(str(paths[0]))  # used again: kept over f1
+    assert list(fileio._sha256_memo) == [os.path.realpath(p) for p in (paths[0], paths[3], paths[4])]

@@ -3,10 +3,11 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-quality = pytest.importorskip("quality")
+import quality  # noqa: E402
 
 
 def _write(path, obj):
@@ -57,10 +58,9 @@ def test_relative_performance_over_every_benchmark_and_over_the_targets_alone():
     assert table.splitlines()[-1].endswith("| 70.0 ± 0.0 | 87.5 ± 0.0 |")
 
 
-def test_remedies_pick_the_same_count_and_dedup_never_picks_a_collapsed_copy():
-    import numpy as np
-
+def test_remedies_pick_the_same_count_and_apply_their_steps():
     from icons_fast.select import remedies
+    from icons_fast.select.rules import select_by_rule
 
     rng = np.random.default_rng(0)
     base = rng.normal(size=(30, 8))
@@ -68,13 +68,42 @@ def test_remedies_pick_the_same_count_and_dedup_never_picks_a_collapsed_copy():
     valid = np.ones(40, dtype=bool)
     valid[5] = False
     sel = {"scores": rng.normal(size=(40, 3)), "names": ["a", "b", "c"], "valid": valid, "features": features}
-    keep = remedies.collapse_near_duplicates(features, 0.99, valid)
+    keep = valid & remedies.collapse_near_duplicates(features, 0.99, valid)
     assert not keep[30:40][np.arange(10) != 5].any()  # each copy collapses onto its original (row 35: its own)
+    count = int(0.2 * valid.sum())
     picks = {rule: quality.engine_select(rule, sel, 0.2, 0, 0.99) for _, rule, _ in quality.REMEDIES}
+    expected = {"icons+quota": remedies.quota_vote(sel["scores"], count, valid),
+                "icons+dedup": np.sort(select_by_rule("icons", sel["scores"], sel["names"], count, keep, 0)),
+                "icons+dedup+quota": remedies.quota_vote(sel["scores"], count, keep)}
+    assert set(picks) == set(expected)
     for rule, idx in picks.items():
-        assert len(idx) == int(0.2 * valid.sum()) and valid[idx].all() and list(idx) == sorted(set(idx)), rule
-        if "+dedup" in rule:
-            assert keep[idx].all(), rule
-    np.testing.assert_array_equal(picks["icons+quota"], remedies.quota_vote(sel["scores"], 0.2, valid))
+        assert len(idx) == count and valid[idx].all(), rule
+        np.testing.assert_array_equal(idx, expected[rule], err_msg=rule)
+    assert not np.array_equal(expected["icons+quota"], expected["icons+dedup+quota"])  # the steps matter here
     with pytest.raises(SystemExit, match="raise --dedup-threshold"):
         quality.engine_select("icons+dedup+quota", sel, 0.9, 0, 0.99)
+
+
+def test_run_seed_keeps_finished_conditions_and_reruns_under_another_key(tmp_path, monkeypatch):
+    from icons_fast.data import make_replica_data
+
+    data = make_replica_data(str(tmp_path / "data"), n_train=20, seed=0, n_target=2, n_eval=2)
+    trained, selections = [], []
+    monkeypatch.setattr(quality, "engine_run", lambda cfg: selections.append(cfg.out) or {})
+    monkeypatch.setattr(quality, "engine_select", lambda rule, sel, budget, seed, thr: np.arange(4))
+    monkeypatch.setattr(quality, "train_and_eval",
+                        lambda base, data, subset, out, seed, args: trained.append(os.path.basename(out)) or
+                        {"vqa": len(subset) / 20})
+    args = type("Args", (), {"warmup_fraction": 0.1, "warmup_epochs": 1, "warmup_checkpoints": 1, "proj_dim": 8,
+                             "lora_r": 4, "dedup_threshold": 0.99})()
+    out, key = str(tmp_path / "study"), {"base": "b1"}
+    full, rand, icons = ("full", "full", 1.0), ("random", "random", 0.2), ("icons", "icons", 0.2)
+    first = quality.run_seed(0, out, data, "base", args, [full, rand], key)
+    assert trained == ["full", "random"] and first["accuracy"]["full"] == {"vqa": 1.0}
+    second = quality.run_seed(0, out, data, "base", args, [full, rand, icons], key)
+    assert trained == ["full", "random", "icons"] and set(second["accuracy"]) == {"full", "random", "icons"}
+    assert quality.run_seed(0, out, data, "base", args, [rand], key)["accuracy"] == second["accuracy"]
+    assert trained == ["full", "random", "icons"]  # nothing left to do
+    quality.run_seed(0, out, data, "base", args, [rand], {"base": "b2"})
+    assert trained[-1] == "random" and len(trained) == 4
+    assert [p for p in os.listdir(out) if p.startswith("seed0.old-")]

@@ -411,7 +411,8 @@ def make_stage1_data(out_dir: str, n_train: int, n_eval: int = 64, seed: int = 0
     ``train``: ``n_train`` caption records and ``n_matching`` matching records
     (:func:`matching_pair`), shuffled together; ``eval``: ``n_eval`` held-out
     captions; ``matching_eval``: ``n_eval`` held-out matching records. The
-    caption records do not change with ``n_matching``.
+    caption records (ids, images, texts) do not change with ``n_matching``; only
+    their order in ``train`` does.
 
     Returns ``dict(train=path, eval=path, matching_eval=path, image_folder=path)``.
     """
