@@ -95,3 +95,12 @@ def test_warmup_stage_end_to_end_and_reuse(tmp_path, tiny_model_dir):
     assert os.path.getmtime(os.path.join(ckpts[-1], "state.json")) == mtime
     with open(os.path.join(run, "warmup", "warmup_done.json")) as f:
         assert json.load(f)["summary"]["samples_seen"] == 10  # one epoch over the 10-sample subset
+    # Features made from these checkpoints: a warmup retrained under other settings moves them aside.
+    stale = os.path.join(run, "features", "checkpoint-3", "train", "shard.bin")
+    os.makedirs(os.path.dirname(stale))
+    open(stale, "w").close()
+    cfg.override({"warmup.lr": cfg.warmup.lr * 2})
+    run_warmup(cfg, run)
+    assert not os.path.exists(os.path.join(run, "features"))
+    moved = [p for p in os.listdir(run) if p.startswith("features.stale-")]
+    assert len(moved) == 1 and os.path.exists(os.path.join(run, moved[0], "checkpoint-3", "train", "shard.bin"))
