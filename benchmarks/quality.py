@@ -33,7 +33,6 @@ keeps what is done, and a seed directory made under another key is moved aside t
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -49,7 +48,7 @@ from icons_fast.config import Config  # noqa: E402
 from icons_fast.data import load_records, save_records  # noqa: E402
 from icons_fast.data.replica import (  # noqa: E402
     BENCHMARKS, SOURCES, TARGET_BENCHMARKS, VERSION, make_replica_data)
-from icons_fast.fileio import atomic_json, file_sha256  # noqa: E402
+from icons_fast.fileio import atomic_json, file_sha256, move_aside  # noqa: E402
 
 # (name, rule, budget); the remedies (--remedies) are options beside the paper's rule.
 CONDITIONS = (
@@ -195,9 +194,9 @@ def claim_seed_dir(seed_dir: str, key: dict) -> None:
 
     The key is written to ``seed_dir/key.json`` before any work, so that a seed killed
     before its first result still says what it was made with. A directory whose key
-    differs (or is unknown) is renamed to ``<seed_dir>.old-<key digest>``, since its
-    features and models were made from another pool, base or recipe and the engine
-    refuses to resume on them; nothing is deleted. The key holds the stage-2 recipe
+    differs (or is unknown) is renamed to ``<seed_dir>.old-<key digest>``
+    (``fileio.move_aside``), since its features and models were made from another
+    pool, base or recipe and the engine refuses to resume on them; nothing is deleted. The key holds the stage-2 recipe
     too, so changing e.g. ``--epochs`` also reruns the selection in a fresh directory.
     """
     key_path = os.path.join(seed_dir, "key.json")
@@ -206,12 +205,7 @@ def claim_seed_dir(seed_dir: str, key: dict) -> None:
         if old is None:  # made before key.json existed: its result.json says how, if anything does
             old = (_read_json(os.path.join(seed_dir, "result.json")) or {}).get("key")
         if old != key:
-            digest = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:10]
-            aside, n = f"{seed_dir}.old-{digest}", 1
-            while os.path.exists(aside):
-                n += 1
-                aside = f"{seed_dir}.old-{digest}-{n}"
-            os.replace(seed_dir, aside)
+            aside = move_aside(seed_dir, "old", old)
             print(f"[quality] {seed_dir} was made with other settings, data or base; moved it to {aside} "
                   "and running the seed again", flush=True)
     os.makedirs(seed_dir, exist_ok=True)

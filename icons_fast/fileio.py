@@ -149,6 +149,24 @@ def atomic_json(path: str, obj: Any, **dump_kwargs) -> str:
     return atomic_write(path, lambda f: json.dump(obj, f, **dump_kwargs))
 
 
+def move_aside(path: str, label: str, made_from) -> str:
+    """Rename ``path`` to ``<path>.<label>-<digest of made_from>`` (``-2``, ``-3``... when taken); return the new name.
+
+    For outputs made from inputs that no longer hold: kept for the user to inspect or
+    delete, never mixed with the new ones, never deleted here. ``made_from`` is any
+    JSON-able description of those inputs (a fingerprint, a settings dict, None).
+    """
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()[:10]
+    aside, n = f"{path}.{label}-{digest}", 1
+    while os.path.exists(aside):
+        n += 1
+        aside = f"{path}.{label}-{digest}-{n}"
+    os.replace(path, aside)
+    return aside
+
+
 # real path -> ((inode, size, mtime_ns), hex digest), least recently used first: one entry per file,
 # the least recently used dropped past the bound.
 _sha256_memo: dict[str, tuple[tuple, str]] = {}

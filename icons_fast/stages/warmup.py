@@ -24,7 +24,7 @@ import torch
 
 from icons_fast.config import Config
 from icons_fast.data.formats import is_hub_id
-from icons_fast.fileio import atomic_json, atomic_write
+from icons_fast.fileio import atomic_json, atomic_write, move_aside
 from icons_fast.rundir import RunLayout, writer_lock
 from icons_fast.signals import GracefulStop, Preempted
 from icons_fast.train.checkpoint import list_checkpoints, save_lora_checkpoint
@@ -71,23 +71,19 @@ def run_warmup(cfg: Config, run_dir: str | None = None) -> list[str]:
         return _run_warmup(cfg, run_dir or cfg.out, stop)
 
 
-def _set_aside_stale_features(layout: RunLayout, old_fingerprint: str) -> None:
+def _set_aside_stale_features(layout: RunLayout, old_fingerprint: str | None) -> None:
     """Move ``features/`` aside when the warmup that made its checkpoints is retrained.
 
     Those features come from checkpoints the new warmup deletes, so they can be
     neither resumed nor mixed with the new ones (featurize refuses them). They are
-    renamed to ``features.stale-<old warmup fingerprint>``, kept rather than deleted,
-    and the log says where; later stages recompute from the new checkpoints.
+    renamed to ``features.stale-<digest of the old warmup fingerprint>``
+    (:func:`~icons_fast.fileio.move_aside`), kept rather than deleted, and the log
+    says where; later stages recompute from the new checkpoints.
     """
     features = layout.path("features")
     if not os.path.isdir(features) or not os.listdir(features):
         return
-    digest = hashlib.sha256(old_fingerprint.encode()).hexdigest()[:12]
-    aside, n = f"{features}.stale-{digest}", 1
-    while os.path.exists(aside):
-        n += 1
-        aside = f"{features}.stale-{digest}-{n}"
-    os.replace(features, aside)
+    aside = move_aside(features, "stale", old_fingerprint)
     log.warning("%s was made from the replaced warmup's checkpoints: moved to %s (delete it to free the space)",
                 features, aside)
 
@@ -114,7 +110,7 @@ def _run_warmup(cfg: Config, run_dir: str, stop: GracefulStop) -> list[str]:
             changed = sorted(k for k, v in warmup_inputs(cfg).items() if old.get(k) != v) or ["settings"]
             log.warning("the warmup in %s was made from other inputs (%s differ): retraining it", layout.warmup,
                         ", ".join(changed))
-            _set_aside_stale_features(layout, str(done.get("fingerprint")))
+            _set_aside_stale_features(layout, done.get("fingerprint"))
         else:
             try:
                 ckpts = layout.warmup_checkpoints()
